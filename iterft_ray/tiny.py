@@ -1,0 +1,131 @@
+"""Tiny language models and tokenizers built offline, for tests, demos and benchmarks.
+
+Nothing here downloads: a model is made from a config with random weights and a
+byte-level tokenizer is made with the `tokenizers` library, then both are saved with
+`save_pretrained`. Everything downstream loads them back through the real
+`AutoModelForCausalLM` / `AutoModelForSeq2SeqLM` / `AutoTokenizer.from_pretrained`
+code paths, so the same code works with any local or hub model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    PreTrainedTokenizerFast,
+)
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+# Small enough to train on 2 CPU cores; every value can be overridden per call.
+TINY_CONFIGS: dict[str, dict] = {
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    "tiny-t5": dict(
+        model_type="t5",
+        d_model=64,
+        d_ff=128,
+        d_kv=16,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+    ),
+}
+
+
+def build_tokenizer(seq2seq: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: every byte is one token, so any text encodes.
+
+    Causal models get a BOS in front (Llama's convention); seq2seq models get an EOS at
+    the end (T5's convention). Pad is its own token.
+    """
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = [PAD, BOS, EOS, UNK]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(byte_alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if seq2seq:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="right",
+    )
+
+
+def build_tiny_model(name: str, out_dir: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """Build tiny model `name` (a key of TINY_CONFIGS) with its tokenizer and save both to `out_dir`.
+
+    `overrides` replace config values, e.g. `hidden_size=128, num_hidden_layers=3`.
+    Returns the directory, ready for `from_pretrained`.
+    """
+    if name not in TINY_CONFIGS:
+        raise ValueError(f"name: expected one of {sorted(TINY_CONFIGS)}, got {name!r}")
+    seq2seq = name == "tiny-t5"
+    tokenizer = build_tokenizer(seq2seq=seq2seq)
+    settings = dict(TINY_CONFIGS[name])
+    model_type = settings.pop("model_type")
+    settings.update(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if seq2seq:
+        settings["decoder_start_token_id"] = tokenizer.pad_token_id
+    settings.update(overrides)
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    auto_cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = auto_cls.from_config(config)
+    # Tiny models sample from a generation config that has no max_length surprises.
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None, **overrides) -> Path:
+    """Path of built-in tiny model `name`, built once into a cache directory.
+
+    Lets configs say `model: tiny-llama` where they would say a hub name.
+    """
+    root = Path(cache_dir or os.environ.get("ITERFT_CACHE", Path.home() / ".cache" / "iterft_ray"))
+    suffix = "-".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    out = root / (f"{name}-{suffix}" if suffix else name)
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        build_tiny_model(name, tmp, **overrides)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process built it first
+            pass
+    return out
