@@ -17,6 +17,6 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 demo: install
-	$(VENV)/bin/python -m iterft_ray demo
+	$(VENV)/bin/python jobs/quickstart.py
 
 .PHONY: install test demo

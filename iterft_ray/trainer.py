@@ -1,0 +1,431 @@
+"""IterativeSFTTrainer: `trl.IterativeSFTTrainer`'s API, trained correctly.
+
+A `transformers.Trainer` subclass, so `evaluate()`, `save_model()`, `report_to`,
+optimizers from `args.optim` and every `TrainingArguments` field work as users know
+them. `step()` is ours: it runs one optimisation pass over the lists it is given
+and returns statistics. Compared with TRL 0.23.1 it returns statistics instead of
+None, honours `texts_labels` and caller labels (prompt masking), truncates the
+sequence dimension (not the batch), trains EOS when pad == eos, keeps a constant
+learning rate when there is no `max_steps`, and counts optimizer updates in
+`global_step`.
+
+Nothing here knows about Ray. When `torch.distributed` is initialised (a rank
+group made by the Ray trainer actor), each rank trains on its own shard and the
+gradients of every update are summed across ranks; see `_all_reduce_sum`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate.utils.memory import clear_device_cache
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    EvalPrediction,
+    PreTrainedModel,
+    ProgressCallback,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    get_scheduler,
+)
+
+from .batching import (
+    IGNORE_INDEX,
+    TRUNCATION_MODES,
+    Example,
+    PaddingCollator,
+    encode_texts,
+    examples_from_tensors,
+    plan_micro_batches,
+)
+
+# Schedules that make sense with no known end; any other needs `max_steps`.
+_OPEN_ENDED_SCHEDULES = ("linear", "constant", "constant_with_warmup")
+_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+
+
+@dataclass
+class IterativeSFTConfig(TrainingArguments):
+    """`TrainingArguments` plus the three settings of `IterativeSFTTrainer`.
+
+    Values given to the trainer's constructor win over these.
+    """
+
+    max_length: int | None = field(default=None, metadata={"help": "Longest sequence trained on, in tokens."})
+    truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end (drop the start) or keep_start."})
+    optimize_device_cache: bool = field(default=False, metadata={"help": "Free cached device memory after each step."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_truncation(self.max_length, self.truncation_mode)
+
+
+def _check_truncation(max_length: int | None, truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode: expected one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+
+
+def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """Load a causal or seq2seq LM with the Auto class its config calls for."""
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    auto_cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return auto_cls.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+class IterativeSFTTrainer(Trainer):
+    """Supervised fine-tuning driven one `step()` at a time, for loops that sample between updates."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str | None = None,
+        args: TrainingArguments | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        data_collator: Callable | None = None,
+        eval_dataset: Any = None,
+        max_length: int | None = None,
+        truncation_mode: str | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        optimize_device_cache: bool | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        callbacks: list | None = None,
+    ):
+        if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+            raise ValueError("tokenizer, processing_class: give one of them (they are the same argument)")
+        tokenizer = tokenizer if tokenizer is not None else processing_class
+        if isinstance(model, str):
+            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model)
+            model = load_model(model)
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"model: expected a PreTrainedModel or a path/name string, got {type(model).__name__}")
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(
+                f"tokenizer (or processing_class): expected a PreTrainedTokenizerBase, got {type(tokenizer).__name__}"
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        args = args if args is not None else IterativeSFTConfig(output_dir="tmp_trainer")
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args: expected TrainingArguments or IterativeSFTConfig, got {type(args).__name__}")
+
+        if args.train_sampling_strategy not in _SAMPLING_STRATEGIES:
+            raise ValueError(
+                f"train_sampling_strategy: expected one of {_SAMPLING_STRATEGIES}, got {args.train_sampling_strategy!r}"
+            )
+        from_args = isinstance(args, IterativeSFTConfig)
+        self.max_length = max_length if max_length is not None else (args.max_length if from_args else None)
+        self.truncation_mode = truncation_mode or (args.truncation_mode if from_args else "keep_end")
+        _check_truncation(self.max_length, self.truncation_mode)
+        if optimize_device_cache is None:
+            optimize_device_cache = args.optimize_device_cache if from_args else False
+        self.optimize_device_cache = optimize_device_cache
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.tokenizer = tokenizer
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or PaddingCollator(tokenizer.pad_token_id, self.is_encoder_decoder),
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            compute_metrics=compute_metrics,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            callbacks=callbacks,
+        )
+        self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.lr_scheduler
+        )
+        self._logged_since = self._new_log_window()
+        # step() is driven from outside, so a Trainer progress bar would show nothing useful;
+        # the integrations in report_to (TensorBoard's writer among them) start here, as in train().
+        self.remove_callback(ProgressCallback)
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+
+    # ---------------------------------------------------------------- schedule
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """Like `Trainer.create_scheduler`, but with no `max_steps` the rate stays constant after warm-up.
+
+        TRL built a linear decay over 0 steps there, which trains at learning rate 0.
+        """
+        if self.lr_scheduler is not None or num_training_steps > 0:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.args.lr_scheduler_type not in _OPEN_ENDED_SCHEDULES:
+            raise ValueError(
+                f"max_steps: lr_scheduler_type={self.args.lr_scheduler_type!r} decays over a known number of "
+                "updates; set max_steps, or use a constant schedule"
+            )
+        if 0 < self.args.warmup_steps < 1:
+            raise ValueError("warmup_steps: a fraction of training needs max_steps; give a number of updates")
+        self.lr_scheduler = get_scheduler(
+            "constant_with_warmup",
+            optimizer=optimizer or self.optimizer,
+            num_warmup_steps=int(self.args.warmup_steps),
+        )
+        return self.lr_scheduler
+
+    # ---------------------------------------------------------------- step
+
+    def step(
+        self,
+        input_ids: Sequence[torch.Tensor] | None = None,
+        attention_mask: Sequence[torch.Tensor] | None = None,
+        labels: Sequence[torch.Tensor] | None = None,
+        texts: Sequence[str] | None = None,
+        texts_labels: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """Train on the given sequences: one optimizer update per
+        `per_device_train_batch_size * gradient_accumulation_steps` of them.
+
+        Give either lists of 1-D tensors (`input_ids`, optional `attention_mask`,
+        `labels` with -100 where not to train) or lists of strings (`texts`, optional
+        `texts_labels`). Returns statistics of this call; see the README.
+        """
+        examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
+        return self.train_examples(examples)
+
+    def _examples(self, input_ids, attention_mask, labels, texts, texts_labels) -> list[Example]:
+        """Validate `step()` arguments, before anything changes, and turn them into examples."""
+        if (texts is None) == (input_ids is None):
+            raise ValueError("texts, input_ids: give exactly one of them")
+        if texts is not None:
+            if attention_mask is not None or labels is not None:
+                raise ValueError("attention_mask, labels: only with input_ids; with texts use texts_labels")
+            _check_str_list("texts", texts)
+            if texts_labels is not None:
+                _check_str_list("texts_labels", texts_labels, len(texts))
+            elif self.is_encoder_decoder:
+                raise ValueError("texts_labels: required for a seq2seq model (the targets of the texts)")
+            input_ids, labels = encode_texts(self.tokenizer, texts, texts_labels, self.is_encoder_decoder)
+        else:
+            if texts_labels is not None:
+                raise ValueError("texts_labels: only with texts; with input_ids use labels")
+            _check_tensor_list("input_ids", input_ids, vocab_size=self._vocab_size())
+            if attention_mask is not None:
+                _check_tensor_list("attention_mask", attention_mask, like=input_ids)
+                if any(bool(((m != 0) & (m != 1)).any()) for m in attention_mask):
+                    raise ValueError("attention_mask: expected only 0 and 1")
+            if labels is not None:
+                like = None if self.is_encoder_decoder else input_ids
+                _check_tensor_list("labels", labels, like=like, count=len(input_ids))
+            elif self.is_encoder_decoder:
+                raise ValueError("labels: required for a seq2seq model (the target token ids)")
+        return examples_from_tensors(
+            input_ids, attention_mask, labels, self.is_encoder_decoder, self.max_length, self.truncation_mode
+        )
+
+    def _vocab_size(self) -> int:
+        return self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings
+
+    def train_examples(self, examples: list[Example]) -> dict[str, float]:
+        """Run the updates for already-built examples and return the call's statistics.
+
+        The loss of an update is the sum of token losses over all its micro-batches
+        (and all ranks) divided by that update's number of target tokens, so
+        micro-batch 2 x accumulation 2 gives the same update as 4 x 1.
+        """
+        start = time.perf_counter()
+        model = self.model
+        model.train()
+        plan = plan_micro_batches(
+            [len(e["input_ids"]) for e in examples],
+            self.args.per_device_train_batch_size,
+            self.args.gradient_accumulation_steps,
+            self.args.train_sampling_strategy,
+            seed=self.args.seed + self.state.global_step,
+        )
+        # Every rank must run the same number of updates: the largest shard sets it.
+        num_updates = int(_all_reduce_max(torch.tensor(float(len(plan)))).item())
+        plan += [[]] * (num_updates - len(plan))
+
+        loss_sum = target_tokens = input_tokens = pad_tokens = 0.0
+        grad_norms, lr, updates = [], 0.0, 0
+        for micro_batches in plan:
+            batches = [self.data_collator([examples[i] for i in mb]) for mb in micro_batches]
+            local_targets = sum(self._count_targets(b["labels"]) for b in batches)
+            update_targets = _all_reduce_sum(torch.tensor(float(local_targets))).item()
+            if update_targets == 0:
+                continue
+            for batch in batches:
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                with self.compute_loss_context_manager():
+                    token_loss = self._token_loss_sum(model, batch)
+                self.accelerator.backward(token_loss / update_targets)
+                loss_sum += token_loss.item()
+                input_tokens += batch["attention_mask"].sum().item()
+                pad_tokens += batch["attention_mask"].numel() - batch["attention_mask"].sum().item()
+            _all_reduce_grads(model)
+            max_norm = self.args.max_grad_norm if self.args.max_grad_norm else math.inf
+            grad_norms.append(float(self.accelerator.clip_grad_norm_(model.parameters(), max_norm)))
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            updates += 1
+            self.state.global_step += 1
+            target_tokens += local_targets
+            self._log_update(grad_norms[-1], lr)
+        if self.optimize_device_cache:
+            clear_device_cache(garbage_collection=True)
+
+        elapsed = time.perf_counter() - start
+        totals = _all_reduce_sum(torch.tensor([loss_sum, target_tokens, input_tokens, pad_tokens, len(examples)]))
+        loss_sum, target_tokens, input_tokens, pad_tokens, num_sequences = totals.tolist()
+        return {
+            "loss": loss_sum / target_tokens if target_tokens else float("nan"),
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "learning_rate": lr,
+            "num_sequences": int(num_sequences),
+            "num_tokens": int(input_tokens),
+            "num_target_tokens": int(target_tokens),
+            "pad_fraction": pad_tokens / (pad_tokens + input_tokens) if input_tokens else 0.0,
+            "updates": updates,
+            "global_step": self.state.global_step,
+            "step_time": elapsed,
+            "tokens_per_second": input_tokens / elapsed if elapsed > 0 else 0.0,
+        }
+
+    def _count_targets(self, labels: torch.Tensor) -> int:
+        shifted = labels if self.is_encoder_decoder else labels[:, 1:]
+        return int((shifted != IGNORE_INDEX).sum())
+
+    def _token_loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of token cross-entropies of a micro-batch (the caller normalises per update)."""
+        labels = batch["labels"]
+        if self.is_encoder_decoder:
+            unwrapped = self.accelerator.unwrap_model(model)
+            decoder_input_ids = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=decoder_input_ids,
+            ).logits
+            targets = labels
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            targets = labels[:, 1:]
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+    # ---------------------------------------------------------------- logging
+
+    @staticmethod
+    def _new_log_window() -> dict[str, float]:
+        return {"grad_norm": 0.0, "updates": 0}
+
+    def _log_update(self, grad_norm: float, lr: float) -> None:
+        """Send grad norm and learning rate to `report_to` every `logging_steps` updates."""
+        window = self._logged_since
+        window["grad_norm"] += grad_norm
+        window["updates"] += 1
+        steps = self.args.logging_steps
+        every = max(1, int(steps if steps >= 1 else math.ceil(steps * max(self.args.max_steps, 1))))
+        if self.args.logging_strategy != "no" and self.state.global_step % every == 0:
+            self.log({"grad_norm": window["grad_norm"] / window["updates"], "learning_rate": lr})
+            self._logged_since = self._new_log_window()
+
+    def log_step(self, stats: dict[str, float]) -> None:
+        """Send a `step()`'s statistics to `report_to` (the driver calls this once per round)."""
+        self.log({k: float(v) for k, v in stats.items() if k not in ("global_step",)})
+
+
+def _check_str_list(name: str, value: Any, count: int | None = None) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of strings, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name}: expected a non-empty list")
+    if count is not None and len(value) != count:
+        raise ValueError(f"{name}: expected {count} items (one per text), got {len(value)}")
+    for i, s in enumerate(value):
+        if not isinstance(s, str):
+            raise TypeError(f"{name}[{i}]: expected a string, got {type(s).__name__}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name}[{i}]: not valid Unicode text ({e.reason})") from None
+
+
+def _check_tensor_list(
+    name: str,
+    value: Any,
+    like: Sequence[torch.Tensor] | None = None,
+    count: int | None = None,
+    vocab_size: int | None = None,
+) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of 1-D tensors, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name}: expected a non-empty list")
+    count = len(like) if like is not None else count
+    if count is not None and len(value) != count:
+        raise ValueError(f"{name}: expected {count} tensors (one per input_ids), got {len(value)}")
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"{name}[{i}]: expected a non-empty 1-D tensor, got shape {tuple(t.shape)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name}[{i}]: expected an integer tensor, got {t.dtype}")
+        if like is not None and t.shape != like[i].shape:
+            raise ValueError(f"{name}[{i}]: expected shape {tuple(like[i].shape)} like input_ids[{i}], got {tuple(t.shape)}")
+        if vocab_size is not None and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+            raise ValueError(f"{name}[{i}]: token ids must lie in [0, {vocab_size}), got {int(t.min())}..{int(t.max())}")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over the rank group (a no-op on one process)."""
+    if _world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if _world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def _all_reduce_grads(model: torch.nn.Module) -> None:
+    """Sum gradients over the rank group once per update, in one flat buffer.
+
+    Summing (not averaging) is right because each rank's loss is already divided
+    by the update's target tokens over all ranks. Done by hand rather than by DDP
+    so that ranks with uneven shards, or none for an update, still agree.
+    """
+    if _world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
