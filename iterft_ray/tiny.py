@@ -129,3 +129,15 @@ def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None, **ove
         except OSError:  # another process built it first
             pass
     return out
+
+
+def resolve_model_path(name_or_path: str, **tiny_overrides) -> str:
+    """A built-in tiny name becomes its cached path (built on this node if needed); anything else is kept.
+
+    Actors call this themselves, so a tiny model needs no shared disk on a cluster.
+    """
+    if name_or_path in TINY_CONFIGS:
+        return str(tiny_model_path(name_or_path, **tiny_overrides))
+    if tiny_overrides:
+        raise ValueError(f"model.tiny_overrides: only for built-in tiny models {sorted(TINY_CONFIGS)}")
+    return name_or_path

@@ -197,10 +197,10 @@ class IterativeSFTTrainer(Trainer):
         `labels` with -100 where not to train) or lists of strings (`texts`, optional
         `texts_labels`). Returns statistics of this call; see the README.
         """
-        examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
+        examples = self.build_examples(input_ids, attention_mask, labels, texts, texts_labels)
         return self.train_examples(examples)
 
-    def _examples(self, input_ids, attention_mask, labels, texts, texts_labels) -> list[Example]:
+    def build_examples(self, input_ids, attention_mask, labels, texts, texts_labels) -> list[Example]:
         """Validate `step()` arguments, before anything changes, and turn them into examples."""
         if (texts is None) == (input_ids is None):
             raise ValueError("texts, input_ids: give exactly one of them")

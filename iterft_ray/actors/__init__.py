@@ -1,0 +1,1 @@
+"""Ray actors: the trainer (one rank or a group), generators and the filter pool."""

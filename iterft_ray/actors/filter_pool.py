@@ -1,0 +1,53 @@
+"""FilterPool: actors that score rollout batches in parallel; only small summaries reach the driver."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from ..filters import resolve_filter, score_rollouts
+
+
+def summarize(scored: pa.Table) -> dict[str, Any]:
+    """Counts a driver needs from a scored batch: rows, accepted, score sum, errors, weight versions."""
+    versions = pc.value_counts(scored["weight_version"]).to_pylist() if scored.num_rows else []
+    return {
+        "rows": scored.num_rows,
+        "accepted": int(pc.sum(scored["accepted"]).as_py() or 0),
+        "score_sum": float(pc.sum(scored["score"]).as_py() or 0.0),
+        "errors": scored.num_rows - scored["filter_error"].null_count,
+        "weight_versions": {int(v["values"]): int(v["counts"]) for v in versions},
+    }
+
+
+@ray.remote
+class FilterActor:
+    """Runs the configured filters over one rollout batch at a time."""
+
+    def __init__(self, filters: list, timeout_s: float):
+        self.filters = [resolve_filter(spec) for spec in filters]
+        self.timeout_s = timeout_s
+
+    @ray.method(num_returns=2)
+    def score(self, rollouts: pa.Table, filters: list | None = None) -> tuple[pa.Table, dict[str, Any]]:
+        """Score a batch; return (scored batch, its summary). `filters` overrides the configured ones."""
+        scored = score_rollouts(rollouts, filters if filters is not None else self.filters, self.timeout_s)
+        return scored, summarize(scored)
+
+
+class FilterPool:
+    """A fixed pool of FilterActors fed round-robin; Ray queues batches at busy actors."""
+
+    def __init__(self, filters: list, size: int, timeout_s: float = 10.0, actor_options: dict | None = None):
+        for spec in filters:
+            resolve_filter(spec)  # fail here, in the driver, on a bad spec
+        self.actors = [FilterActor.options(**(actor_options or {})).remote(filters, timeout_s) for _ in range(size)]
+        self._next = itertools.cycle(range(size))
+
+    def score(self, rollouts: ray.ObjectRef, filters: list | None = None) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        """Queue one rollout batch; returns (scored batch ref, summary ref)."""
+        return self.actors[next(self._next)].score.remote(rollouts, filters)

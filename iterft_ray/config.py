@@ -1,0 +1,191 @@
+"""Run configuration: one dataclass per concern, loaded from YAML and validated once.
+
+Errors name the key the way it is written in the YAML (`sampling.temperature`), so a
+user can find the line to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train: a local path, a hub name, or a built-in tiny name (`tiny-llama`)."""
+
+    name_or_path: str
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    # Config overrides for built-in tiny models only (e.g. hidden_size: 128).
+    tiny_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: a built-in task, or a JSONL/Parquet file with a `prompt` column."""
+
+    task: str | None = "addition"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    prompts_file: str | None = None
+    prompt_column: str = "prompt"
+
+
+@dataclass
+class SamplingConfig:
+    """Generation settings of the generator actors."""
+
+    num_samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    batch_size: int = 256
+
+
+@dataclass
+class ResourcesConfig:
+    """How many of each actor, and what each asks Ray for."""
+
+    trainer_ranks: int = 1
+    trainer_cpus: float = 1
+    trainer_gpus: float = 0
+    num_generators: int = 1
+    generator_cpus: float = 1
+    generator_gpus: float = 0
+    filter_pool_size: int = 1
+    filter_cpus: float = 0.5
+    # On a cluster made from cluster/*.yaml, actors also ask for the `trainer`,
+    # `generator` and `filter` resources so they land on their node types.
+    custom_resources: bool = False
+
+
+@dataclass
+class LoopConfig:
+    """The rounds: how many, how big, what is recorded."""
+
+    rounds: int = 10
+    prompts_per_round: int = 256
+    async_mode: bool = False
+    max_staleness: int = 1
+    eval_every: int = 1
+    save_every: int = 5
+    output_dir: str = "runs/iterft"
+    seed: int = 0
+    filter_timeout_s: float = 10.0
+
+
+@dataclass
+class RunConfig:
+    """Everything one iterative fine-tuning run needs."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    filters: list[Any] = field(default_factory=lambda: [{"name": "exact_answer"}])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Any IterativeSFTConfig / TrainingArguments field (learning_rate, bf16, ...).
+    trainer: dict[str, Any] = field(default_factory=dict)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_POSITIVE = {
+    "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size", "resources.trainer_ranks",
+    "resources.num_generators", "resources.filter_pool_size", "loop.rounds", "loop.prompts_per_round",
+    "loop.max_staleness", "loop.eval_every", "loop.save_every", "loop.filter_timeout_s",
+}
+_NON_NEGATIVE = {
+    "sampling.temperature", "sampling.top_k", "resources.trainer_cpus", "resources.trainer_gpus", "resources.generator_cpus",
+    "resources.generator_gpus", "resources.filter_cpus",
+}
+
+
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, checking keys, types and ranges."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ValueError(f"{_join(where, key)}: unknown key (expected one of {sorted(known)})")
+    values = {}
+    for name, f in known.items():
+        key = _join(where, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{key}: required")
+            continue
+        values[name] = _coerce(hints[name], data[name], key)
+    return cls(**values)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        tp = next(t for t in options if t is not type(None))
+        origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{key}: expected a list, got {type(value).__name__}")
+        return list(value)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise TypeError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float:
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{key}: expected a finite number, got {value}")
+    if key in _POSITIVE and value <= 0:
+        raise ValueError(f"{key}: expected a positive number, got {value}")
+    if key in _NON_NEGATIVE and value < 0:
+        raise ValueError(f"{key}: expected a number >= 0, got {value}")
+    return value
+
+
+def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
+    """Load a RunConfig from a YAML file or a dict; errors name the offending key."""
+    data = source
+    if not isinstance(source, dict):
+        with open(source, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    config = build(RunConfig, data)
+    if config.data.task is None and config.data.prompts_file is None:
+        raise ValueError("data.task, data.prompts_file: give one of them")
+    if not 0 < config.sampling.top_p <= 1:
+        raise ValueError(f"sampling.top_p: expected a number in (0, 1], got {config.sampling.top_p}")
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config, loadable again with `load_config`."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

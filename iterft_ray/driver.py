@@ -1,0 +1,189 @@
+"""IterativeLoop: the driver. One round = generate -> filter -> step -> sync -> record.
+
+The driver decides everything and holds only references and small statistics; rollout
+rows move from generators to filters to the trainer (and to disk) through the object
+store. In async mode the generation of the next rounds runs on the weights at hand
+while the trainer trains, at most `loop.max_staleness` rounds behind.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from .config import RunConfig, load_config, save_config
+from .prompts import load_prompts
+from .ray_trainer import RayIterativeSFTTrainer, ScoredRollouts
+from .records import RunRecorder, write_generations
+
+
+class IterativeLoop:
+    """Runs the rounds of one config; `.round()` for notebooks, `.run()` for all of them."""
+
+    def __init__(self, config: RunConfig | str | Path | dict):
+        self.config = config if isinstance(config, RunConfig) else load_config(config)
+        c = self.config
+        self.prompts, self.heldout, self.task = load_prompts(c.data)
+        self.out = Path(c.loop.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(c, self.out / "config.yaml")
+        self.rl = RayIterativeSFTTrainer(
+            c.model.name_or_path,
+            {"output_dir": str(self.out / "trainer"), "report_to": "none", "seed": c.loop.seed, **c.trainer},
+            tokenizer=c.model.tokenizer,
+            resources=c.resources,
+            sampling=c.sampling,
+            filters=c.filters,
+            filter_timeout_s=c.loop.filter_timeout_s,
+            trust_remote_code=c.model.trust_remote_code,
+            tiny_overrides=c.model.tiny_overrides,
+        )
+        self.recorder = RunRecorder(self.out)
+        self.round_index = 0
+        self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
+        self._pending: deque[tuple[int, int, list[ray.ObjectRef]]] = deque()  # (round, version, rollouts)
+
+    # ---------------------------------------------------------------- a round
+
+    def round(self) -> dict[str, Any]:
+        """Run one round and return its statistics (also appended to metrics.jsonl)."""
+        r, c, t = self.round_index, self.config, {"start": time.perf_counter()}
+        rollouts, version = self._rollouts_for(r)
+        scored = self.rl.filter(rollouts)
+        self._prefetch(r)
+        ray.wait(rollouts, num_returns=len(rollouts), fetch_local=False)
+        t["generated"] = time.perf_counter()
+        summary = scored.summary()
+        t["filtered"] = time.perf_counter()
+        written = write_generations(self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet", scored.tables)
+        train = self.rl.step(scored)
+        t["trained"] = time.perf_counter()
+        if c.loop.async_mode:
+            self.rl.publish_weights()
+        else:
+            self.rl.sync_weights()
+        t["synced"] = time.perf_counter()
+        self.round_index += 1
+        self._rounds_at_version.setdefault(self.rl.version, self.round_index)
+        heldout = self.heldout_accuracy() if self._due(c.loop.eval_every) else None
+        if self._due(c.loop.save_every) or self.round_index == c.loop.rounds:
+            self.save_checkpoint()
+        ray.get(written)
+        stats = self._round_stats(r, version, summary, train, heldout, t)
+        self.recorder.record(stats)
+        print(_summary_line(stats), flush=True)
+        return stats
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run the remaining rounds; returns their statistics."""
+        if self.round_index == 0 and self.heldout is not None:
+            before = self.heldout_accuracy()
+            print(f"held-out accuracy before round 1: {before:.1%}", flush=True)
+            self.initial_heldout_accuracy = before
+        return [self.round() for _ in range(self.round_index, self.config.loop.rounds)]
+
+    # ---------------------------------------------------------------- pieces
+
+    def _rollouts_for(self, r: int) -> tuple[list[ray.ObjectRef], int]:
+        """This round's rollouts: prefetched in async mode, else sampled now with the latest weights."""
+        if self._pending and self._pending[0][0] == r:
+            _, version, rollouts = self._pending.popleft()
+            return rollouts, version
+        return self._generate(r), self.rl.version
+
+    def _prefetch(self, r: int) -> None:
+        """Async mode: start rounds r+1 .. r+max_staleness on the weights at hand, before training r."""
+        loop = self.config.loop
+        if not loop.async_mode:
+            return
+        queued = {p[0] for p in self._pending}
+        for ahead in range(r + 1, min(r + loop.max_staleness, loop.rounds - 1) + 1):
+            if ahead not in queued:
+                self._pending.append((ahead, self.rl.version, self._generate(ahead)))
+
+    def _generate(self, r: int) -> list[ray.ObjectRef]:
+        return self.rl.generate(self._round_prompts(r), seed=self.config.loop.seed, round_index=r)
+
+    def _round_prompts(self, r: int) -> pa.Table:
+        """Round r's prompts: consecutive windows over a seeded shuffle of the train prompts, per epoch."""
+        n, total, seed = self.config.loop.prompts_per_round, self.prompts.num_rows, self.config.loop.seed
+        indices = []
+        for epoch in range(r * n // total, ((r + 1) * n - 1) // total + 1):
+            order = _permutation(total, seed + epoch)
+            indices += [order[k - epoch * total] for k in range(max(r * n, epoch * total), min((r + 1) * n, (epoch + 1) * total))]
+        return self.prompts.take(pa.array(indices))
+
+    def heldout_accuracy(self) -> float:
+        """Greedy accuracy on the task's held-out prompts with the current weights (never trained on)."""
+        rollouts = self.rl.generate(self.heldout, temperature=0.0, num_samples=1, round_index=-1)
+        scored = self.rl.filter(rollouts, [{"name": "exact_answer", "task": self.task.name}])
+        return scored.summary()["accept_rate"]
+
+    def save_checkpoint(self) -> Path:
+        """Save the model in Hugging Face format under checkpoints/round-NNNN, atomically (temp dir + rename)."""
+        target = self.out / "checkpoints" / f"round-{self.round_index:04d}"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.rl.save(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        return target
+
+    def _due(self, every: int) -> bool:
+        return self.round_index % every == 0
+
+    def _round_stats(self, r, version, summary, train, heldout, t) -> dict[str, Any]:
+        versions = summary["weight_versions"]
+        stats = {
+            "round": r + 1,
+            "accept_rate": summary["accept_rate"],
+            "reward_mean": summary["reward_mean"],
+            "samples": summary["rows"],
+            "accepted": summary["accepted"],
+            "filter_errors": summary["filter_errors"],
+            "loss": train["loss"],
+            "num_target_tokens": train["num_target_tokens"],
+            "num_tokens": train["num_tokens"],
+            "updates": train["updates"],
+            "global_step": train["global_step"],
+            "learning_rate": train["learning_rate"],
+            "weight_version": self.rl.version,
+            "sample_weight_versions": {str(k): v for k, v in sorted(versions.items())},
+            "staleness": max((r - self._rounds_at_version[v] for v in versions), default=0),
+            "generate_time": t["generated"] - t["start"],
+            "filter_time": t["filtered"] - t["generated"],
+            "train_time": t["trained"] - t["filtered"],
+            "sync_time": t["synced"] - t["trained"],
+            "round_time": time.perf_counter() - t["start"],
+        }
+        if heldout is not None:
+            stats["heldout_accuracy"] = heldout
+        return stats
+
+    def shutdown(self) -> None:
+        self.recorder.close()
+        self.rl.shutdown()
+
+
+def _permutation(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _summary_line(s: dict[str, Any]) -> str:
+    line = (
+        f"round {s['round']:3d} | accept {s['accept_rate']:6.1%} | reward {s['reward_mean']:.3f} | "
+        f"loss {s['loss']:.3f} | v{s['weight_version']} | gen {s['generate_time']:.1f}s "
+        f"filter {s['filter_time']:.1f}s train {s['train_time']:.1f}s sync {s['sync_time']:.1f}s"
+    )
+    if "heldout_accuracy" in s:
+        line += f" | held-out {s['heldout_accuracy']:.1%}"
+    return line

@@ -1,0 +1,198 @@
+"""RayIterativeSFTTrainer: the seed API's feel for driver scripts, with the work done by Ray actors.
+
+    trainer = RayIterativeSFTTrainer("tiny-llama", args={"learning_rate": 1e-3})
+    rollouts = trainer.generate(["12+30=", "7+5="], num_samples=4)   # references
+    scored = trainer.filter(rollouts, [my_reward_fn])                 # references
+    stats = trainer.step(scored)                                      # small dict
+    trainer.sync_weights()                                            # generators catch up
+
+Rollout data stays in the object store; the driver holds references and reads only
+summaries, unless it asks for rows with `collect`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from .actors.filter_pool import FilterPool
+from .actors.generator import GeneratorActor
+from .actors.trainer_actor import TrainerGroup
+from .config import ResourcesConfig, SamplingConfig
+from .sampling import SamplingParams
+
+
+@dataclass
+class ScoredRollouts:
+    """Scored rollout batches (references) and their summaries (references to small dicts)."""
+
+    tables: list[ray.ObjectRef]
+    summaries: list[ray.ObjectRef]
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over the batches: rows, accepted, accept_rate, reward_mean, errors, weight_versions."""
+        parts = ray.get(self.summaries)
+        rows = sum(p["rows"] for p in parts)
+        accepted = sum(p["accepted"] for p in parts)
+        versions: dict[int, int] = {}
+        for p in parts:
+            for v, n in p["weight_versions"].items():
+                versions[v] = versions.get(v, 0) + n
+        return {
+            "rows": rows,
+            "accepted": accepted,
+            "accept_rate": accepted / rows if rows else 0.0,
+            "reward_mean": sum(p["score_sum"] for p in parts) / rows if rows else 0.0,
+            "filter_errors": sum(p["errors"] for p in parts),
+            "weight_versions": versions,
+        }
+
+
+def prompt_table(prompts: pa.Table | list[str] | list[dict]) -> pa.Table:
+    """Prompts as an Arrow table with `prompt_id` and `prompt` (ids 0..n-1 when not given)."""
+    if isinstance(prompts, pa.Table):
+        table = prompts
+    elif prompts and all(isinstance(p, str) for p in prompts):
+        table = pa.table({"prompt": list(prompts)})
+    elif prompts and all(isinstance(p, dict) for p in prompts):
+        table = pa.Table.from_pylist(list(prompts))
+    else:
+        raise TypeError("prompts: expected a non-empty list of strings or dicts, or a pyarrow Table")
+    if "prompt" not in table.column_names:
+        raise ValueError(f"prompts: no 'prompt' column (columns: {table.column_names})")
+    if "prompt_id" not in table.column_names:
+        table = table.append_column("prompt_id", pa.array(range(table.num_rows), pa.int64()))
+    return table
+
+
+class RayIterativeSFTTrainer:
+    """A trainer actor group, generator actors and a filter pool, driven one call at a time."""
+
+    def __init__(
+        self,
+        model: str,
+        args: dict[str, Any] | None = None,
+        *,
+        tokenizer: str | None = None,
+        resources: ResourcesConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        filters: list | None = None,
+        filter_timeout_s: float = 10.0,
+        trust_remote_code: bool = False,
+        tiny_overrides: dict | None = None,
+    ):
+        if not ray.is_initialized():
+            ray.init()
+        self.resources = resources or ResourcesConfig()
+        self.sampling = sampling or SamplingConfig()
+        res = self.resources
+        trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
+        self.trainer = TrainerGroup(
+            model, trainer_args, res.trainer_ranks, res.trainer_cpus, res.trainer_gpus, res.custom_resources,
+            tokenizer, trust_remote_code, tiny_overrides,
+        )
+        self._generator_args = (model, tokenizer, trust_remote_code, tiny_overrides)
+        self.generators: list = []
+        self.scale_generators(res.num_generators)
+        self.filter_pool = FilterPool(
+            filters if filters is not None else [], res.filter_pool_size, filter_timeout_s,
+            _options(res.filter_cpus, 0, "filter" if res.custom_resources else None),
+        )
+        self.weights, self.version = self.trainer.publish()
+
+    def scale_generators(self, count: int) -> None:
+        """Grow or shrink the generator pool; new generators load the current weights before they sample."""
+        res = self.resources
+        options = _options(res.generator_cpus, res.generator_gpus, "generator" if res.custom_resources else None)
+        model, tokenizer, trust_remote_code, tiny_overrides = self._generator_args
+        while len(self.generators) < count:
+            gid = len(self.generators)
+            self.generators.append(
+                GeneratorActor.options(**options).remote(model, gid, tokenizer, trust_remote_code, tiny_overrides)
+            )
+        for gone in self.generators[count:]:
+            ray.kill(gone)
+        del self.generators[count:]
+
+    def generate(
+        self,
+        prompts: pa.Table | list[str] | list[dict],
+        *,
+        seed: int = 0,
+        round_index: int = 0,
+        **sampling: Any,
+    ) -> list[ray.ObjectRef]:
+        """Shard prompts across generators and sample with the current weights; returns rollout references.
+
+        `sampling` overrides fields of the SamplingConfig (num_samples, temperature, ...).
+        """
+        params = SamplingParams(**{**dataclasses.asdict(self.sampling), **sampling})
+        table = prompt_table(prompts)
+        shards = _split(table, len(self.generators))
+        weights = [self.weights]
+        return [
+            g.generate.remote(ray.put(shard), weights, self.version, params, seed * 1_000_003 + round_index * 1009 + i,
+                              round_index)
+            for i, (g, shard) in enumerate(zip(self.generators, shards))
+            if shard.num_rows
+        ]
+
+    def filter(self, rollouts: list[ray.ObjectRef], filters: list | None = None) -> ScoredRollouts:
+        """Score rollout batches in the filter pool (as soon as each is ready); returns references."""
+        pairs = [self.filter_pool.score(ref, filters) for ref in rollouts]
+        return ScoredRollouts([p[0] for p in pairs], [p[1] for p in pairs])
+
+    def step(self, rollouts: ScoredRollouts | list[ray.ObjectRef] | None = None, **kwargs: Any) -> dict:
+        """Train: on the accepted rows of scored rollouts, or with `IterativeSFTTrainer.step`'s arguments."""
+        if rollouts is not None:
+            if kwargs:
+                raise ValueError("rollouts: give rollouts or step() arguments, not both")
+            tables = rollouts.tables if isinstance(rollouts, ScoredRollouts) else list(rollouts)
+            return self.trainer.step_rollouts(tables)
+        return self.trainer.step(**kwargs)
+
+    def sync_weights(self) -> int:
+        """Publish the trainer's weights once and have every generator load them; returns the version."""
+        self.publish_weights()
+        ray.get([g.sync.remote([self.weights], self.version) for g in self.generators])
+        return self.version
+
+    def publish_weights(self) -> int:
+        """Put the trainer's current weights in the object store (generators load them on their next call)."""
+        if ray.get(self.trainer.ranks[0].version.remote()) != self.version:
+            self.weights, self.version = self.trainer.publish()
+        return self.version
+
+    def collect(self, refs: ScoredRollouts | list[ray.ObjectRef]) -> pa.Table:
+        """Fetch rollout batches into one table, for looking at them in a notebook."""
+        tables = refs.tables if isinstance(refs, ScoredRollouts) else refs
+        return pa.concat_tables(ray.get(list(tables)))
+
+    def save(self, path: str) -> None:
+        self.trainer.save(path)
+
+    def shutdown(self) -> None:
+        for g in self.generators:
+            ray.kill(g)
+        for a in self.filter_pool.actors:
+            ray.kill(a)
+        self.trainer.shutdown()
+
+
+def _options(cpus: float, gpus: float, custom: str | None) -> dict[str, Any]:
+    return {"num_cpus": cpus, "num_gpus": gpus, "resources": {custom: 1} if custom else None}
+
+
+def _split(table: pa.Table, parts: int) -> list[pa.Table]:
+    """Cut a table into `parts` contiguous slices of near-equal size (prompts stay whole)."""
+    size, extra = divmod(table.num_rows, parts)
+    out, start = [], 0
+    for i in range(parts):
+        n = size + (1 if i < extra else 0)
+        out.append(table.slice(start, n))
+        start += n
+    return out

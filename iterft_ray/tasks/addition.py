@@ -1,0 +1,64 @@
+"""Multi-digit addition: the prompt "37+45=" has the answer "82".
+
+Prompts are short because the tiny models' tokenizer spends one token per character.
+The model must answer with the sum's digits; what follows them (EOS, newline, more
+text) is not graded.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+_LEADING_DIGITS = re.compile(r"[0-9]*")
+
+
+def build_splits(
+    *,
+    digits: int = 2,
+    num_train: int = 512,
+    num_heldout: int = 200,
+    num_warmup: int = 256,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train prompts, held-out prompts and warm-up examples for sums of two numbers.
+
+    Operands have up to `digits` digits (0 to 10**digits - 1), so easy one-digit sums are
+    mixed in. All (a, b) pairs are distinct across the three splits, drawn from
+    `random.Random(seed)`; a ValueError says so when there are not enough pairs.
+    """
+    if digits < 1 or min(num_train, num_heldout, num_warmup) < 0:
+        raise ValueError(
+            f"addition: digits must be >= 1 and sizes >= 0, got digits={digits}, "
+            f"num_train={num_train}, num_heldout={num_heldout}, num_warmup={num_warmup}"
+        )
+    numbers = 10**digits
+    needed = num_heldout + num_train + num_warmup
+    if needed > numbers**2:
+        raise ValueError(
+            f"addition: digits={digits} gives {numbers**2} distinct (a, b) pairs, fewer than "
+            f"num_train + num_heldout + num_warmup = {needed}"
+        )
+    drawn = random.Random(seed).sample(range(numbers**2), needed)
+    pairs = [divmod(i, numbers) for i in drawn]
+    heldout = pairs[:num_heldout]
+    train = pairs[num_heldout : num_heldout + num_train]
+    warmup = pairs[num_heldout + num_train :]
+    train_prompts = [_prompt_row(i, a, b) for i, (a, b) in enumerate(train)]
+    heldout_prompts = [_prompt_row(num_train + i, a, b) for i, (a, b) in enumerate(heldout)]
+    warmup_examples = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in warmup]
+    return train_prompts, heldout_prompts, warmup_examples
+
+
+def _prompt_row(prompt_id: int, a: int, b: int) -> dict:
+    return {"prompt_id": prompt_id, "prompt": f"{a}+{b}=", "answer": str(a + b)}
+
+
+def check(completion: str, answer: str) -> bool:
+    """True when the completion's leading digits are exactly the answer.
+
+    Leading spaces are skipped and reading stops at the first non-digit, so "82</s>",
+    "82\\n" and " 82 xyz" all match "82"; "820", "8" and "" do not.
+    """
+    digits = _LEADING_DIGITS.match(completion.lstrip(" ")).group()
+    return digits != "" and digits == answer

@@ -1,0 +1,164 @@
+"""Versioned weight snapshots through the Ray object store.
+
+The trainer publishes each weight version with one `ray.put`; every generator on the
+same node reads it without a copy and copies it straight into its own model:
+
+    ref = publish_weights(model, version)          # trainer: one copy, into the store
+    load_snapshot(generator_model, ray.get(ref))   # generator: one copy, out of the store
+
+Weights travel as numpy arrays, not torch tensors. Ray pickles numpy arrays with
+out-of-band buffers (pickle protocol 5), so `ray.get` returns read-only arrays that
+point into shared memory; a pickled torch tensor is copied on both put and get
+(measured here: a 1 GB tensor takes 5-7 s to put and ~3 s to get, the same bytes as
+numpy ~1.2 s and ~0 s). `RAY_ENABLE_ZERO_COPY_TORCH_TENSORS` is not needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+# torch dtypes numpy can hold as themselves; any other (bfloat16, float8 ...) is stored
+# as the unsigned integer of the same width and reinterpreted on load.
+_NUMPY_NATIVE = {
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.uint16, torch.uint32, torch.uint64,
+    torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+}
+_UINT_OF_WIDTH = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
+
+
+@dataclass
+class WeightSnapshot:
+    """One version of a model's weights as numpy arrays, keyed by state_dict name.
+
+    `dtypes` holds the torch dtype name of every array ("bfloat16", "float32", ...);
+    dtypes numpy lacks are stored as same-width unsigned integer views. Tensors that
+    share storage with an earlier state_dict entry (tied embeddings) are stored once:
+    `aliases` maps the skipped name to the stored one.
+
+    The arrays are separate, not one flat buffer with offsets: the get is zero-copy
+    either way and the put is one memcpy per array into shared memory, but a flat
+    buffer needs one more full copy to gather the parameters into it, while separate
+    arrays are put straight from the live parameters (see `publish_weights`).
+    Measured for a 134M-parameter fp32 Llama (0.54 GB, 2 CPU cores): publish 0.15 s
+    with separate arrays, 0.5-0.8 s gathering into a flat buffer first; get 1 ms both.
+    """
+
+    version: int
+    arrays: dict[str, np.ndarray]
+    dtypes: dict[str, str]
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def _to_array(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of CPU tensor `t` (no copy), reinterpreting dtypes numpy lacks."""
+    if t.dtype not in _NUMPY_NATIVE:
+        t = t.view(_UINT_OF_WIDTH[t.element_size()])
+    return t.numpy()
+
+
+def _from_array(array: np.ndarray, dtype_name: str) -> torch.Tensor:
+    """A CPU tensor over `array` (no copy), with the dtype the snapshot recorded."""
+    with warnings.catch_warnings():
+        # Arrays from ray.get are read-only shared memory; the tensor is only read from.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(array)
+    dtype = getattr(torch, dtype_name)
+    return t if t.dtype == dtype else t.view(dtype)
+
+
+def _snapshot(model: torch.nn.Module, version: int, copy: bool) -> WeightSnapshot:
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if t.numel():
+            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if key in seen:
+                aliases[name] = seen[key]
+                continue
+            seen[key] = name
+        if t.device.type != "cpu":
+            t = t.to("cpu").contiguous()  # the device-to-host copy is the one copy
+        elif copy or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        arrays[name] = _to_array(t)
+        dtypes[name] = str(t.dtype).removeprefix("torch.")
+    return WeightSnapshot(version=version, arrays=arrays, dtypes=dtypes, aliases=aliases)
+
+
+def snapshot_from_model(model: torch.nn.Module, version: int) -> WeightSnapshot:
+    """A CPU copy of `model`'s state_dict as a `WeightSnapshot`.
+
+    It is a real copy: training the model afterwards does not change the snapshot.
+    """
+    return _snapshot(model, version, copy=True)
+
+
+def publish_weights(model: torch.nn.Module, version: int) -> ray.ObjectRef:
+    """Put weight version `version` of `model` into the object store, once.
+
+    The put itself is the copy: CPU parameters are handed to `ray.put` as numpy views
+    and Ray copies their bytes into shared memory before returning, so later training
+    cannot change the published version and no intermediate copy is made.
+    """
+    return ray.put(_snapshot(model, version, copy=False))
+
+
+def load_snapshot(model: torch.nn.Module, snapshot: WeightSnapshot) -> None:
+    """Copy `snapshot` into `model`'s parameters and buffers in place.
+
+    The model may be on any device; each tensor is copied once, straight from the
+    (possibly shared, read-only) array into the parameter, casting if the model's
+    dtype differs. Tied parameters are filled through whichever name was stored.
+    Every state_dict entry of the model must be in the snapshot, with the same shape.
+    """
+    state = model.state_dict()
+    missing = [n for n in state if n not in snapshot.arrays and n not in snapshot.aliases]
+    unexpected = [n for n in (*snapshot.arrays, *snapshot.aliases) if n not in state]
+    if missing or unexpected:
+        raise KeyError(f"snapshot v{snapshot.version} does not match the model: "
+                       f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    done: set[tuple] = set()
+    with torch.no_grad():
+        for name, dst in state.items():
+            src_name = snapshot.aliases.get(name, name)
+            array = snapshot.arrays[src_name]
+            if tuple(array.shape) != tuple(dst.shape):
+                raise ValueError(f"{name}: snapshot shape {tuple(array.shape)}, "
+                                 f"model shape {tuple(dst.shape)}")
+            key = (dst.device, dst.data_ptr(), dst.dtype, tuple(dst.shape), dst.stride())
+            if dst.numel() and key in done:  # tied in this model too: already copied
+                continue
+            done.add(key)
+            dst.copy_(_from_array(array, snapshot.dtypes[src_name]))
+
+
+def weights_checksum(model_or_snapshot: torch.nn.Module | WeightSnapshot) -> str:
+    """sha256 over every stored tensor's name, dtype, shape and bytes, in name order.
+
+    Equal for a model and its snapshot, and for two models with identical weights, so
+    tests can compare a generator's weights with the trainer's. Tied duplicates are
+    hashed once; the version number is not hashed.
+    """
+    snapshot = model_or_snapshot
+    if isinstance(model_or_snapshot, torch.nn.Module):
+        snapshot = _snapshot(model_or_snapshot, version=-1, copy=False)
+    digest = hashlib.sha256()
+    for name in sorted(snapshot.arrays):
+        array = np.ascontiguousarray(snapshot.arrays[name])
+        digest.update(f"{name}|{snapshot.dtypes[name]}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()

@@ -1,0 +1,268 @@
+import pickle
+import time
+
+import pyarrow as pa
+import pytest
+
+from iterft_ray.filters import (
+    best_of_k,
+    deduplicate,
+    exact_answer,
+    length_bounds,
+    regex,
+    resolve_filter,
+    score_rollouts,
+    score_threshold,
+    top_fraction,
+)
+
+
+def prefers_short(prompt: str, completion: str, meta: dict) -> float:
+    """A reward filter for the import-string tests, imported as f"{__name__}:prefers_short"."""
+    return 1.0 / (1 + len(completion))
+
+
+def _rollouts(completions: list[str], prompt_ids: list[int] | None = None) -> pa.Table:
+    prompt_ids = prompt_ids or [0] * len(completions)
+    return pa.table(
+        {
+            "sample_id": [f"s{i}" for i in range(len(completions))],
+            "prompt_id": pa.array(prompt_ids, pa.int64()),
+            "prompt": ["37+45="] * len(completions),
+            "completion": completions,
+            "answer": ["82"] * len(completions),
+        }
+    )
+
+
+def _scored(scores: list[float], accepted: list[bool], prompt_ids: list[int]) -> pa.Table:
+    """A batch as selectors see it, after the row filters."""
+    return pa.table(
+        {
+            "prompt_id": pa.array(prompt_ids, pa.int64()),
+            "completion": [f"c{i}" for i in range(len(scores))],
+            "score": pa.array(scores, pa.float64()),
+            "accepted": accepted,
+        }
+    )
+
+
+def test_exact_answer_accepts_correct_completions_and_keeps_rejected_rows():
+    scored = score_rollouts(_rollouts(["82</s>", "81</s>", "", " 82\n"]), [exact_answer()])
+
+    assert scored.num_rows == 4
+    assert scored["accepted"].to_pylist() == [True, False, False, True]
+    assert scored["score"].to_pylist() == [1.0, 0.0, 0.0, 1.0]
+    assert scored["filter_error"].to_pylist() == [None] * 4
+    assert scored.schema.field("score").type == pa.float64()
+    assert scored["sample_id"].to_pylist() == ["s0", "s1", "s2", "s3"]
+
+
+def test_regex_accepts_when_the_pattern_matches():
+    scored = score_rollouts(_rollouts(["82", "82 xyz", "abc"]), [regex(r"^\d+$")])
+
+    assert scored["accepted"].to_pylist() == [True, False, False]
+
+
+def test_length_bounds_are_inclusive():
+    scored = score_rollouts(_rollouts(["", "a", "abc", "abcd"]), [length_bounds(1, 3)])
+
+    assert scored["accepted"].to_pylist() == [False, True, True, False]
+
+
+def test_numbers_add_to_the_score_and_gates_reject():
+    filters = [prefers_short, length_bounds(max_chars=3), prefers_short]
+
+    scored = score_rollouts(_rollouts(["a", "abc", "abcdefg"]), filters)
+
+    assert scored["score"].to_pylist() == pytest.approx([1.0, 0.5, 1 / 8])
+    assert scored["accepted"].to_pylist() == [True, True, False]
+
+
+def test_filter_meta_is_the_row_without_prompt_and_completion():
+    seen = []
+
+    def record(prompt, completion, meta):
+        seen.append(meta)
+        return True
+
+    score_rollouts(_rollouts(["82"]), [record])
+
+    assert seen == [{"sample_id": "s0", "prompt_id": 0, "answer": "82"}]
+
+
+def test_import_string_resolves_to_the_function():
+    assert resolve_filter(f"{__name__}:prefers_short") is prefers_short
+    assert resolve_filter({"name": f"{__name__}:prefers_short"}) is prefers_short
+
+    scored = score_rollouts(_rollouts(["a", "abc"]), [f"{__name__}:prefers_short"])
+    assert scored["score"].to_pylist() == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("spec", ["no_such_module_xyz:f", f"{__name__}:no_such_function"])
+def test_bad_import_string_is_an_error_naming_it(spec):
+    with pytest.raises(ValueError, match=spec):
+        resolve_filter(spec)
+
+
+def test_import_string_with_options_is_an_error():
+    with pytest.raises(ValueError, match="prefers_short.*takes none"):
+        resolve_filter({"name": f"{__name__}:prefers_short", "scale": 2})
+
+
+def test_dict_specs_build_the_built_ins():
+    table = _rollouts(["82", "82", "8", "82 xyz"])
+
+    scored = score_rollouts(
+        table, [{"name": "regex", "pattern": r"^\d+"}, "exact_answer", {"name": "deduplicate"}]
+    )
+
+    assert scored["accepted"].to_pylist() == [True, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "best_of_k", "kk": 2}, "'best_of_k'.*kk"),
+        ({"name": "best_of_k", "k": 0}, "'best_of_k'.*k >= 1"),
+        ({"name": "top_fraction", "fraction": 1.5}, "'top_fraction'.*fraction"),
+        ({"name": "top_fraction"}, "'top_fraction'.*fraction"),
+        ({"name": "length_bounds", "min_chars": 5, "max_chars": 2}, "'length_bounds'"),
+        ({"name": "length_bounds", "min_chars": "5", "max_chars": 9}, "'length_bounds'"),
+        ({"name": "score_threshold", "min_score": "high"}, "'score_threshold'"),
+        ({"name": "regex", "pattern": "("}, "'regex'.*bad pattern"),
+        ({"name": "exact_answer", "task": "chess"}, "'chess'"),
+        ({"name": "no_such_filter"}, "'no_such_filter'.*best_of_k"),
+        ({"pattern": "x"}, "'name'"),
+    ],
+)
+def test_bad_specs_are_errors_naming_the_filter(spec, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_filter(spec)
+
+
+def test_a_raising_filter_rejects_only_its_rows():
+    def strict(prompt, completion, meta):
+        if completion == "boom":
+            raise RuntimeError("cannot parse")
+        return True
+
+    scored = score_rollouts(_rollouts(["82", "boom", "81"]), [strict, exact_answer()])
+
+    assert scored["accepted"].to_pylist() == [True, False, False]
+    errors = scored["filter_error"].to_pylist()
+    assert errors[0] is None and errors[2] is None
+    assert "RuntimeError: cannot parse" in errors[1]
+    assert "strict" in errors[1]
+
+
+def test_a_hanging_filter_is_cut_off_and_the_batch_goes_on():
+    def hangs_on_slow(prompt, completion, meta):
+        if completion == "slow":
+            time.sleep(5)
+        return True
+
+    scored = score_rollouts(
+        _rollouts(["82", "slow", "82"]), [hangs_on_slow, exact_answer()], timeout_s=0.2
+    )
+
+    assert scored["accepted"].to_pylist() == [True, False, True]
+    errors = scored["filter_error"].to_pylist()
+    assert "timeout after 0.2s" in errors[1]
+    assert errors[0] is None and errors[2] is None
+
+
+def test_a_filter_returning_neither_bool_nor_number_rejects_with_an_error():
+    scored = score_rollouts(_rollouts(["82"]), [lambda p, c, m: "yes"])
+
+    assert scored["accepted"].to_pylist() == [False]
+    assert "expected a bool or a number" in scored["filter_error"][0].as_py()
+
+
+def test_deduplicate_keeps_the_first_accepted_copy_per_prompt():
+    table = _rollouts(["82", "82", "82", "81", "82"], prompt_ids=[0, 0, 0, 0, 1])
+    table = table.append_column("score", pa.array([1.0] * 5)).append_column(
+        "accepted", pa.array([False, True, True, True, True])
+    )
+
+    assert deduplicate().select(table).to_pylist() == [False, True, False, True, True]
+
+
+def test_best_of_k_keeps_the_k_best_accepted_rows_per_prompt():
+    table = _scored(
+        scores=[0.1, 0.9, 0.5, 0.99, 0.3, 0.2],
+        accepted=[True, True, True, False, True, True],
+        prompt_ids=[0, 0, 0, 0, 1, 1],
+    )
+
+    assert best_of_k(2).select(table).to_pylist() == [False, True, True, False, True, True]
+    assert best_of_k(1).select(table).to_pylist() == [False, True, False, False, True, False]
+
+
+def test_top_fraction_rounds_up_over_the_accepted_rows():
+    table = _scored(
+        scores=[0.1, 0.9, 0.5, 0.99, 0.3],
+        accepted=[True, True, True, False, True],
+        prompt_ids=[0, 1, 2, 3, 4],
+    )
+
+    assert top_fraction(0.5).select(table).to_pylist() == [False, True, True, False, False]
+    assert top_fraction(0.1).select(table).to_pylist() == [False, True, False, False, False]
+
+
+def test_top_fraction_is_not_fooled_by_float_rounding():
+    table = _scored(scores=[float(i) for i in range(25)], accepted=[True] * 25, prompt_ids=[0] * 25)
+
+    assert sum(top_fraction(0.28).select(table).to_pylist()) == 7  # 0.28 * 25 == 7.000000000000001
+
+
+def test_score_threshold_keeps_accepted_rows_at_or_above_it():
+    table = _scored(
+        scores=[0.2, 0.5, 0.7, 0.9], accepted=[True, True, True, False], prompt_ids=[0] * 4
+    )
+
+    assert score_threshold(0.5).select(table).to_pylist() == [False, True, True, False]
+
+
+def test_selectors_run_after_row_filters_and_only_narrow_acceptance():
+    # RAFT: per prompt, the shortest correct answer.
+    table = _rollouts(["82 a", "82", "81", "82 bb", "82 c"], prompt_ids=[0, 0, 0, 1, 1])
+
+    scored = score_rollouts(table, [exact_answer(), prefers_short, best_of_k(1)])
+
+    assert scored["accepted"].to_pylist() == [False, True, False, False, True]
+    assert scored.num_rows == 5
+
+
+class AcceptAll:
+    """A user-written selector that tries to re-accept every row."""
+
+    def select(self, table: pa.Table) -> pa.BooleanArray:
+        return pa.array([True] * table.num_rows)
+
+
+def test_a_selector_cannot_re_accept_rejected_rows():
+    scored = score_rollouts(_rollouts(["82", "81"]), [exact_answer(), AcceptAll()])
+
+    assert scored["accepted"].to_pylist() == [True, False]
+
+
+def test_row_filter_after_a_selector_is_an_error():
+    with pytest.raises(ValueError, match="before selectors"):
+        score_rollouts(_rollouts(["82"]), [best_of_k(1), exact_answer()])
+
+
+@pytest.mark.parametrize("column", ["prompt_id", "prompt", "completion"])
+def test_missing_column_is_an_error_naming_it(column):
+    with pytest.raises(ValueError, match=repr(column)):
+        score_rollouts(_rollouts(["82"]).drop_columns([column]), [exact_answer()])
+
+
+def test_built_ins_survive_pickling_for_ray_actors():
+    filters = [exact_answer(), regex(r"^\d+$"), length_bounds(1, 5), deduplicate(), best_of_k(2)]
+    table = _rollouts(["82", "82", "81 x", "82 xyzw"], prompt_ids=[0, 0, 0, 1])
+
+    copies = pickle.loads(pickle.dumps(filters))
+
+    assert score_rollouts(table, copies).equals(score_rollouts(table, filters))
+    assert score_rollouts(table, copies)["accepted"].to_pylist() == [True, False, False, False]
