@@ -79,6 +79,8 @@ class LoopConfig:
     output_dir: str = "runs/iterft"
     seed: int = 0
     filter_timeout_s: float = 10.0
+    # Passes of supervised warm-up over the task's warm-up examples before round 1.
+    warmup_passes: int = 0
 
 
 @dataclass
@@ -105,7 +107,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "sampling.temperature", "sampling.top_k", "resources.trainer_cpus", "resources.trainer_gpus", "resources.generator_cpus",
-    "resources.generator_gpus", "resources.filter_cpus",
+    "resources.generator_gpus", "resources.filter_cpus", "loop.warmup_passes",
 }
 
 
@@ -181,9 +183,22 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     config = build(RunConfig, data)
     if config.data.task is None and config.data.prompts_file is None:
         raise ValueError("data.task, data.prompts_file: give one of them")
+    _check_trainer_args(config.trainer)
     if not 0 < config.sampling.top_p <= 1:
         raise ValueError(f"sampling.top_p: expected a number in (0, 1], got {config.sampling.top_p}")
     return config
+
+
+def _check_trainer_args(trainer: dict[str, Any]) -> None:
+    """`trainer:` holds IterativeSFTConfig fields; a misspelt one is an error here, not deep in an actor."""
+    from .trainer import IterativeSFTConfig
+
+    known = {f.name for f in dataclasses.fields(IterativeSFTConfig) if f.init}
+    for key in trainer:
+        if key not in known:
+            raise ValueError(f"trainer.{key}: unknown key (expected an IterativeSFTConfig / TrainingArguments field)")
+    if "output_dir" in trainer:
+        raise ValueError("trainer.output_dir: set loop.output_dir instead; the trainer writes under it")
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from tqdm.auto import tqdm
 
 from .config import RunConfig, load_config, save_config
 from .prompts import load_prompts
@@ -58,12 +59,13 @@ class IterativeLoop:
         rollouts, version = self._rollouts_for(r)
         scored = self.rl.filter(rollouts)
         self._prefetch(r)
-        ray.wait(rollouts, num_returns=len(rollouts), fetch_local=False)
+        _wait_all(rollouts, f"round {r + 1} generate")
         t["generated"] = time.perf_counter()
+        _wait_all(scored.summaries, f"round {r + 1} filter")
         summary = scored.summary()
         t["filtered"] = time.perf_counter()
         written = write_generations(self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet", scored.tables)
-        train = self.rl.step(scored)
+        train = _wait_all([self.rl.step_async(scored)], f"round {r + 1} train")[0]
         t["trained"] = time.perf_counter()
         if c.loop.async_mode:
             self.rl.publish_weights()
@@ -82,12 +84,27 @@ class IterativeLoop:
         return stats
 
     def run(self) -> list[dict[str, Any]]:
-        """Run the remaining rounds; returns their statistics."""
-        if self.round_index == 0 and self.heldout is not None:
-            before = self.heldout_accuracy()
-            print(f"held-out accuracy before round 1: {before:.1%}", flush=True)
-            self.initial_heldout_accuracy = before
+        """Run the remaining rounds (after the warm-up, on a fresh run); returns their statistics."""
+        if self.round_index == 0:
+            self.warm_up()
+            if self.heldout is not None:
+                self.initial_heldout_accuracy = self.heldout_accuracy()
+                print(f"held-out accuracy before round 1: {self.initial_heldout_accuracy:.1%}", flush=True)
         return [self.round() for _ in range(self.round_index, self.config.loop.rounds)]
+
+    def warm_up(self) -> dict[str, Any] | None:
+        """Supervised warm-up on the task's warm-up examples: the only reference answers the trainer sees."""
+        passes = self.config.loop.warmup_passes
+        if not passes or self.task is None or not self.task.warmup_examples:
+            return None
+        prompts = [e["prompt"] for e in self.task.warmup_examples]
+        completions = [e["completion"] + (self.rl.eos_token or "") for e in self.task.warmup_examples]
+        for _ in _bar(range(passes), "warm-up"):
+            stats = self.rl.step(texts=prompts, texts_labels=completions)
+        self.rl.sync_weights()
+        self._rounds_at_version[self.rl.version] = 0
+        print(f"warm-up: {passes} passes, {stats['global_step']} updates, loss {stats['loss']:.3f}", flush=True)
+        return stats
 
     # ---------------------------------------------------------------- pieces
 
@@ -170,6 +187,20 @@ class IterativeLoop:
     def shutdown(self) -> None:
         self.recorder.close()
         self.rl.shutdown()
+
+
+def _bar(iterable, desc: str, total: int | None = None):
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
+
+
+def _wait_all(refs: list[ray.ObjectRef], desc: str) -> list[Any]:
+    """Wait for references with a progress bar that ticks as each one completes; returns their values."""
+    pending, bar = list(refs), _bar(None, desc, total=len(refs))
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        bar.update(len(done))
+    bar.close()
+    return ray.get(list(refs))
 
 
 def _permutation(n: int, seed: int) -> list[int]:

@@ -13,6 +13,8 @@ summaries, unless it asks for rows with `collect`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,23 @@ def prompt_table(prompts: pa.Table | list[str] | list[dict]) -> pa.Table:
     return table
 
 
+def init_ray(resources: ResourcesConfig, address: str | None = None) -> None:
+    """Connect to Ray, or start a local one that can hold every actor of `resources`.
+
+    A local Ray counts one CPU per core; the actors of a config may ask for more (a
+    trainer, generators and filters each take a share), so the local Ray advertises
+    at least what they ask for instead of leaving one of them pending for ever.
+    """
+    if ray.is_initialized():
+        return
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+        return
+    r = resources
+    demand = r.trainer_ranks * r.trainer_cpus + r.num_generators * r.generator_cpus + r.filter_pool_size * r.filter_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(demand)))
+
+
 class RayIterativeSFTTrainer:
     """A trainer actor group, generator actors and a filter pool, driven one call at a time."""
 
@@ -85,9 +104,8 @@ class RayIterativeSFTTrainer:
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
     ):
-        if not ray.is_initialized():
-            ray.init()
         self.resources = resources or ResourcesConfig()
+        init_ray(self.resources)
         self.sampling = sampling or SamplingConfig()
         res = self.resources
         trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
@@ -103,6 +121,7 @@ class RayIterativeSFTTrainer:
             _options(res.filter_cpus, 0, "filter" if res.custom_resources else None),
         )
         self.weights, self.version = self.trainer.publish()
+        self.eos_token: str | None = ray.get(self.trainer.ranks[0].eos_token.remote())
 
     def scale_generators(self, count: int) -> None:
         """Grow or shrink the generator pool; new generators load the current weights before they sample."""
@@ -151,9 +170,13 @@ class RayIterativeSFTTrainer:
         if rollouts is not None:
             if kwargs:
                 raise ValueError("rollouts: give rollouts or step() arguments, not both")
-            tables = rollouts.tables if isinstance(rollouts, ScoredRollouts) else list(rollouts)
-            return self.trainer.step_rollouts(tables)
+            return ray.get(self.step_async(rollouts))
         return self.trainer.step(**kwargs)
+
+    def step_async(self, rollouts: ScoredRollouts | list[ray.ObjectRef]) -> ray.ObjectRef:
+        """Start training on scored rollouts; returns a reference to the statistics."""
+        tables = rollouts.tables if isinstance(rollouts, ScoredRollouts) else list(rollouts)
+        return self.trainer.step_rollouts_async(tables)
 
     def sync_weights(self) -> int:
         """Publish the trainer's weights once and have every generator load them; returns the version."""

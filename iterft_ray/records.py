@@ -47,8 +47,10 @@ class RunRecorder:
         self._tensorboard = None
 
     def record(self, stats: dict[str, Any]) -> None:
+        """Append a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null)."""
+        clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()}
         with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(stats) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
         self._write_tensorboard(stats)
         plot_metrics(self.out_dir)
 
@@ -72,8 +74,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_metrics(run_dir: str | Path) -> Path:
-    """Draw plot.png: one panel per metric in PLOTTED that the run has, over rounds."""
+def plot_metrics(run_dir: str | Path) -> tuple[Path, list[str]]:
+    """Draw plot.png: one panel per metric in PLOTTED that the run has, over rounds.
+
+    Returns the file and the metrics drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,4 +99,4 @@ def plot_metrics(run_dir: str | Path) -> Path:
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
     tmp.replace(out)
-    return out
+    return out, names

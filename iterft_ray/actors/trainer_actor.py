@@ -84,6 +84,9 @@ class TrainerActor:
         stats["version"] = self.version()
         return stats
 
+    def eos_token(self) -> str | None:
+        return self.trainer.tokenizer.eos_token
+
     def version(self) -> int:
         """The weight version: optimizer updates so far."""
         return self.trainer.state.global_step
@@ -152,13 +155,17 @@ class TrainerGroup:
         """Call `method` on every rank; return rank 0's result."""
         return ray.get([getattr(r, method).remote(*args, **kwargs) for r in self.ranks])[0]
 
+    def step_rollouts_async(self, rollouts: list[ray.ObjectRef]) -> ray.ObjectRef:
+        """Start `step_rollouts` on every rank; returns rank 0's result reference (ranks finish together)."""
+        return [r.step_rollouts.remote(*rollouts) for r in self.ranks][0]
+
     def step(self, **kwargs) -> dict:
         """Same arguments as `IterativeSFTTrainer.step`; the batch is sharded across ranks."""
         return self._all("step", **kwargs)
 
     def step_rollouts(self, rollouts: list[ray.ObjectRef]) -> dict:
         """Train on scored rollout batches, passed by reference to every rank."""
-        return self._all("step_rollouts", *rollouts)
+        return ray.get(self.step_rollouts_async(rollouts))
 
     def publish(self) -> tuple[ray.ObjectRef, int]:
         """Publish rank 0's weights; returns (snapshot ref, version)."""

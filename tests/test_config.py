@@ -1,0 +1,52 @@
+"""Config loading: errors name the key; the shipped configs load."""
+
+from pathlib import Path
+
+import pytest
+
+from iterft_ray.cli import config_data, resolve_config
+from iterft_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base():
+    return {"model": {"name_or_path": "tiny-llama"}}
+
+
+@pytest.mark.parametrize(
+    "change,error,key",
+    [
+        (lambda c: c.update(bogus=1), ValueError, "bogus"),
+        (lambda c: c.setdefault("loop", {}).update(roundz=3), ValueError, "loop.roundz"),
+        (lambda c: c.setdefault("loop", {}).update(rounds="ten"), TypeError, "loop.rounds"),
+        (lambda c: c.setdefault("loop", {}).update(rounds=True), TypeError, "loop.rounds"),
+        (lambda c: c.setdefault("loop", {}).update(rounds=0), ValueError, "loop.rounds"),
+        (lambda c: c.setdefault("sampling", {}).update(temperature=-1.0), ValueError, "sampling.temperature"),
+        (lambda c: c.setdefault("sampling", {}).update(top_p=1.5), ValueError, "sampling.top_p"),
+        (lambda c: c.setdefault("resources", {}).update(num_generators=[2]), TypeError, "resources.num_generators"),
+        (lambda c: c.pop("model"), ValueError, "model"),
+        (lambda c: c["model"].pop("name_or_path"), ValueError, "model.name_or_path"),
+        (lambda c: c.update(trainer={"learnin_rate": 1e-3}), ValueError, "trainer.learnin_rate"),
+        (lambda c: c.update(data={"task": None}), ValueError, "data.task"),
+        (lambda c: c.update(sampling=[1]), TypeError, "sampling"),
+    ],
+)
+def test_bad_config_names_the_key(change, error, key):
+    data = base()
+    change(data)
+    with pytest.raises(error) as info:
+        load_config(data)
+    assert str(info.value).startswith(key)
+
+
+def test_shipped_configs_load():
+    for path in [*(ROOT / "iterft_ray" / "configs").glob("*.yaml"), *(ROOT / "jobs" / "configs").glob("*.yaml")]:
+        load_config(path)
+
+
+def test_set_overrides_and_builtin_names():
+    assert resolve_config("demo").name == "demo.yaml"
+    data = config_data("demo", ["loop.rounds=2", "sampling.temperature=0.5", "trainer.bf16=false"])
+    config = load_config(data)
+    assert config.loop.rounds == 2 and config.sampling.temperature == 0.5 and config.trainer["bf16"] is False
