@@ -17,6 +17,6 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 demo: install
-	$(VENV)/bin/python jobs/quickstart.py
+	$(VENV)/bin/iterft demo
 
 .PHONY: install test demo

@@ -1,7 +1,7 @@
 """Ray job entrypoint: one iterative fine-tuning run.
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/iterative_sft.py --config jobs/configs/demo.yaml
+        python jobs/iterative_sft.py --config demo   # a built-in name or jobs/configs/*.yaml
 
 Under `ray job submit` RAY_ADDRESS is set, so the run joins the cluster; run directly,
 it starts a local Ray.

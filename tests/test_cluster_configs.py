@@ -34,7 +34,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-CRDS = Path(os.environ.get("KUBERAY_CRDS", "/work/shared/kuberay-crds"))
+# The v1 openAPIV3Schema of KubeRay's CRDs (descriptions removed), from shared/kuberay-crds.
+CRD_SCHEMAS = Path(__file__).parent / "data" / "kuberay"
 ROLES = ("trainer", "generator", "filter")
 
 YAMLS = sorted(p for p in CLUSTER.rglob("*.y*ml"))
@@ -150,10 +151,9 @@ def _strict(schema):
 
 
 def _crd_schema(kind):
-    crd = _load(CRDS / f"ray.io_{kind.lower()}s.yaml")
-    assert crd["spec"]["names"]["kind"] == kind
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return _strict(version["schema"]["openAPIV3Schema"])
+    crd = json.loads((CRD_SCHEMAS / f"{kind.lower()}s.v1.schema.json").read_text())
+    assert crd["kind"] == kind
+    return _strict(crd["openAPIV3Schema"])
 
 
 def _cluster_spec(doc):
