@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,9 +20,9 @@ import time
 from pathlib import Path
 
 import jsonschema
-import psutil
 import pytest
 import yaml
+from ray_head import free_port, loopback_env, ray_head
 
 from ray.autoscaler._private.kuberay.autoscaling_config import (
     _derive_autoscaling_config_from_ray_cr,
@@ -214,39 +211,6 @@ def test_rayjob_runs_the_iterative_sft_entrypoint():
 # ------------------------------------------------------------- live fake multi-node run
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _group_members(pgid):
-    """Live (non-zombie) processes of process group `pgid`."""
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return members
-
-
-def _stop_group(pgid, wait_s=15.0):
-    """SIGKILL the process group `ray start` was put in: the head's processes and the
-    fake worker nodes the autoscaler started all live there. This is `ray stop --force`
-    for this cluster only; `ray stop` itself would kill every Ray process of this user
-    on the machine, other tests' clusters included. (SIGTERM is no quicker: the GCS and
-    the autoscaler ignore it and the raylets take ~10 s to drain.)"""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + wait_s
-    while _group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 DRIVER = textwrap.dedent(
     """
     import json, sys, time
@@ -288,49 +252,24 @@ def fake_cluster():
     """cluster/local.yaml started with `RAY_FAKE_CLUSTER=1 ray start --head`, on
     loopback, with its own ports, temp dir and token; always stopped afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="iftc", dir="/tmp"))  # short: socket paths
-    gcs_port, client_port, dashboard_port = _free_port(), _free_port(), _free_port()
+    gcs_port, client_port, dashboard_port = free_port(), free_port(), free_port()
     address = f"127.0.0.1:{gcs_port}"
     config = _load(CLUSTER / "local.yaml")
     config["provider"]["gcs_address"] = address
     (tmp / "local.yaml").write_text(yaml.safe_dump(config))
     (tmp / "token").write_text(secrets.token_hex(32))
-
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
-    env.update(
-        RAY_FAKE_CLUSTER="1",
-        AUTOSCALER_UPDATE_INTERVAL_S="1",
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
-        # Makes Ray use 127.0.0.1 as the node IP instead of resolving it to the host's
-        # address (despite its name, it just switches Ray to loopback-only).
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    cmd = [
-        ray_cli, "start", "--head", "--node-ip-address=127.0.0.1",
-        f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
-        "--include-dashboard=false", f"--dashboard-port={dashboard_port}",
-        "--dashboard-agent-listen-port=0", "--num-cpus=0",
-        "--object-store-memory=100000000", f"--temp-dir={tmp / 'ray'}",
+    env = loopback_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_TOKEN_PATH=str(tmp / "token"))
+    args = [
+        "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
+        "--include-dashboard=false", f"--dashboard-port={dashboard_port}", "--dashboard-agent-listen-port=0",
+        "--num-cpus=0", "--object-store-memory=100000000", f"--temp-dir={tmp / 'ray'}",
         f"--autoscaling-config={tmp / 'local.yaml'}", "--disable-usage-stats",
     ]
-    # A new session, so everything it starts shares one process group we can stop.
-    start = subprocess.Popen(cmd, env=env, start_new_session=True, cwd=tmp,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pgid = start.pid
     try:
-        out, _ = start.communicate(timeout=60)
-        assert start.returncode == 0, out
-        yield {"address": address, "env": env, "tmp": tmp}
+        with ray_head(args, env, cwd=tmp):
+            yield {"address": address, "env": env, "tmp": tmp}
     finally:
-        if start.poll() is None:
-            start.kill()
-        _stop_group(pgid)
-        leftovers = _group_members(pgid)
         shutil.rmtree(tmp, ignore_errors=True)
-        assert not leftovers, f"processes of the fake cluster still running: {leftovers}"
 
 
 @pytest.mark.timeout(120)

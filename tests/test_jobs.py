@@ -1,11 +1,10 @@
 """The main job end to end: the demo config (two rounds) in-process, and the job through `ray job submit`'s API."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import matplotlib.image
@@ -17,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray.cli import main
 from iterft_ray.records import PLOTTED, plot_metrics
+from ray_head import RAY_CLI, free_port, loopback_env, ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,45 +55,31 @@ def test_demo_config_two_rounds_writes_every_file(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "round-0001").exists()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def local_head(tmp_path):
-    """A Ray head started with `ray start` on loopback, stopped afterwards."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    port, dashboard = _free_port(), _free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    subprocess.run(
-        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )
-    try:
+def local_head():
+    """A Ray head from `ray start` on loopback with token auth (the user's ~/.ray/auth_token), stopped afterwards."""
+    env = loopback_env()
+    subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    port, dashboard = free_port(), free_port()
+    args = ["--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats"]
+    with ray_head(args, env):
         yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_ray_job_submit_runs_the_job(local_head, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    with pytest.raises(urllib.error.HTTPError) as refused:  # token authentication is on
+        urllib.request.urlopen(f"{local_head}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
 
-    client = JobSubmissionClient(local_head)
-    runtime_env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
-    runtime_env["working_dir"] = str(ROOT)
     run = tmp_path / "job-run"
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} jobs/iterative_sft.py --config tiny --set loop.output_dir={run}",
-        runtime_env=runtime_env,
+    submit = subprocess.run(
+        [RAY_CLI, "job", "submit", "--address", local_head, "--working-dir", str(ROOT),
+         "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
+         sys.executable, "jobs/iterative_sft.py", "--config", "tiny", "--set", f"loop.output_dir={run}"],
+        env=loopback_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
-    deadline = time.time() + 300
-    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.time() < deadline, client.get_job_logs(job)
-        time.sleep(2)
-    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)
-    assert "round   2" in client.get_job_logs(job)
+    logs = submit.stdout + submit.stderr
+    assert submit.returncode == 0, logs
+    assert "succeeded" in logs.lower() and "round   2" in logs, logs
     assert_run_files(run, rounds=2)

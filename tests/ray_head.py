@@ -1,0 +1,78 @@
+"""Start and stop a Ray head of one's own for a test: loopback only, token auth on.
+
+`ray stop` would kill every Ray process of this user on the machine, other tests'
+clusters included, so the head runs in its own session and is stopped by killing its
+process group (SIGKILL: the GCS and the autoscaler ignore SIGTERM).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_env(**extra: str) -> dict:
+    """The environment for a head: no inherited RAY_ADDRESS, token auth on, loopback only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+    env.update(
+        RAY_AUTH_MODE="token",
+        # Despite its name this makes Ray use 127.0.0.1 as the node address instead of
+        # resolving the host's, so nothing listens beyond loopback.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        **extra,
+    )
+    return env
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
+
+
+def stop_group(pgid: int, wait_s: float = 15.0) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@contextmanager
+def ray_head(args: list[str], env: dict, cwd: str | Path | None = None):
+    """`ray start --head ARGS` in a new session; yields, then stops everything it started."""
+    start = subprocess.Popen([RAY_CLI, "start", "--head", *args], env=env, start_new_session=True, cwd=cwd,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = start.communicate(timeout=90)
+        assert start.returncode == 0, out
+        yield
+    finally:
+        if start.poll() is None:
+            start.kill()
+        stop_group(start.pid)
+        leftovers = group_members(start.pid)
+        assert not leftovers, f"processes of the Ray head still running: {leftovers}"
