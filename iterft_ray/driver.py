@@ -137,6 +137,13 @@ class IterativeLoop:
             indices += [order[k - epoch * total] for k in range(max(r * n, epoch * total), min((r + 1) * n, (epoch + 1) * total))]
         return self.prompts.take(pa.array(indices))
 
+    def scale_generators(self, count: int) -> None:
+        """Change the number of generators between rounds; new ones load the current weights before sampling."""
+        if count < 1:
+            raise ValueError(f"count: expected at least 1 generator, got {count}")
+        self.rl.scale_generators(count)
+        self.config.resources.num_generators = count
+
     def heldout_accuracy(self) -> float:
         """Greedy accuracy on the task's held-out prompts with the current weights (never trained on)."""
         rollouts = self.rl.generate(self.heldout, temperature=0.0, num_samples=1, round_index=-1)
