@@ -85,7 +85,7 @@ def init_ray(resources: ResourcesConfig, address: str | None = None) -> None:
         return
     r = resources
     demand = r.trainer_ranks * r.trainer_cpus + r.num_generators * r.generator_cpus + r.filter_pool_size * r.filter_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(demand)))
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)))
 
 
 class RayIterativeSFTTrainer:

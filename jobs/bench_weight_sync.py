@@ -127,7 +127,7 @@ def main() -> None:
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: use the cluster as it is
         ray.init()
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, args.generators),
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.generators),
                  object_store_memory=int(args.object_store_gb * 2**30),
                  include_dashboard=False,
                  _system_config={"preallocate_plasma_memory": args.preallocate_store})

@@ -44,7 +44,7 @@ def assert_run_files(run: Path, rounds: int):
 
 
 def test_demo_config_two_rounds_writes_every_file(tmp_path):
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         code = main(["run", "demo", "--set", "loop.rounds=2", "--set", f"loop.output_dir={tmp_path / 'run'}",
                      "--set", "loop.save_every=1"])

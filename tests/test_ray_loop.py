@@ -28,7 +28,7 @@ def odd_prompts(prompt, completion, meta):
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     # Like `ray job submit --working-dir`: actors can import this module by its import string.
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     yield
     ray.shutdown()
 

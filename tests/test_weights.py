@@ -18,7 +18,7 @@ INPUT_IDS = [[1, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]]
 def local_ray():
     # Workers cannot import this test module by name; ship its functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
