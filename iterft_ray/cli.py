@@ -43,15 +43,18 @@ def config_data(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
     return data
 
 
-def run(config: str, overrides: list[str], address: str | None = None) -> tuple[Any, list[dict]]:
-    """Run every round of a config on Ray (a local one unless `address` or RAY_ADDRESS says otherwise)."""
+def run(config: str, overrides: list[str], address: str | None = None, resume: bool = False) -> tuple[Any, list[dict]]:
+    """Run every round of a config on Ray (a local one unless `address` or RAY_ADDRESS says otherwise).
+
+    `resume` continues from the newest checkpoint in the config's output directory.
+    """
     from .config import load_config
     from .driver import IterativeLoop
     from .ray_trainer import init_ray
 
     run_config = load_config(config_data(config, overrides))  # fail on a bad config before starting Ray
     init_ray(run_config.resources, address)
-    loop = IterativeLoop(run_config)
+    loop = IterativeLoop(run_config, resume=resume)
     try:
         stats = loop.run()
     finally:
@@ -60,10 +63,10 @@ def run(config: str, overrides: list[str], address: str | None = None) -> tuple[
     return loop, stats
 
 
-def demo(overrides: list[str], address: str | None) -> int:
+def demo(overrides: list[str], address: str | None, resume: bool = False) -> int:
     """Expert iteration from a weak warm-started tiny model; checks the held-out accuracy it promises."""
     start = time.perf_counter()
-    loop, stats = run("demo", overrides, address)
+    loop, stats = run("demo", overrides, address, resume)
     minutes = (time.perf_counter() - start) / 60
     before, after = loop.initial_heldout_accuracy, stats[-1].get("heldout_accuracy", float("nan"))
     print(f"held-out accuracy: {before:.1%} before round 1 -> {after:.1%} after round {stats[-1]['round']} "
@@ -89,15 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     for p in (p_run, p_demo):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loop.rounds=2")
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl")
     p_plot.add_argument("run_dir")
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        run(args.config, args.set, args.address)
+        run(args.config, args.set, args.address, args.resume)
         return 0
     if args.command == "demo":
-        return demo(args.set, args.address)
+        return demo(args.set, args.address, args.resume)
     from .records import plot_metrics
 
     path, names = plot_metrics(args.run_dir)

@@ -9,7 +9,6 @@ while the trainer trains, at most `loop.max_staleness` rounds behind.
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
+from .checkpoint import is_checkpoint
 from .config import RunConfig, load_config, save_config
 from .prompts import load_prompts
 from .ray_trainer import RayIterativeSFTTrainer, ScoredRollouts
@@ -28,12 +28,14 @@ from .records import RunRecorder, write_generations
 class IterativeLoop:
     """Runs the rounds of one config; `.round()` for notebooks, `.run()` for all of them."""
 
-    def __init__(self, config: RunConfig | str | Path | dict):
+    def __init__(self, config: RunConfig | str | Path | dict, resume: bool = False):
+        """`resume=True` continues from the newest checkpoint in `loop.output_dir`, if there is one."""
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         c = self.config
         self.prompts, self.heldout, self.task = load_prompts(c.data)
         self.out = Path(c.loop.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = latest_checkpoint(self.out) if resume else None
         save_config(c, self.out / "config.yaml")
         self.rl = RayIterativeSFTTrainer(
             c.model.name_or_path,
@@ -45,11 +47,18 @@ class IterativeLoop:
             filter_timeout_s=c.loop.filter_timeout_s,
             trust_remote_code=c.model.trust_remote_code,
             tiny_overrides=c.model.tiny_overrides,
+            checkpoint=str(checkpoint) if checkpoint else None,
         )
         self.recorder = RunRecorder(self.out)
         self.round_index = 0
+        self.initial_heldout_accuracy: float | None = None
         self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
         self._pending: deque[tuple[int, int, list[ray.ObjectRef]]] = deque()  # (round, version, rollouts)
+        if checkpoint is not None:
+            self._restore_loop_state(self.rl.trainer.restored)
+            print(f"resumed from {checkpoint}: next round {self.round_index + 1}", flush=True)
+        else:
+            self.recorder.reset()
 
     # ---------------------------------------------------------------- a round
 
@@ -75,22 +84,63 @@ class IterativeLoop:
         self.round_index += 1
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
         heldout = self.heldout_accuracy() if self._due(c.loop.eval_every) else None
-        if self._due(c.loop.save_every) or self.round_index == c.loop.rounds:
-            self.save_checkpoint()
         ray.get(written)
         stats = self._round_stats(r, version, summary, train, heldout, t)
         self.recorder.record(stats)
         print(_summary_line(stats), flush=True)
+        # Last, so that a checkpoint of round r means round r's files are complete.
+        if self._due(c.loop.save_every) or self.round_index == c.loop.rounds:
+            self.save_checkpoint()
         return stats
 
     def run(self) -> list[dict[str, Any]]:
-        """Run the remaining rounds (after the warm-up, on a fresh run); returns their statistics."""
+        """Run the remaining rounds (after the warm-up, on a fresh run); returns their statistics.
+
+        If the trainer dies, it is restored from the newest checkpoint and the rounds
+        after it are run again; with no checkpoint yet the run stops and says so.
+        """
         if self.round_index == 0:
             self.warm_up()
             if self.heldout is not None:
                 self.initial_heldout_accuracy = self.heldout_accuracy()
                 print(f"held-out accuracy before round 1: {self.initial_heldout_accuracy:.1%}", flush=True)
-        return [self.round() for _ in range(self.round_index, self.config.loop.rounds)]
+        stats: dict[int, dict[str, Any]] = {}
+        while self.round_index < self.config.loop.rounds:
+            try:
+                s = self.round()
+                stats[s["round"]] = s
+            except ray.exceptions.RayActorError as error:
+                if not self._trainer_lost(error):
+                    raise
+                self.recover_trainer()
+        return [stats[k] for k in sorted(stats)]
+
+    def _trainer_lost(self, error: Exception) -> bool:
+        try:
+            ray.get([r.version.remote() for r in self.rl.trainer.ranks], timeout=30)
+            return False
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return True
+
+    def recover_trainer(self) -> Path:
+        """Bring back a dead trainer from the newest checkpoint and rewind the loop to it."""
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is None:
+            raise RuntimeError(
+                f"the trainer died before the first checkpoint of {self.out}; nothing to restore. "
+                "Start the run again (lower loop.save_every to checkpoint sooner)."
+            )
+        print(f"trainer lost: restoring {checkpoint} and running the rounds after it again", flush=True)
+        self._pending.clear()
+        self._restore_loop_state(self.rl.restore_trainer(str(checkpoint)))
+        return checkpoint
+
+    def _restore_loop_state(self, state: dict[str, Any]) -> None:
+        self.round_index = state["round_index"]
+        self.initial_heldout_accuracy = state.get("initial_heldout_accuracy")
+        self._rounds_at_version = {int(k): v for k, v in state["rounds_at_version"].items()}
+        self._rounds_at_version.setdefault(self.rl.version, self.round_index)
+        self.recorder.truncate(self.round_index)
 
     def warm_up(self) -> dict[str, Any] | None:
         """Supervised warm-up on the task's warm-up examples: the only reference answers the trainer sees."""
@@ -151,13 +201,13 @@ class IterativeLoop:
         return scored.summary()["accept_rate"]
 
     def save_checkpoint(self) -> Path:
-        """Save the model in Hugging Face format under checkpoints/round-NNNN, atomically (temp dir + rename)."""
+        """Checkpoint under checkpoints/round-NNNN: Hugging Face model + training state + loop state."""
         target = self.out / "checkpoints" / f"round-{self.round_index:04d}"
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.rl.save(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        self.rl.save(str(target), {
+            "round_index": self.round_index,
+            "initial_heldout_accuracy": self.initial_heldout_accuracy,
+            "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
+        })
         return target
 
     def _due(self, every: int) -> bool:
@@ -194,6 +244,12 @@ class IterativeLoop:
     def shutdown(self) -> None:
         self.recorder.close()
         self.rl.shutdown()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run (a crash while saving leaves only a .tmp beside it)."""
+    found = [p for p in (run_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]") if is_checkpoint(p)]
+    return max(found, default=None)
 
 
 def _bar(iterable, desc: str, total: int | None = None):

@@ -103,36 +103,54 @@ class RayIterativeSFTTrainer:
         filter_timeout_s: float = 10.0,
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
+        checkpoint: str | None = None,
     ):
         self.resources = resources or ResourcesConfig()
         init_ray(self.resources)
         self.sampling = sampling or SamplingConfig()
-        res = self.resources
-        trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
-        self.trainer = TrainerGroup(
-            model, trainer_args, res.trainer_ranks, res.trainer_cpus, res.trainer_gpus, res.custom_resources,
-            tokenizer, trust_remote_code, tiny_overrides,
-        )
-        self._generator_args = (model, tokenizer, trust_remote_code, tiny_overrides)
+        self._trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
+        self._model_args = (model, tokenizer, trust_remote_code, tiny_overrides)
+        self.trainer = self._new_trainer(checkpoint)
         self.generators: list = []
-        self.scale_generators(res.num_generators)
+        self.scale_generators(self.resources.num_generators)
+        res = self.resources
         self.filter_pool = FilterPool(
             filters if filters is not None else [], res.filter_pool_size, filter_timeout_s,
-            _options(res.filter_cpus, 0, "filter" if res.custom_resources else None),
+            {**_options(res.filter_cpus, 0, "filter" if res.custom_resources else None),
+             "max_restarts": -1, "max_task_retries": -1},
         )
         self.weights, self.version = self.trainer.publish()
         self.eos_token: str | None = ray.get(self.trainer.ranks[0].eos_token.remote())
+
+    def _new_trainer(self, checkpoint: str | None) -> TrainerGroup:
+        res = self.resources
+        return TrainerGroup(
+            self._model_args[0], self._trainer_args, res.trainer_ranks, res.trainer_cpus, res.trainer_gpus,
+            res.custom_resources, *self._model_args[1:], checkpoint=checkpoint,
+        )
+
+    def restore_trainer(self, checkpoint: str) -> dict[str, Any]:
+        """Replace the trainer (dead or alive) by one restored from `checkpoint`; generators reload its weights.
+
+        Returns the `extra` state saved with the checkpoint.
+        """
+        self.trainer.shutdown()
+        self.trainer = self._new_trainer(checkpoint)
+        self.weights, self.version = self.trainer.publish()
+        ray.get([g.sync.remote([self.weights], self.version, True) for g in self.generators])
+        return self.trainer.restored
 
     def scale_generators(self, count: int) -> None:
         """Grow or shrink the generator pool; new generators load the current weights before they sample."""
         res = self.resources
         options = _options(res.generator_cpus, res.generator_gpus, "generator" if res.custom_resources else None)
-        model, tokenizer, trust_remote_code, tiny_overrides = self._generator_args
+        # A generator that dies is restarted by Ray and its unfinished call retried: sampling is
+        # seeded per call, so the retry yields the same rows, no sample lost or doubled.
+        options.update(max_restarts=-1, max_task_retries=-1)
         while len(self.generators) < count:
-            gid = len(self.generators)
-            self.generators.append(
-                GeneratorActor.options(**options).remote(model, gid, tokenizer, trust_remote_code, tiny_overrides)
-            )
+            model, tokenizer, trust_remote_code, tiny_overrides = self._model_args
+            self.generators.append(GeneratorActor.options(**options).remote(
+                model, len(self.generators), tokenizer, trust_remote_code, tiny_overrides))
         for gone in self.generators[count:]:
             ray.kill(gone)
         del self.generators[count:]
@@ -195,8 +213,9 @@ class RayIterativeSFTTrainer:
         tables = refs.tables if isinstance(refs, ScoredRollouts) else refs
         return pa.concat_tables(ray.get(list(tables)))
 
-    def save(self, path: str) -> None:
-        self.trainer.save(path)
+    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        """Save a checkpoint: Hugging Face model + tokenizer + training state (+ `extra` JSON), atomically."""
+        self.trainer.save(path, extra)
 
     def shutdown(self) -> None:
         for g in self.generators:

@@ -46,6 +46,17 @@ class RunRecorder:
         self.metrics_path = out_dir / "metrics.jsonl"
         self._tensorboard = None
 
+    def reset(self) -> None:
+        """A fresh run starts a fresh metrics.jsonl."""
+        self.metrics_path.unlink(missing_ok=True)
+
+    def truncate(self, rounds: int) -> None:
+        """Keep only the metrics of rounds 1..rounds: a resumed run records the later ones again."""
+        if self.metrics_path.exists():
+            kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["round"] <= rounds]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
     def record(self, stats: dict[str, Any]) -> None:
         """Append a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null)."""
         clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()}

@@ -19,5 +19,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML path or built-in config name")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     args = parser.parse_args()
-    sys.exit(main(["run", args.config, *[f"--set={s}" for s in args.set]]))
+    sys.exit(main(["run", args.config, *[f"--set={s}" for s in args.set], *(["--resume"] if args.resume else [])]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import ray
 import torch
@@ -49,9 +51,12 @@ class GeneratorActor:
             generator_id=self.generator_id, round_index=round_index,
         )
 
-    def sync(self, weights: list[ray.ObjectRef], version: int) -> int:
-        """Load snapshot `version` if it is newer than the replica's; return the version held."""
-        if version > self.version:
+    def sync(self, weights: list[ray.ObjectRef], version: int, force: bool = False) -> int:
+        """Load snapshot `version` if it is newer than the replica's (or `force`); return the version held.
+
+        `force` is for a trainer restored from a checkpoint, whose versions restart below ours.
+        """
+        if force or version > self.version:
             snapshot: WeightSnapshot = ray.get(weights[0])
             load_snapshot(self.model, snapshot)
             self.version = snapshot.version
@@ -65,4 +70,5 @@ class GeneratorActor:
             "loads": self.loads,
             "checksum": weights_checksum(self.model),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
         }

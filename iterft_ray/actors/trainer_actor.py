@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import AutoTokenizer
 
 from ..batching import IGNORE_INDEX, examples_from_tensors
+from ..checkpoint import load_training_state, save_training_state
 from ..tiny import resolve_model_path
 from ..trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
 from ..weights import publish_weights, weights_checksum
@@ -44,9 +45,15 @@ class TrainerActor:
 
     def setup(self, model_path: str, trainer_args: dict[str, Any], address: str | None,
               tokenizer_path: str | None = None, trust_remote_code: bool = False,
-              tiny_overrides: dict | None = None) -> None:
-        """Join the process group (if several ranks) and build the trainer."""
-        model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
+              tiny_overrides: dict | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+        """Join the process group (if several ranks) and build the trainer, from `checkpoint` if given.
+
+        Returns the `extra` state saved with the checkpoint (empty for a fresh start).
+        """
+        if checkpoint is not None:
+            model_path = tokenizer_path = checkpoint
+        else:
+            model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
         if self.world_size > 1:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=self.world_size)
@@ -56,6 +63,7 @@ class TrainerActor:
             IterativeSFTConfig(**trainer_args),
             processing_class=tokenizer,
         )
+        return load_training_state(self.trainer, checkpoint) if checkpoint is not None else {}
 
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None) -> dict:
         """`IterativeSFTTrainer.step` on this rank's shard of the given lists."""
@@ -99,9 +107,9 @@ class TrainerActor:
     def evaluate(self) -> dict:
         return self.trainer.evaluate()
 
-    def save(self, path: str) -> None:
-        """Rank 0: save model and tokenizer in Hugging Face format (safetensors)."""
-        self.trainer.save_model(path)
+    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        """Rank 0: save a checkpoint (Hugging Face model + training state + `extra`), atomically."""
+        save_training_state(self.trainer, path, extra)
 
     def checksum(self) -> str:
         return weights_checksum(self.trainer.accelerator.unwrap_model(self.trainer.model))
@@ -131,6 +139,7 @@ class TrainerGroup:
         tokenizer_path: str | None = None,
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
+        checkpoint: str | None = None,
     ):
         bundle = {"CPU": cpus_per_rank, "GPU": gpus_per_rank, "trainer": 1 if custom_resources else 0}
         bundle = {k: v for k, v in bundle.items() if v}
@@ -146,10 +155,11 @@ class TrainerGroup:
             for i in range(ranks)
         ]
         address = ray.get(self.ranks[0].rendezvous_address.remote()) if ranks > 1 else None
-        ray.get([
-            r.setup.remote(model_path, trainer_args, address, tokenizer_path, trust_remote_code, tiny_overrides)
+        self.restored: dict[str, Any] = ray.get([
+            r.setup.remote(model_path, trainer_args, address, tokenizer_path, trust_remote_code, tiny_overrides,
+                           checkpoint)
             for r in self.ranks
-        ])
+        ])[0]
 
     def _all(self, method: str, *args, **kwargs) -> Any:
         """Call `method` on every rank; return rank 0's result."""
@@ -172,8 +182,8 @@ class TrainerGroup:
         ref = ray.get(self.ranks[0].publish.remote())[0]
         return ref, ray.get(self.ranks[0].version.remote())
 
-    def save(self, path: str) -> None:
-        ray.get(self.ranks[0].save.remote(path))
+    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        ray.get(self.ranks[0].save.remote(path, extra))
 
     def evaluate(self) -> dict:
         return self._all("evaluate")
@@ -182,7 +192,11 @@ class TrainerGroup:
         return ray.get(self.ranks[0].checksum.remote())
 
     def shutdown(self) -> None:
-        ray.get([r.shutdown.remote() for r in self.ranks])
+        """Stop every rank (dead ones included) and free the placement group."""
+        try:
+            ray.get([r.shutdown.remote() for r in self.ranks], timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
         for r in self.ranks:
             ray.kill(r)
         remove_placement_group(self.placement_group)
