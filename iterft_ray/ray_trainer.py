@@ -85,7 +85,22 @@ def init_ray(resources: ResourcesConfig, address: str | None = None) -> None:
         return
     r = resources
     demand = r.trainer_ranks * r.trainer_cpus + r.num_generators * r.generator_cpus + r.filter_pool_size * r.filter_cpus
+    _listen_on_loopback_only()
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)))
+
+
+def _listen_on_loopback_only() -> None:
+    """Make an embedded local Ray bind 127.0.0.1 instead of the host's address.
+
+    Ray's switch for this is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its local-only mode).
+    The processes Ray starts read the variable; this process read it when Ray was
+    imported, so the module constant is set as well. Set the variable to 1 to let
+    other machines reach the embedded Ray.
+    """
+    from ray._private import ray_constants
+
+    local_only = os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0") == "0"
+    ray_constants.ENABLE_RAY_CLUSTER = not local_only
 
 
 class RayIterativeSFTTrainer:

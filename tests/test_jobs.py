@@ -1,6 +1,7 @@
 """The main job end to end: the demo config (two rounds) in-process, and the job through `ray job submit`'s API."""
 
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -83,3 +84,21 @@ def test_ray_job_submit_runs_the_job(local_head, tmp_path):
     assert submit.returncode == 0, logs
     assert "succeeded" in logs.lower() and "round   2" in logs, logs
     assert_run_files(run, rounds=2)
+
+
+EMBEDDED = """
+import ray
+from ray._private.authentication import authentication_utils as auth_utils
+from iterft_ray.config import ResourcesConfig
+from iterft_ray.ray_trainer import init_ray
+init_ray(ResourcesConfig())
+print(ray.get_runtime_context().gcs_address, auth_utils.is_token_auth_enabled())
+"""
+
+
+def test_embedded_ray_listens_on_loopback_with_token_auth():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "RAY_ENABLE"))}
+    out = subprocess.run([sys.executable, "-c", EMBEDDED], env=env, capture_output=True, text=True, timeout=120)
+    address, token_auth = out.stdout.split()[-2:]
+    assert address.startswith("127.0.0.1:"), out.stdout + out.stderr
+    assert token_auth == "True"
