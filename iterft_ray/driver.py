@@ -53,7 +53,7 @@ class IterativeLoop:
         self.round_index = 0
         self.initial_heldout_accuracy: float | None = None
         self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
-        self._pending: deque[tuple[int, int, list[ray.ObjectRef]]] = deque()  # (round, version, rollouts)
+        self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
         if checkpoint is not None:
             self._restore_loop_state(self.rl.trainer.restored)
             print(f"resumed from {checkpoint}: next round {self.round_index + 1}", flush=True)
@@ -65,7 +65,7 @@ class IterativeLoop:
     def round(self) -> dict[str, Any]:
         """Run one round and return its statistics (also appended to metrics.jsonl)."""
         r, c, t = self.round_index, self.config, {"start": time.perf_counter()}
-        rollouts, version = self._rollouts_for(r)
+        rollouts = self._rollouts_for(r)
         scored = self.rl.filter(rollouts)
         self._prefetch(r)
         _wait_all(rollouts, f"round {r + 1} generate")
@@ -85,7 +85,7 @@ class IterativeLoop:
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
         heldout = self.heldout_accuracy() if self._due(c.loop.eval_every) else None
         ray.get(written)
-        stats = self._round_stats(r, version, summary, train, heldout, t)
+        stats = self._round_stats(r, summary, train, heldout, t)
         self.recorder.record(stats)
         print(_summary_line(stats), flush=True)
         # Last, so that a checkpoint of round r means round r's files are complete.
@@ -158,12 +158,11 @@ class IterativeLoop:
 
     # ---------------------------------------------------------------- pieces
 
-    def _rollouts_for(self, r: int) -> tuple[list[ray.ObjectRef], int]:
+    def _rollouts_for(self, r: int) -> list[ray.ObjectRef]:
         """This round's rollouts: prefetched in async mode, else sampled now with the latest weights."""
         if self._pending and self._pending[0][0] == r:
-            _, version, rollouts = self._pending.popleft()
-            return rollouts, version
-        return self._generate(r), self.rl.version
+            return self._pending.popleft()[1]
+        return self._generate(r)
 
     def _prefetch(self, r: int) -> None:
         """Async mode: start rounds r+1 .. r+max_staleness on the weights at hand, before training r."""
@@ -173,7 +172,7 @@ class IterativeLoop:
         queued = {p[0] for p in self._pending}
         for ahead in range(r + 1, min(r + loop.max_staleness, loop.rounds - 1) + 1):
             if ahead not in queued:
-                self._pending.append((ahead, self.rl.version, self._generate(ahead)))
+                self._pending.append((ahead, self._generate(ahead)))
 
     def _generate(self, r: int) -> list[ray.ObjectRef]:
         return self.rl.generate(self._round_prompts(r), seed=self.config.loop.seed, round_index=r)
@@ -213,7 +212,7 @@ class IterativeLoop:
     def _due(self, every: int) -> bool:
         return self.round_index % every == 0
 
-    def _round_stats(self, r, version, summary, train, heldout, t) -> dict[str, Any]:
+    def _round_stats(self, r, summary, train, heldout, t) -> dict[str, Any]:
         versions = summary["weight_versions"]
         stats = {
             "round": r + 1,

@@ -308,3 +308,14 @@ def test_seq2seq_without_labels_raises_and_leaves_weights(t5_path, tmp_path):
     with pytest.raises(ValueError, match="labels"):
         trainer.step(input_ids=[torch.tensor([20, 21, 2])])
     assert_same_weights(before, weights(trainer), atol=0)
+
+
+def test_bf16_mixed_precision_trains_fp32_weights(llama_path, tmp_path):
+    # On a CPU TrainingArguments wants use_cpu=True for bf16; on a GPU bf16=True alone.
+    trainer = make_trainer(llama_path, tmp_path, bf16=True, use_cpu=True, optim="adamw_torch", learning_rate=3e-3)
+    first = trainer.step(texts=TEXTS)
+    for _ in range(5):
+        last = trainer.step(texts=TEXTS)
+    assert math.isfinite(first["loss"]) and last["loss"] < first["loss"]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a cast
+    assert trainer.accelerator.mixed_precision == "bf16"
