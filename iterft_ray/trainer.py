@@ -254,7 +254,10 @@ class IterativeSFTTrainer(Trainer):
         num_updates = int(_all_reduce_max(torch.tensor(float(len(plan)))).item())
         plan += [[]] * (num_updates - len(plan))
 
-        loss_sum = target_tokens = input_tokens = pad_tokens = 0.0
+        # Counts are taken on the CPU and the loss summed on the device, so the loop
+        # does not wait for the accelerator until the statistics at the end.
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        target_tokens = input_tokens = pad_tokens = 0
         grad_norms, lr, updates = [], 0.0, 0
         for micro_batches in plan:
             batches = [self.data_collator([examples[i] for i in mb]) for mb in micro_batches]
@@ -263,16 +266,17 @@ class IterativeSFTTrainer(Trainer):
             if update_targets == 0:
                 continue
             for batch in batches:
-                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                real = int(batch["attention_mask"].sum())
+                input_tokens += real
+                pad_tokens += batch["attention_mask"].numel() - real
+                batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
                 with self.compute_loss_context_manager():
                     token_loss = self._token_loss_sum(model, batch)
                 self.accelerator.backward(token_loss / update_targets)
-                loss_sum += token_loss.item()
-                input_tokens += batch["attention_mask"].sum().item()
-                pad_tokens += batch["attention_mask"].numel() - batch["attention_mask"].sum().item()
+                loss_sum += token_loss.detach()
             _all_reduce_grads(model)
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm else math.inf
-            grad_norms.append(float(self.accelerator.clip_grad_norm_(model.parameters(), max_norm)))
+            grad_norms.append(self.accelerator.clip_grad_norm_(model.parameters(), max_norm).detach())
             lr = self.lr_scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -285,11 +289,13 @@ class IterativeSFTTrainer(Trainer):
             clear_device_cache(garbage_collection=True)
 
         elapsed = time.perf_counter() - start
-        totals = _all_reduce_sum(torch.tensor([loss_sum, target_tokens, input_tokens, pad_tokens, len(examples)]))
+        totals = _all_reduce_sum(
+            torch.tensor([loss_sum.item(), target_tokens, input_tokens, pad_tokens, len(examples)], dtype=torch.float64)
+        )
         loss_sum, target_tokens, input_tokens, pad_tokens, num_sequences = totals.tolist()
         return {
             "loss": loss_sum / target_tokens if target_tokens else float("nan"),
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "grad_norm": float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan"),
             "learning_rate": lr,
             "num_sequences": int(num_sequences),
             "num_tokens": int(input_tokens),
@@ -333,7 +339,7 @@ class IterativeSFTTrainer(Trainer):
     def _new_log_window() -> dict[str, float]:
         return {"grad_norm": 0.0, "updates": 0}
 
-    def _log_update(self, grad_norm: float, lr: float) -> None:
+    def _log_update(self, grad_norm: torch.Tensor, lr: float) -> None:
         """Send grad norm and learning rate to `report_to` every `logging_steps` updates."""
         window = self._logged_since
         window["grad_norm"] += grad_norm
@@ -341,7 +347,7 @@ class IterativeSFTTrainer(Trainer):
         steps = self.args.logging_steps
         every = max(1, int(steps if steps >= 1 else math.ceil(steps * max(self.args.max_steps, 1))))
         if self.args.logging_strategy != "no" and self.state.global_step % every == 0:
-            self.log({"grad_norm": window["grad_norm"] / window["updates"], "learning_rate": lr})
+            self.log({"grad_norm": float(window["grad_norm"]) / window["updates"], "learning_rate": lr})
             self._logged_since = self._new_log_window()
 
     def log_step(self, stats: dict[str, float]) -> None:
@@ -396,17 +402,22 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """Reduce a small tensor over the rank group (a no-op on one process); NCCL needs it on the GPU."""
+    if _world_size() == 1:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    reduced = t.to(device)
+    dist.all_reduce(reduced, op=op)
+    return reduced.to(t.device)
+
+
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over the rank group (a no-op on one process)."""
-    if _world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if _world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def _all_reduce_grads(model: torch.nn.Module) -> None:

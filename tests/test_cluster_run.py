@@ -1,0 +1,259 @@
+"""The actor system on more than one node.
+
+- Autoscaling: the head of cluster/local.yaml (fake multi-node provider, no worker nodes)
+  runs a two-round config whose actors ask for the `trainer`, `generator` and `filter`
+  resources; the autoscaler adds the nodes, the generators run on generator nodes,
+  and the idle nodes go away afterwards.
+- Weight sync across nodes: on a two-node `ray.cluster_utils.Cluster` (token auth on,
+  loopback), a generator on the second node samples with the trainer's weights, which
+  reach it through the object store; a generator added between steps loads the current
+  weights before it samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from ray._private import ray_constants
+from ray._private.authentication import authentication_utils as auth_utils
+from ray._private.authentication_test_utils import reset_auth_token_state
+from ray.cluster_utils import Cluster
+
+# The fixture of tests/test_cluster_configs.py: cluster/local.yaml on loopback, with its
+# own ports, temp dir and token (RAY_AUTH_TOKEN_PATH in its env), no worker nodes.
+from test_cluster_configs import fake_cluster  # noqa: F401  (a pytest fixture)
+
+from iterft_ray.config import ResourcesConfig, SamplingConfig
+from iterft_ray.ray_trainer import RayIterativeSFTTrainer
+
+# ------------------------------------------------------------------------ autoscaling
+
+RUN_CONFIG = {
+    "model": {"name_or_path": "tiny-llama"},
+    "data": {"task": "addition", "task_options": {"num_train": 32, "num_heldout": 4, "num_warmup": 4}},
+    "filters": [{"name": "exact_answer"}],
+    "sampling": {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 4},
+    "trainer": {"learning_rate": 0.001, "per_device_train_batch_size": 16},
+    "resources": {"num_generators": 2, "filter_pool_size": 1, "custom_resources": True},
+    "loop": {"rounds": 2, "prompts_per_round": 8, "warmup_passes": 0, "eval_every": 2, "save_every": 2},
+}
+
+# After the run: where its actors ran (the GCS keeps dead actors in its table), what
+# the nodes offered, then how long until only the head is left.
+INSPECT = textwrap.dedent(
+    """
+    import json, sys, time
+    import ray
+
+    ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+    head = ray.get_runtime_context().get_node_id()
+    nodes = {n["NodeID"]: {"alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes()}
+    actors = [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"]}
+              for a in ray._private.state.actors().values()]
+    print(json.dumps({"head": head, "nodes": nodes, "actors": actors}), flush=True)
+    t0 = time.monotonic()
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    while alive != [head] and time.monotonic() - t0 < float(sys.argv[2]):
+        time.sleep(1)
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    print(json.dumps({"alive": alive, "waited": time.monotonic() - t0}), flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(300)
+def test_autoscaled_run_places_generators_on_new_nodes_then_scales_down(fake_cluster, tmp_path):  # noqa: F811
+    address, env = fake_cluster["address"], fake_cluster["env"]
+    run_dir = tmp_path / "run"
+    config = json.loads(json.dumps(RUN_CONFIG))
+    config["loop"]["output_dir"] = str(run_dir)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    t0 = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "iterft_ray", "run", str(tmp_path / "config.yaml"), "--address", address],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    run_s = time.monotonic() - t0
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
+
+    # Both rounds completed, each sampled by both generators.
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    for r in (1, 2):
+        table = pq.read_table(run_dir / "rounds" / f"{r:04d}" / "generations.parquet")
+        assert table.num_rows == 8 * 2 == metrics[r - 1]["samples"]
+        assert set(table["generator_id"].to_pylist()) == {0, 1}
+    assert (run_dir / "checkpoints" / "round-0002").is_dir()
+
+    inspect = subprocess.Popen([sys.executable, "-c", INSPECT, address, "100"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = inspect.communicate(timeout=150)
+    finally:
+        if inspect.poll() is None:
+            inspect.kill()
+    assert inspect.returncode == 0, out + err
+    placed, gone = (json.loads(line) for line in out.strip().splitlines()[-2:])
+    Path("/tmp/dbg_placed.json").write_text(json.dumps([placed, gone], indent=1))
+    import glob; shutil.copy(glob.glob(str(fake_cluster["tmp"] / "ray" / "session_latest" / "logs" / "monitor.log"))[0], "/tmp/dbg_monitor.log")
+    head, nodes = placed["head"], placed["nodes"]
+    where: dict[str, list[str]] = {}
+    for actor in placed["actors"]:
+        where.setdefault(actor["class"], []).append(actor["node"])
+
+    # The head (0 CPUs, none of the custom resources) ran none of the actors: the
+    # autoscaler added a node for each, of the type that offers what it asked for.
+    assert len(where["GeneratorActor"]) == 2
+    assert len(set(where["GeneratorActor"])) == 2, "the two generators shared a node (generator nodes offer 1)"
+    for cls, resource in (("GeneratorActor", "generator"), ("TrainerActor", "trainer"), ("FilterActor", "filter")):
+        for node in where[cls]:
+            assert node != head, f"{cls} ran on the head"
+            assert node in nodes, f"{cls} ran on a node the GCS does not know: {node}"
+            if nodes[node]["resources"]:  # a node already removed may list no resources
+                assert nodes[node]["resources"].get(resource, 0) >= 1, (cls, nodes[node])
+    assert len(nodes) >= 1 + 2 + 1 + 1, nodes  # head, 2 generator nodes, a trainer and a filter node
+
+    # Idle for idle_timeout_minutes (0.5): the worker nodes are removed, the head stays.
+    assert gone["alive"] == [head], f"worker nodes still alive after {gone['waited']:.0f} s: {gone['alive']}"
+    print(f"driver run {run_s:.0f} s; worker nodes gone {gone['waited']:.0f} s after the run")
+
+
+# ------------------------------------------------------------ weight sync across nodes
+
+
+@pytest.fixture
+def two_nodes():
+    """A head (trainer, filter) and a second node (generator: 2) from ray.cluster_utils.Cluster.
+
+    Cluster starts the nodes from this process with this process's environment, so
+    token auth is switched on here the way Ray's own tests do it: RAY_AUTH_MODE=token
+    and RAY_AUTH_TOKEN_PATH (a token of our own) in os.environ, then RayConfig and the
+    token cache reloaded. Everything binds 127.0.0.1. All of it is undone afterwards.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="iftn", dir="/tmp"))  # short: socket paths
+    (tmp / "token").write_text(secrets.token_hex(32))
+    saved_env = dict(os.environ)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    for key in [k for k in os.environ if k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))]:
+        del os.environ[key]
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
+                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    reset_auth_token_state()
+    cluster = None
+    try:
+        common = {"node_ip_address": "127.0.0.1", "temp_dir": str(tmp / "ray"), "object_store_memory": 100_000_000}
+        cluster = Cluster(initialize_head=True, head_node_args={
+            **common, "num_cpus": 2, "resources": {"trainer": 1, "filter": 1},
+            "include_dashboard": False, "dashboard_agent_listen_port": 0,
+        })
+        worker = cluster.add_node(**common, num_cpus=2, resources={"generator": 2})
+        ray.init(address=cluster.address, logging_level="ERROR")
+        assert auth_utils.is_token_auth_enabled()
+        yield {"cluster": cluster, "head": cluster.head_node.node_id, "worker": worker.node_id,
+               "address": cluster.address, "token": tmp / "token"}
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        reset_auth_token_state()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+WRONG_TOKEN = textwrap.dedent(
+    """
+    import sys
+    from ray._raylet import GcsClient
+    try:
+        GcsClient(address=sys.argv[1]).internal_kv_get(b"session_name", b"session", timeout=5)
+    except Exception as e:
+        print(type(e).__name__)
+    else:
+        print("ACCEPTED")
+    """
+)
+
+PROMPTS = ["12+30=", "7+5=", "3+4=", "10+11="]
+TEXTS = ["12+30=42", "7+5=12", "3+4=7", "10+11=21"]
+
+
+def _actor_node(handle) -> str:
+    return ray._private.state.actors(actor_id=handle._actor_id.hex())["Address"]["NodeID"]
+
+
+@pytest.mark.timeout(300)
+def test_generator_on_another_node_samples_with_the_trainers_weights(two_nodes, tmp_path):
+    head, worker = two_nodes["head"], two_nodes["worker"]
+    assert head != worker
+    # Auth is really on for this cluster: a client with the wrong token is refused.
+    wrong = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    wrong.update(RAY_AUTH_TOKEN="0" * 64)
+    out = subprocess.run([sys.executable, "-c", WRONG_TOKEN, two_nodes["address"]], env=wrong,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "AuthenticationError", out.stdout + out.stderr
+
+    rt = RayIterativeSFTTrainer(
+        "tiny-llama", {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "t")},
+        resources=ResourcesConfig(num_generators=1, filter_pool_size=1, custom_resources=True),
+        sampling=SamplingConfig(num_samples=2, max_new_tokens=4),
+    )
+    try:
+        trainer_node = _actor_node(rt.trainer.ranks[0])
+        assert trainer_node == head
+        first = ray.get(rt.generators[0].info.remote())
+        assert first["node_id"] == worker != trainer_node
+
+        # A step, then a sync: the generator on the other node holds the trainer's new weights.
+        before = rt.trainer.checksum()
+        stats = rt.step(texts=TEXTS)
+        assert stats["updates"] >= 1
+        version = rt.sync_weights()
+        assert version == stats["global_step"] >= 1
+        trained = rt.trainer.checksum()
+        assert trained != before
+        info = ray.get(rt.generators[0].info.remote())
+        assert info["version"] == version and info["checksum"] == trained
+        assert info["loads"] == first["loads"] + 1
+        # The snapshot was put on the trainer's node and pulled into the generator's.
+        locations = ray.experimental.get_object_locations([rt.weights])[rt.weights]
+        assert {head, worker} <= set(locations["node_ids"]), locations
+        rows = rt.collect(rt.generate(PROMPTS, round_index=1))
+        assert set(rows["weight_version"].to_pylist()) == {version}
+
+        # Another step, published but not synced (as in async mode); a second generator
+        # joins and must load the current weights before it samples.
+        stats = rt.step(texts=TEXTS)
+        current = rt.publish_weights()
+        assert current == stats["global_step"] > version
+        rt.scale_generators(2)
+        fresh = ray.get(rt.generators[1].info.remote())
+        assert fresh["node_id"] == worker
+        assert fresh["version"] == -1 and fresh["loads"] == 0  # the weights on disk
+        assert fresh["checksum"] != rt.trainer.checksum()
+        rows = rt.collect(rt.generate(PROMPTS, round_index=2))
+        assert set(rows["generator_id"].to_pylist()) == {0, 1}
+        assert set(rows["weight_version"].to_pylist()) == {current}
+        infos = ray.get([g.info.remote() for g in rt.generators])
+        assert [i["checksum"] for i in infos] == [rt.trainer.checksum()] * 2
+        assert [i["version"] for i in infos] == [current, current]
+        assert infos[1]["loads"] == 1
+    finally:
+        rt.shutdown()
