@@ -125,7 +125,8 @@ class RayIterativeSFTTrainer:
         self.sampling = sampling or SamplingConfig()
         self._trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
         self._model_args = (model, tokenizer, trust_remote_code, tiny_overrides)
-        self.trainer = self._new_trainer(checkpoint)
+        # Generators and filters are asked for first: creating the trainer waits for its
+        # placement group, and on an autoscaling cluster their nodes can start meanwhile.
         self.generators: list = []
         self.scale_generators(self.resources.num_generators)
         res = self.resources
@@ -134,6 +135,7 @@ class RayIterativeSFTTrainer:
             {**_options(res.filter_cpus, 0, "filter" if res.custom_resources else None),
              "max_restarts": -1, "max_task_retries": -1},
         )
+        self.trainer = self._new_trainer(checkpoint)
         self.weights, self.version = self.trainer.publish()
         self.eos_token: str | None = ray.get(self.trainer.ranks[0].eos_token.remote())
 
