@@ -96,3 +96,16 @@ def test_misspelt_option_is_named():
 def test_too_many_problems_for_the_digits_is_an_error():
     with pytest.raises(ValueError, match="digits=1"):
         get_task("addition", digits=1)
+
+
+def test_reversed_answers_are_the_sums_digits_backwards():
+    from iterft_ray.tasks import get_task
+
+    task = get_task("addition", reverse_answer=True, num_train=50, num_heldout=20, num_warmup=10)
+    for row in task.train_prompts + task.heldout_prompts:
+        a, b = map(int, row["prompt"].rstrip("=").split("+"))
+        assert row["answer"] == str(a + b)[::-1]
+        assert task.check(row["answer"] + "</s>", row["answer"])
+    for example in task.warmup_examples:
+        a, b = map(int, example["prompt"].rstrip("=").split("+"))
+        assert example["completion"] == str(a + b)[::-1]

@@ -3,6 +3,12 @@
 Prompts are short because the tiny models' tokenizer spends one token per character.
 The model must answer with the sum's digits; what follows them (EOS, newline, more
 text) is not graded.
+
+With `reverse_answer=True` the sum is written least significant digit first ("28"
+for 37+45), the order in which the carries are worked out: a model that writes one
+token at a time then never needs a digit it has not computed yet, and tiny models
+learn it in minutes on a CPU (see "Teaching Arithmetic to Small Transformers", Lee
+et al. 2023). The demo uses it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ def build_splits(
     num_heldout: int = 200,
     num_warmup: int = 256,
     seed: int = 0,
+    reverse_answer: bool = False,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """Train prompts, held-out prompts and warm-up examples for sums of two numbers.
 
@@ -44,14 +51,15 @@ def build_splits(
     heldout = pairs[:num_heldout]
     train = pairs[num_heldout : num_heldout + num_train]
     warmup = pairs[num_heldout + num_train :]
-    train_prompts = [_prompt_row(i, a, b) for i, (a, b) in enumerate(train)]
-    heldout_prompts = [_prompt_row(num_train + i, a, b) for i, (a, b) in enumerate(heldout)]
-    warmup_examples = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in warmup]
+    answer = (lambda a, b: str(a + b)[::-1]) if reverse_answer else (lambda a, b: str(a + b))
+    train_prompts = [_prompt_row(i, a, b, answer(a, b)) for i, (a, b) in enumerate(train)]
+    heldout_prompts = [_prompt_row(num_train + i, a, b, answer(a, b)) for i, (a, b) in enumerate(heldout)]
+    warmup_examples = [{"prompt": f"{a}+{b}=", "completion": answer(a, b)} for a, b in warmup]
     return train_prompts, heldout_prompts, warmup_examples
 
 
-def _prompt_row(prompt_id: int, a: int, b: int) -> dict:
-    return {"prompt_id": prompt_id, "prompt": f"{a}+{b}=", "answer": str(a + b)}
+def _prompt_row(prompt_id: int, a: int, b: int, answer: str) -> dict:
+    return {"prompt_id": prompt_id, "prompt": f"{a}+{b}=", "answer": answer}
 
 
 def check(completion: str, answer: str) -> bool:
