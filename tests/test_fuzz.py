@@ -156,7 +156,7 @@ def wild() -> st.SearchStrategy[typing.Any]:
 
 
 def container(draw, items: list) -> typing.Any:
-    """The list, usually; sometimes as a tuple, dict, or a stacked tensor."""
+    """The list, usually; sometimes as a tuple, a dict or an iterator."""
     kind = draw(st.one_of(st.just("list"), st.just("list"), st.just("list"), st.sampled_from(["tuple", "dict", "iter"])))
     if kind == "tuple":
         return tuple(items)
@@ -213,6 +213,20 @@ def tensor_kwargs(draw, vocab: int) -> dict:
 
 
 @st.composite
+def clean_tensor_kwargs(draw, vocab: int) -> dict:
+    """Well-formed int64 1-D tensors with valid ids and 0/1 masks; only label values may be bad."""
+    lengths = draw(st.lists(st.integers(1, 6), min_size=1, max_size=5))
+    ids = [torch.tensor(draw(st.lists(st.integers(0, vocab - 1), min_size=n, max_size=n))) for n in lengths]
+    kwargs = {"input_ids": ids}
+    if draw(st.booleans()):
+        kwargs["attention_mask"] = [torch.tensor(draw(st.lists(st.sampled_from([0, 1, 1]), min_size=n, max_size=n))) for n in lengths]
+    if draw(st.booleans()):
+        values = token_values(vocab, labels=True)
+        kwargs["labels"] = [torch.tensor(draw(st.lists(values, min_size=n, max_size=n))) for n in lengths]
+    return kwargs
+
+
+@st.composite
 def chaos_kwargs(draw, vocab: int) -> dict:
     """Each argument independently absent, wild, a list of tensors or a list of texts."""
     kwargs = {}
@@ -232,7 +246,10 @@ def chaos_kwargs(draw, vocab: int) -> dict:
 
 
 def step_kwargs(vocab: int) -> st.SearchStrategy[dict]:
-    return st.one_of(text_kwargs(), text_kwargs(), tensor_kwargs(vocab), tensor_kwargs(vocab), chaos_kwargs(vocab))
+    return st.one_of(
+        text_kwargs(), text_kwargs(), clean_tensor_kwargs(vocab), clean_tensor_kwargs(vocab), tensor_kwargs(vocab),
+        chaos_kwargs(vocab),
+    )
 
 
 @FUZZ
