@@ -48,7 +48,7 @@ def _scored(scores: list[float], accepted: list[bool], prompt_ids: list[int]) ->
 
 
 def test_exact_answer_accepts_correct_completions_and_keeps_rejected_rows():
-    scored = score_rollouts(_rollouts(["82</s>", "81</s>", "", " 82\n"]), [exact_answer()])
+    scored = score_rollouts(_rollouts(["82", "81", "", " 82\n"]), [exact_answer()])
 
     assert scored.num_rows == 4
     assert scored["accepted"].to_pylist() == [True, False, False, True]
@@ -111,13 +111,13 @@ def test_import_string_with_options_is_an_error():
 
 
 def test_dict_specs_build_the_built_ins():
-    table = _rollouts(["82", "82", "8", "82 xyz"])
+    table = _rollouts(["82", "82", "8", "82 xyz", " 82"])
 
     scored = score_rollouts(
-        table, [{"name": "regex", "pattern": r"^\d+"}, "exact_answer", {"name": "deduplicate"}]
+        table, [{"name": "regex", "pattern": r"^\s*\d+"}, "exact_answer", {"name": "deduplicate"}]
     )
 
-    assert scored["accepted"].to_pylist() == [True, False, False, True]
+    assert scored["accepted"].to_pylist() == [True, False, False, False, True]
 
 
 @pytest.mark.parametrize(
@@ -226,7 +226,7 @@ def test_score_threshold_keeps_accepted_rows_at_or_above_it():
 
 def test_selectors_run_after_row_filters_and_only_narrow_acceptance():
     # RAFT: per prompt, the shortest correct answer.
-    table = _rollouts(["82 a", "82", "81", "82 bb", "82 c"], prompt_ids=[0, 0, 0, 1, 1])
+    table = _rollouts([" 82 ", "82", "81", "  82", "82 "], prompt_ids=[0, 0, 0, 1, 1])
 
     scored = score_rollouts(table, [exact_answer(), prefers_short, best_of_k(1)])
 

@@ -60,10 +60,10 @@ def test_digits_sets_the_operand_range():
     "completion, correct",
     [
         ("82", True),
-        ("82</s>", True),
         ("82\n", True),
-        ("82 xyz", True),
         ("  82", True),
+        ("82 xyz", False),
+        ("82</s>", False),
         ("820", False),
         ("8", False),
         ("81", False),
@@ -72,14 +72,14 @@ def test_digits_sets_the_operand_range():
         ("x82", False),
     ],
 )
-def test_check_reads_the_leading_digits(completion, correct):
+def test_check_wants_exactly_the_answer(completion, correct):
     assert get_task("addition").check(completion, "82") is correct
 
 
 def test_check_survives_pickling_for_ray_actors():
     check = pickle.loads(pickle.dumps(get_task("addition").check))
 
-    assert check("82</s>", "82")
+    assert check("82", "82")
     assert not check("83", "82")
 
 
@@ -105,7 +105,7 @@ def test_reversed_answers_are_the_sums_digits_backwards():
     for row in task.train_prompts + task.heldout_prompts:
         a, b = map(int, row["prompt"].rstrip("=").split("+"))
         assert row["answer"] == str(a + b)[::-1]
-        assert task.check(row["answer"] + "</s>", row["answer"])
+        assert task.check(row["answer"], row["answer"])
     for example in task.warmup_examples:
         a, b = map(int, example["prompt"].rstrip("=").split("+"))
         assert example["completion"] == str(a + b)[::-1]

@@ -1,8 +1,7 @@
 """Multi-digit addition: the prompt "37+45=" has the answer "82".
 
 Prompts are short because the tiny models' tokenizer spends one token per character.
-The model must answer with the sum's digits; what follows them (EOS, newline, more
-text) is not graded.
+The model must answer with the sum's digits and nothing else.
 
 With `reverse_answer=True` the sum is written least significant digit first ("28"
 for 37+45), the order in which the carries are worked out: a model that writes one
@@ -14,9 +13,6 @@ et al. 2023). The demo uses it.
 from __future__ import annotations
 
 import random
-import re
-
-_LEADING_DIGITS = re.compile(r"[0-9]*")
 
 
 def build_splits(
@@ -63,10 +59,10 @@ def _prompt_row(prompt_id: int, a: int, b: int, answer: str) -> dict:
 
 
 def check(completion: str, answer: str) -> bool:
-    """True when the completion's leading digits are exactly the answer.
+    """True when the completion is exactly the answer, give or take surrounding whitespace.
 
-    Leading spaces are skipped and reading stops at the first non-digit, so "82</s>",
-    "82\\n" and " 82 xyz" all match "82"; "820", "8" and "" do not.
+    Strict on purpose: "82" matches "82", but "820", "82 and more" or "" do not, so a
+    model that writes the right digits and then rambles is not rewarded for it.
+    (Completions are decoded without special tokens, so an EOS does not show.)
     """
-    digits = _LEADING_DIGITS.match(completion.lstrip(" ")).group()
-    return digits != "" and digits == answer
+    return completion.strip() == answer
