@@ -25,34 +25,80 @@ def read_prompt_file(path: str | Path, column: str = "prompt") -> pa.Table:
 
     The table gets `prompt` (from `column`) and `prompt_id` (the row number unless the
     file has one); other columns ride along into the rollouts, where filters see them.
+    JSONL rows are numbered by line.
     """
     path = Path(path)
     if path.suffix == ".parquet":
         table = pq.read_table(path)
+        rows = list(enumerate(table.to_pylist(), start=1))
     elif path.suffix in (".jsonl", ".json"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: row {number}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}: row {number}: expected a JSON object")
-                rows.append(row)
-        table = pa.Table.from_pylist(rows)
+        rows = _read_jsonl(path)
+        table = _table_from_rows(path, rows)
     else:
         raise ValueError(f"data.prompts_file: expected a .jsonl or .parquet file, got {path}")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
     if column not in table.column_names:
         raise ValueError(f"{path}: no column {column!r} (columns: {table.column_names})")
-    prompts = table[column].to_pylist()
-    for number, value in enumerate(prompts, start=1):
+    for number, row in rows:
+        value = row.get(column)
         if not isinstance(value, str) or not value:
             raise ValueError(f"{path}: row {number}: column {column!r} must be a non-empty string, got {value!r}")
+        if not _is_unicode(value):
+            raise ValueError(f"{path}: row {number}: column {column!r} is not valid Unicode text")
     if column != "prompt":
+        if "prompt" in table.column_names:
+            table = table.drop_columns(["prompt"])
         table = table.rename_columns(["prompt" if c == column else c for c in table.column_names])
     if "prompt_id" not in table.column_names:
         table = table.append_column("prompt_id", pa.array(range(table.num_rows), pa.int64()))
     return table
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}: row {number}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    return rows
+
+
+def _table_from_rows(path: Path, rows: list[tuple[int, dict]]) -> pa.Table:
+    """Columns are the union of all rows' keys; a column whose values change type is an error naming the row."""
+    names = list(dict.fromkeys(key for _, row in rows for key in row))
+    columns = {}
+    for name in names:
+        for number, row in rows:
+            if isinstance(row.get(name), str) and not _is_unicode(row[name]):
+                raise ValueError(f"{path}: row {number}: column {name!r} is not valid Unicode text")
+        values = [row.get(name) for _, row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            kinds = [(n, type(row[name])) for n, row in rows if row.get(name) is not None]
+            number, kind = next((n, k) for n, k in kinds if k is not kinds[0][1])
+            raise ValueError(
+                f"{path}: row {number}: column {name!r} holds a {kind.__name__} where earlier rows hold "
+                f"{kinds[0][1].__name__}"
+            ) from None
+    return pa.table(columns)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
