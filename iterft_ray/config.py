@@ -164,7 +164,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if not ok:
         raise TypeError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     if tp is float:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{key}: expected a finite number, got an integer too large for a float") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"{key}: expected a finite number, got {value}")
     if key in _POSITIVE and value <= 0:

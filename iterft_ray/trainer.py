@@ -224,11 +224,28 @@ class IterativeSFTTrainer(Trainer):
             if labels is not None:
                 like = None if self.is_encoder_decoder else input_ids
                 _check_tensor_list("labels", labels, like=like, count=len(input_ids))
+                vocab = self._vocab_size()
+                for i, lab in enumerate(labels):
+                    if not bool(((lab == IGNORE_INDEX) | ((lab >= 0) & (lab < vocab))).all()):
+                        raise ValueError(f"labels[{i}]: token ids must lie in [0, {vocab}) or be {IGNORE_INDEX}")
             elif self.is_encoder_decoder:
                 raise ValueError("labels: required for a seq2seq model (the target token ids)")
-        return examples_from_tensors(
+        examples = examples_from_tensors(
             input_ids, attention_mask, labels, self.is_encoder_decoder, self.max_length, self.truncation_mode
         )
+        limit = self._max_positions()
+        for i, example in enumerate(examples):
+            if limit is not None and len(example["input_ids"]) > limit:
+                name = "texts" if texts is not None else "input_ids"
+                raise ValueError(
+                    f"{name}[{i}]: {len(example['input_ids'])} tokens, more than the model's {limit} positions; "
+                    "set max_length"
+                )
+        return examples
+
+    def _max_positions(self) -> int | None:
+        config = self.accelerator.unwrap_model(self.model).config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
     def _vocab_size(self) -> int:
         return self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings

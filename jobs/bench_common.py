@@ -131,12 +131,17 @@ class CpuMeter:
         import psutil
 
         out = {}
-        for proc in [psutil.Process()] + psutil.Process().children(recursive=True):
+        # Under `ray job submit` the actors are not under this process: read them by pid too.
+        procs = {p.pid: p for p in [psutil.Process(), *psutil.Process().children(recursive=True)]}
+        for pid in self.known:
+            if pid not in procs and psutil.pid_exists(pid):
+                procs[pid] = psutil.Process(pid)
+        for pid, proc in procs.items():
             try:
                 t = proc.cpu_times()
             except psutil.Error:
                 continue
-            out[proc.pid] = t.user + t.system
+            out[pid] = t.user + t.system
         return out
 
     def delta(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:

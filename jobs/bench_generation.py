@@ -3,7 +3,7 @@
     python jobs/bench_generation.py [--json out.json] [--reps 8]
     ray job submit --working-dir . -- python jobs/bench_generation.py --json out.json
 
-The demo's tiny Llama (iterft_ray/configs/demo.yaml overrides) and addition prompts;
+The demo's tiny Llama (the overrides in iterft_ray/configs/demo.yaml) and addition prompts;
 256 prompts x 4 samples, max_new_tokens 16, temperature 1.0, batch_size 256 sequences
 (64 prompts per model.generate call). Three sides, interleaved per repetition, same
 weights, same prompts, same seed (so the same tokens):
@@ -23,31 +23,40 @@ Ray. The probe line below shows the thread count a num_cpus=1 actor gets.
 Target: tokens/s of actor >= 0.95 x tokens/s of direct (median of per-repetition ratios).
 CPU seconds per call (the actor process's, read with psutil, against this process's)
 are shown too: they say whether Ray adds work, where wall time on a shared machine also
-says how much of a core each process got.
+says how much of a core each process got. Ray's own share of a call (submit, argument
+and result transfer, ray.get) is measured apart at the end: three calls of the same
+generate() timed inside the actor, against the driver's wall time of each call.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import psutil
 import pyarrow as pa
 import ray
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 from bench_common import (add_niceness_option, column, environment, init_ray_from_args, interleave, parser,
                           print_environment, print_table, verdict, write_json)
 from iterft_ray.actors.generator import GeneratorActor
+from iterft_ray.cli import resolve_config
 from iterft_ray.sampling import SamplingParams, sample_rollouts
 from iterft_ray.tasks import get_task
 from iterft_ray.tiny import resolve_model_path
 from iterft_ray.trainer import load_model
 from iterft_ray.weights import publish_weights
 
-DEMO_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4)
 TARGET = 0.95
+
+
+def demo_model_overrides() -> dict:
+    """The tiny Llama of the demo config (iterft_ray/configs/demo.yaml)."""
+    with open(resolve_config("demo"), encoding="utf-8") as fh:
+        return yaml.safe_load(fh)["model"].get("tiny_overrides", {})
 
 
 @ray.remote
@@ -95,10 +104,12 @@ def main() -> None:
     print(f"a num_cpus={args.actor_cpus} actor gets: {probe_threads}; this process: "
           f"{torch.get_num_threads()} torch threads; nice: workers {nice['worker_nice']}, here {nice['driver_nice']}")
 
-    path = resolve_model_path("tiny-llama", **DEMO_MODEL)
+    model_overrides = demo_model_overrides()
+    path = resolve_model_path("tiny-llama", **model_overrides)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_model(path).eval()
-    actor = GeneratorActor.options(num_cpus=args.actor_cpus).remote("tiny-llama", 0, None, False, DEMO_MODEL)
+    actor = GeneratorActor.options(num_cpus=args.actor_cpus).remote("tiny-llama", 0, None, False,
+                                                                   model_overrides)
     weights = publish_weights(model, 0)
 
     task = get_task("addition", digits=2, num_train=max(args.prompts, 512))
@@ -110,7 +121,7 @@ def main() -> None:
     batches = [dict(tokenizer.pad({"input_ids": ids[i : i + per_batch]}, padding=True, return_tensors="pt",
                                   padding_side="left")) for i in range(0, len(ids), per_batch)]
     seed = 1234
-    print(f"model: tiny-llama {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params {DEMO_MODEL}; "
+    print(f"model: tiny-llama {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params {model_overrides}; "
           f"{args.prompts} prompts x {args.num_samples} samples, max_new_tokens {args.max_new_tokens}, "
           f"batch {per_batch * params.num_samples} sequences per generate call ({len(batches)} calls); "
           f"{args.reps} reps after {args.warmup} warm-up (the first actor call also loads the weights)")
@@ -126,14 +137,33 @@ def main() -> None:
                 "actor_cpu_s": sum(actor_proc.cpu_times()[:2]) - cpu}
 
     def direct_side():
+        cpu = sum(actor_proc.cpu_times()[:2])
         table = sample_rollouts(model, tokenizer, prompts, params, seed, 0, 0, 0)
         last["direct"] = table
-        return {"tokens": sum(len(c) for c in table.column("completion_ids").to_pylist())}
+        return {"tokens": sum(len(c) for c in table.column("completion_ids").to_pylist()),
+                "actor_idle_cpu_s": sum(actor_proc.cpu_times()[:2]) - cpu}
 
     def bare_side():
-        return {"tokens": bare_generate(model, batches, params, seed, tokenizer.pad_token_id, tokenizer.eos_token_id)}
+        cpu = sum(actor_proc.cpu_times()[:2])
+        tokens = bare_generate(model, batches, params, seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        return {"tokens": tokens, "actor_idle_cpu_s": sum(actor_proc.cpu_times()[:2]) - cpu}
 
     res = interleave({"actor": actor_side, "direct": direct_side, "bare": bare_side}, args.reps, args.warmup)
+
+    # Ray's own share of an actor call: the same generate() timed inside the actor (run there
+    # through __ray_call__) against the driver's wall time of the whole call.
+    def timed_generate(gen, *call_args):
+        import time
+
+        start = time.perf_counter()
+        table = gen.generate(*call_args)
+        return table, time.perf_counter() - start
+
+    transport = []
+    for _ in range(3):
+        start = time.perf_counter()
+        _, inner = ray.get(actor.__ray_call__.remote(timed_generate, prompts, [weights], 0, params, seed, 0))
+        transport.append(time.perf_counter() - start - inner)
     for rows in res.values():
         for r in rows:
             r["tokens_per_s"] = r["tokens"] / r["s"]
@@ -143,6 +173,8 @@ def main() -> None:
     direct_vs_bare = [d["tokens_per_s"] / b["tokens_per_s"] for d, b in zip(res["direct"], res["bare"])]
     overhead = [a["s"] - d["s"] for a, d in zip(res["actor"], res["direct"])]
     cpu_ratio = [a["actor_cpu_s"] / d["cpu_s"] for a, d in zip(res["actor"], res["direct"])]
+    # What the actor process burns while it has no call (Ray's threads in it), per second.
+    idle_rate = [r["actor_idle_cpu_s"] / r["s"] for r in res["direct"] + res["bare"]]
     table = print_table(f"sampling {res['actor'][0]['tokens']} completion tokens per call "
                         f"(batch {per_batch * params.num_samples} sequences)", [
         ("actor (Ray, from the driver): s", column(res["actor"], "s"), "s"),
@@ -152,10 +184,12 @@ def main() -> None:
         ("direct: tokens/s", column(res["direct"], "tokens_per_s"), "tok/s"),
         ("bare: tokens/s", column(res["bare"], "tokens_per_s"), "tok/s"),
         ("actor - direct (Ray overhead per call)", overhead, "s"),
+        ("driver wall - in-actor generate() (Ray's share)", transport, "s"),
         ("CPU time: actor process (all its threads)", column(res["actor"], "actor_cpu_s"), "s"),
         ("CPU time: direct, this process", column(res["direct"], "cpu_s"), "s"),
         ("CPU time: bare, this process", column(res["bare"], "cpu_s"), "s"),
         ("CPU-time ratio actor / direct", cpu_ratio, "x"),
+        ("idle actor process: CPU s per wall s", idle_rate, "cpu s/s"),
         ("tokens/s ratio actor / direct", vs_direct, "x"),
         ("tokens/s ratio actor / bare", vs_bare, "x"),
         ("tokens/s ratio direct / bare", direct_vs_bare, "x"),
@@ -166,10 +200,11 @@ def main() -> None:
     bare_result = verdict("actor tokens/s / bare model.generate tokens/s", statistics.median(vs_bare), TARGET,
                           at_most=False, per_rep=vs_bare)
     write_json(args.json, {
-        "benchmark": "generation", "environment": env, "probe": probe_threads, "model": DEMO_MODEL,
+        "benchmark": "generation", "environment": env, "probe": probe_threads, "model": model_overrides,
         "prompts": args.prompts, "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
         "batch_sequences": per_batch * params.num_samples, "reps": args.reps, "warmup": args.warmup,
-        "identical_samples": same, "table": table, "raw": res, "target": result, "vs_bare": bare_result,
+        "identical_samples": same, "table": table, "raw": res, "transport_s": transport, "target": result,
+        "vs_bare": bare_result,
     })
     ray.shutdown()
 

@@ -1,13 +1,14 @@
 """Benchmark: a whole round on Ray (IterativeLoop) against the same round in one process, no Ray.
 
-    python jobs/bench_round.py [--json out.json] [--reps 3] [--rounds-per-rep 3]
+    python jobs/bench_round.py [--json out.json] [--reps 3] [--rounds-per-rep 2] [--accept-all]
     ray job submit --working-dir . -- python jobs/bench_round.py --json out.json
 
-At the demo's size (iterft_ray/configs/demo.yaml: its tiny Llama, 512 prompts per round,
-4 samples, max_new_tokens 4, exact_answer filter, batch 256, lr 2e-3), starting from a
-model warm-started as the demo does (8 passes over the warm-up examples, done once here
-and saved, so every side starts from the same weights and accepts real rows). Sides,
-interleaved per repetition, each repetition `--rounds-per-rep` consecutive rounds:
+At the demo's size, read from iterft_ray/configs/demo.yaml (its tiny Llama, prompts per
+round, samples per prompt, max_new_tokens, filters, trainer settings), starting from the
+model warm-started as the demo does (its warm-up passes, done once and cached, so every
+side starts from the same weights and accepts real rows). Sides, interleaved per
+repetition, each repetition `--rounds-per-rep` consecutive rounds, after one untimed
+warm-up round per side:
 
   inproc     sample_rollouts -> score_rollouts -> train_examples on the accepted rows'
              token ids with the prompt masked (what TrainerActor.step_rollouts does), in
@@ -18,9 +19,11 @@ interleaved per repetition, each repetition `--rounds-per-rep` consecutive round
 Both loops run as `iterft run` would, with three changes that keep the rounds comparable:
 no held-out evaluation (eval_every is huge), no checkpoints (save_checkpoint is a no-op
 here), and `loop.rounds` set to the end of each repetition, so async mode never starts
-sampling a round that belongs to the next repetition while the other sides are timed.
-They still write generations.parquet, metrics.jsonl, TensorBoard and plot.png every
-round; that shows up as "record + other".
+sampling a round that belongs to the next repetition while the other sides are timed
+(so only rounds 2..k of a repetition overlap generation with training). They still
+write generations.parquet, metrics.jsonl, TensorBoard and plot.png every round; that
+shows up as "record" and "other". ray_sync and inproc sample the same tokens (same
+seeds, same weights), so they accept the same rows: the same work.
 
 Threads: each actor asks for 1 CPU and Ray gives it OMP_NUM_THREADS=1, so torch in the
 trainer and the generator runs one thread; in sync mode the phases run one after the
@@ -29,17 +32,24 @@ trains with torch.set_num_threads(1): the same compute with the same parallelism
 
 Target: ray_sync / inproc <= 1.15 per round (median of per-repetition ratios). The
 split compares each phase with the in-process one; Ray overhead = Ray round time minus
-the in-process generate + filter + train time of the same rounds.
+the in-process generate + filter + train time of the same rounds. CPU seconds per
+process (psutil, this process and every process under it) show where the work went
+whatever the load: "CPU-time ratio" is the driver's and the side's actors' CPU over
+the in-process CPU. "rest of Ray" is Ray's own processes, busy even when idle.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,8 +73,25 @@ from iterft_ray.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_mod
 TARGET = 1.15
 
 
-def warm_started_model(cfg: dict, out: str) -> str:
-    """The demo's model after its warm-up passes, saved to `out` (model + tokenizer)."""
+def warm_started_model(cfg: dict) -> str:
+    """The config's model after its warm-up passes (model + tokenizer), built once into a cache directory."""
+    key = {k: cfg[k] for k in ("model", "data", "trainer")}
+    key.update(passes=cfg["loop"].get("warmup_passes", 0), seed=cfg["loop"].get("seed", 0))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("ITERFT_CACHE", Path.home() / ".cache" / "iterft_ray"))
+    out = root / f"bench-round-warm-{digest}"
+    if not (out / "config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=out.name + ".tmp", dir=root)
+        _warm_start(cfg, tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # built by another run meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def _warm_start(cfg: dict, out: str) -> None:
     path = resolve_model_path(cfg["model"]["name_or_path"], **cfg["model"].get("tiny_overrides", {}))
     tokenizer = AutoTokenizer.from_pretrained(path)
     trainer = IterativeSFTTrainer(load_model(path), IterativeSFTConfig(
@@ -77,7 +104,7 @@ def warm_started_model(cfg: dict, out: str) -> str:
         trainer.step(texts=prompts, texts_labels=completions)
     trainer.save_model(out)
     tokenizer.save_pretrained(out)
-    return out
+    shutil.rmtree(os.path.join(out, "warmup"), ignore_errors=True)
 
 
 class InProcessRounds:
@@ -168,7 +195,7 @@ def ray_block(loop: IterativeLoop, k: int) -> dict:
 
 def main() -> None:
     p = parser(__doc__, reps=3, warmup=1)
-    p.add_argument("--rounds-per-rep", type=int, default=3)
+    p.add_argument("--rounds-per-rep", type=int, default=2)
     p.add_argument("--config", default="demo", help="built-in config name or YAML path (default demo)")
     p.add_argument("--no-async", action="store_true", help="skip the async, 2-generator side")
     p.add_argument("--accept-all", action="store_true",
@@ -187,8 +214,8 @@ def main() -> None:
         cfg["filters"] = [{"name": "length_bounds"}]
     tmp = tempfile.mkdtemp(prefix="bench_round_")
     start = time.perf_counter()
-    cfg["model"] = {"name_or_path": warm_started_model(cfg, os.path.join(tmp, "warm")), "tiny_overrides": {}}
-    print(f"warm-started the model in {time.perf_counter() - start:.1f} s")
+    cfg["model"] = {"name_or_path": warm_started_model(cfg), "tiny_overrides": {}}
+    print(f"warm-started model (cached): {cfg['model']['name_or_path']} ({time.perf_counter() - start:.1f} s)")
     async_cfg = copy.deepcopy(cfg)
     async_cfg["loop"]["async_mode"] = True
     async_cfg["resources"]["num_generators"] = 2
@@ -216,7 +243,7 @@ def main() -> None:
     c = sync_loop.config
     print(f"config {args.config}: {c.loop.prompts_per_round} prompts x {c.sampling.num_samples} samples, "
           f"max_new_tokens {c.sampling.max_new_tokens}, sampling batch {c.sampling.batch_size}, filters {c.filters}, "
-          f"trainer {c.trainer}; {k} rounds per rep, {args.reps} reps after {args.warmup} warm-up; "
+          f"trainer {c.trainer}; {k} rounds per rep, {args.reps} reps after {args.warmup} warm-up round(s); "
           f"torch threads here {torch.get_num_threads()}")
 
     def inproc_block():
@@ -238,7 +265,13 @@ def main() -> None:
 
     sides = {"inproc": metered(inproc_block)}
     sides.update({name: metered(lambda lp=lp: ray_block(lp, k)) for name, lp in loops.items()})
-    res = interleave(sides, args.reps, args.warmup)
+    # Warm-up: untimed single rounds of every side (first calls: weight loads, imports, plot.png setup).
+    for _ in range(args.warmup):
+        inproc.round(sync_loop._round_prompts(inproc.round_index))
+        for lp in loops.values():
+            lp.config.loop.rounds = lp.round_index + 1
+            lp.round()
+    res = interleave(sides, args.reps, 0)
     for rows in res.values():
         for row in rows:
             row["round_s"] = row["s"] / k
@@ -248,6 +281,12 @@ def main() -> None:
                 row["record_rest"] = row["record"] - row["plot"]
 
     per_round = lambda name, key: [r[key] / k for r in res[name]]  # noqa: E731
+
+    def cpu_ratio(name: str) -> list[float]:
+        """CPU seconds of the driver and the side's own actors over this process's CPU seconds in-process."""
+        own = [g for g in meter.names if g == "driver" or g.startswith(name + " ")]
+        return [sum(r["cpu"][g] for g in own) / b["cpu"]["driver"] for r, b in zip(res[name], res["inproc"])]
+
     inproc_parts = [r["generate"] + r["filter"] + r["train"] for r in res["inproc"]]
     rows = [("inproc: round", per_round("inproc", "s"), "s"),
             ("  generate", per_round("inproc", "generate"), "s"),
@@ -265,10 +304,12 @@ def main() -> None:
                  ("  Ray overhead = round - inproc parts", [(r["s"] - b) / k for r, b in zip(res[name], inproc_parts)],
                   "s")]
     sync_ratio = ratios(res["ray_sync"], res["inproc"])
-    rows += [("ratio ray_sync / inproc (per rep)", sync_ratio, "x")]
+    rows += [("ratio ray_sync / inproc (per rep)", sync_ratio, "x"),
+             ("CPU-time ratio ray_sync / inproc", cpu_ratio("ray_sync"), "x")]
     if "ray_async" in loops:
         async_ratio = ratios(res["ray_async"], res["inproc"])
-        rows += [("ratio ray_async (2 generators) / inproc", async_ratio, "x")]
+        rows += [("ratio ray_async (2 generators) / inproc", async_ratio, "x"),
+                 ("CPU-time ratio ray_async / inproc", cpu_ratio("ray_async"), "x")]
     rows += [("accepted rows per round: inproc", [a for r in res["inproc"] for a in r["accepted"]], "rows"),
              ("accepted rows per round: ray_sync", [a for r in res["ray_sync"] for a in r["accepted"]], "rows")]
     table = print_table(f"seconds per round ({k} rounds per repetition)", rows)
