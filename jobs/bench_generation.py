@@ -197,6 +197,10 @@ def main() -> None:
     print(f"actor and direct sampled identical tokens: {same}")
     result = verdict("actor tokens/s / direct sample_rollouts tokens/s", statistics.median(vs_direct), TARGET,
                      at_most=False, per_rep=vs_direct)
+    implied = statistics.median(column(res["direct"], "s")) / (
+        statistics.median(column(res["direct"], "s")) + statistics.median(transport))
+    implied_result = verdict("implied by Ray's share alone: direct s / (direct s + Ray's share)", implied, TARGET,
+                             at_most=False)
     bare_result = verdict("actor tokens/s / bare model.generate tokens/s", statistics.median(vs_bare), TARGET,
                           at_most=False, per_rep=vs_bare)
     write_json(args.json, {
@@ -204,6 +208,7 @@ def main() -> None:
         "prompts": args.prompts, "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
         "batch_sequences": per_batch * params.num_samples, "reps": args.reps, "warmup": args.warmup,
         "identical_samples": same, "table": table, "raw": res, "transport_s": transport, "target": result,
+        "target_implied_by_ray_share": implied_result,
         "vs_bare": bare_result,
     })
     ray.shutdown()
