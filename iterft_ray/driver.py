@@ -83,13 +83,14 @@ class IterativeLoop:
         t["synced"] = time.perf_counter()
         self.round_index += 1
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
-        heldout = self.heldout_accuracy() if self._due(c.loop.eval_every) else None
+        last = self.round_index == c.loop.rounds
+        heldout = self.heldout_accuracy() if self.heldout is not None and (self._due(c.loop.eval_every) or last) else None
         ray.get(written)
         stats = self._round_stats(r, summary, train, heldout, t)
         self.recorder.record(stats)
         print(_summary_line(stats), flush=True)
         # Last, so that a checkpoint of round r means round r's files are complete.
-        if self._due(c.loop.save_every) or self.round_index == c.loop.rounds:
+        if self._due(c.loop.save_every) or last:
             self.save_checkpoint()
         return stats
 
