@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # Metrics drawn in plot.png, one panel each, when the run has them.
 PLOTTED = ("accept_rate", "reward_mean", "loss", "heldout_accuracy", "num_target_tokens", "round_time")
+PANEL_INCHES, PLOT_DPI = 1.8, 80
 
 
 @ray.remote(num_cpus=0)
@@ -45,6 +47,11 @@ class RunRecorder:
         self.out_dir = out_dir
         self.metrics_path = out_dir / "metrics.jsonl"
         self._tensorboard = None
+        # plot.png is drawn on a background thread, off the round's critical path (the
+        # driver mostly waits on Ray meanwhile); a redraw still queued when the next round
+        # asks for one is dropped, since the newer one shows every round anyway.
+        self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iterft-plot")
+        self._plot: Future | None = None
 
     def reset(self) -> None:
         """A fresh run starts a fresh metrics.jsonl."""
@@ -63,7 +70,16 @@ class RunRecorder:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
         self._write_tensorboard(stats)
-        plot_metrics(self.out_dir)
+        if self._plot is not None:
+            self._plot.cancel()
+        # The rows are read here, not on the thread, which could meet a half-written line.
+        self._plot = self._plotter.submit(plot_metrics, self.out_dir, read_metrics(self.out_dir))
+        self._plot.add_done_callback(_report_plot_error)
+
+    def flush(self) -> None:
+        """Wait until plot.png shows every recorded round."""
+        if self._plot is not None:
+            self._plot.exception()
 
     def _write_tensorboard(self, stats: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -76,8 +92,16 @@ class RunRecorder:
         self._tensorboard.flush()
 
     def close(self) -> None:
+        self._plotter.shutdown(wait=True)
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _report_plot_error(plot: Future) -> None:
+    """A failed redraw is reported, never raised: the run matters more than its picture."""
+    if not plot.cancelled() and plot.exception() is not None:
+        error = plot.exception()
+        print(f"plot.png not redrawn: {type(error).__name__}: {error}", flush=True)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -85,29 +109,29 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_metrics(run_dir: str | Path) -> tuple[Path, list[str]]:
+def plot_metrics(run_dir: str | Path, rows: list[dict[str, Any]] | None = None) -> tuple[Path, list[str]]:
     """Draw plot.png: one panel per metric in PLOTTED that the run has, over rounds.
 
-    Returns the file and the metrics drawn.
+    `rows` defaults to the run's metrics.jsonl. Returns the file and the metrics drawn.
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global state, safe off the main thread
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir) if rows is None else rows
     names = [m for m in PLOTTED if any(isinstance(r.get(m), (int, float)) for r in rows)]
-    fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.2 * max(1, len(names))), sharex=True, squeeze=False)
+    n = max(1, len(names))
+    fig = Figure(figsize=(6, PANEL_INCHES * n))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)
+    # Fixed margins: tight_layout measured every tick label and cost as much as the drawing.
+    fig.subplots_adjust(left=0.14, right=0.97, top=1 - 0.15 / n, bottom=0.35 / n, hspace=0.15)
     for ax, name in zip(axes[:, 0], names):
         points = [(r["round"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
         ax.set_ylabel(name, fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("round")
-    fig.tight_layout()
     out = Path(run_dir) / "plot.png"
     tmp = out.with_name("plot.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=PLOT_DPI)
     tmp.replace(out)
     return out, names

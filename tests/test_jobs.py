@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray.cli import main
-from iterft_ray.records import PLOTTED, plot_metrics
+from iterft_ray.records import PANEL_INCHES, PLOT_DPI, PLOTTED, RunRecorder, plot_metrics
 from ray_head import RAY_CLI, free_port, loopback_env, ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,20 @@ def assert_run_files(run: Path, rounds: int):
     image = matplotlib.image.imread(run / "plot.png")
     _, drawn = plot_metrics(run)
     assert drawn == [m for m in PLOTTED if any(isinstance(x.get(m), (int, float)) for x in metrics)]
-    assert image.shape[0] == int(2.2 * len(drawn) * 80)  # one panel (one curve) per metric
+    assert image.shape[0] == round(PANEL_INCHES * len(drawn) * PLOT_DPI)  # one panel (one curve) per metric
     return metrics
+
+
+def test_recorder_plot_shows_every_round_after_close(tmp_path):
+    """plot.png is drawn on a background thread; close() waits for the newest drawing."""
+    recorder = RunRecorder(tmp_path)
+    for r in range(1, 6):
+        recorder.record({"round": r, "loss": 1.0 / r, "accept_rate": 0.1 * r})
+    recorder.close()
+    assert (tmp_path / "plot.png").stat().st_mtime_ns >= (tmp_path / "metrics.jsonl").stat().st_mtime_ns
+    assert not (tmp_path / "plot.tmp.png").exists()
+    image = matplotlib.image.imread(tmp_path / "plot.png")
+    assert image.shape[0] == round(PANEL_INCHES * 2 * PLOT_DPI)  # loss and accept_rate
 
 
 def test_demo_config_two_rounds_writes_every_file(tmp_path):
