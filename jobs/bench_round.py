@@ -169,6 +169,7 @@ records.plot_metrics = _timed(records.plot_metrics, "plot")
 def make_loop(cfg: dict, out: str) -> IterativeLoop:
     loop = IterativeLoop({**cfg, "loop": {**cfg["loop"], "output_dir": out}})
     loop.save_checkpoint = lambda: None  # no checkpoints in the timed rounds
+    loop.heldout = None  # no held-out evaluation (else it runs after the last round of each repetition)
     loop.recorder.record = _timed(loop.recorder.record, "record")
     return loop
 
