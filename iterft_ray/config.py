@@ -155,6 +155,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise TypeError(f"{key}: expected a list, got {type(value).__name__}")
         return list(value)
+    if tp is float and isinstance(value, str):
+        value = _yaml_float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -177,6 +179,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def _yaml_float(text: str) -> float | str:
+    """`text` as a float when it spells one ("1e-3"), else unchanged for the type error to name."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     """Load a RunConfig from a YAML file or a dict; errors name the offending key."""
     data = source
@@ -186,22 +196,33 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     config = build(RunConfig, data)
     if config.data.task is None and config.data.prompts_file is None:
         raise ValueError("data.task, data.prompts_file: give one of them")
-    _check_trainer_args(config.trainer)
+    config.trainer = _check_trainer_args(config.trainer)
     if not 0 < config.sampling.top_p <= 1:
         raise ValueError(f"sampling.top_p: expected a number in (0, 1], got {config.sampling.top_p}")
     return config
 
 
-def _check_trainer_args(trainer: dict[str, Any]) -> None:
-    """`trainer:` holds IterativeSFTConfig fields; a misspelt one is an error here, not deep in an actor."""
+def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
+    """`trainer:` holds IterativeSFTConfig fields; a misspelt or mistyped one is an error here, not deep in an actor.
+
+    Values of plain bool / int / float / str fields (optional or not) are checked like the
+    other sections'; the rest (enums given as strings, dicts or JSON strings) are left to
+    TrainingArguments.
+    """
     from .trainer import IterativeSFTConfig
 
+    hints = typing.get_type_hints(IterativeSFTConfig)
     known = {f.name for f in dataclasses.fields(IterativeSFTConfig) if f.init}
-    for key in trainer:
+    checked = {}
+    for key, value in trainer.items():
         if key not in known:
             raise ValueError(f"trainer.{key}: unknown key (expected an IterativeSFTConfig / TrainingArguments field)")
+        options = [t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None)]
+        plain = len(options) == 1 and options[0] in (bool, int, float, str)
+        checked[key] = _coerce(hints[key], value, f"trainer.{key}") if plain else value
     if "output_dir" in trainer:
         raise ValueError("trainer.output_dir: set loop.output_dir instead; the trainer writes under it")
+    return checked
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -28,6 +28,10 @@ def base():
         (lambda c: c.pop("model"), ValueError, "model"),
         (lambda c: c["model"].pop("name_or_path"), ValueError, "model.name_or_path"),
         (lambda c: c.update(trainer={"learnin_rate": 1e-3}), ValueError, "trainer.learnin_rate"),
+        (lambda c: c.update(trainer={"learning_rate": "fast"}), TypeError, "trainer.learning_rate"),
+        (lambda c: c.update(trainer={"per_device_train_batch_size": 2.5}), TypeError,
+         "trainer.per_device_train_batch_size"),
+        (lambda c: c.update(trainer={"bf16": "yes"}), TypeError, "trainer.bf16"),
         (lambda c: c.update(data={"task": None}), ValueError, "data.task"),
         (lambda c: c.update(sampling=[1]), TypeError, "sampling"),
     ],
@@ -50,3 +54,12 @@ def test_set_overrides_and_builtin_names():
     data = config_data("demo", ["loop.rounds=2", "sampling.temperature=0.5", "trainer.bf16=false"])
     config = load_config(data)
     assert config.loop.rounds == 2 and config.sampling.temperature == 0.5 and config.trainer["bf16"] is False
+
+
+def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
+    """PyYAML reads `1e-3` as a string; float fields take it as the number it spells."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name_or_path: tiny-llama}\ntrainer: {learning_rate: 1e-3}\n"
+                    "sampling: {temperature: 5e-1}\n", encoding="utf-8")
+    config = load_config(path)
+    assert config.trainer["learning_rate"] == 0.001 and config.sampling.temperature == 0.5
