@@ -1,22 +1,20 @@
 """iterft_ray: iterative fine-tuning of language models on Ray."""
 
-from .trainer import IterativeSFTConfig, IterativeSFTTrainer
+import importlib
 
-__all__ = ["IterativeLoop", "IterativeSFTConfig", "IterativeSFTTrainer", "RayIterativeSFTTrainer", "load_config"]
+# Loaded on first use: a filter actor importing iterft_ray.filters pulls in neither
+# torch nor transformers, and the local trainer does not import Ray.
+_LAZY = {
+    "IterativeSFTConfig": ".trainer",
+    "IterativeSFTTrainer": ".trainer",
+    "IterativeLoop": ".driver",
+    "RayIterativeSFTTrainer": ".ray_trainer",
+    "load_config": ".config",
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):
-    # The Ray side loads on first use, so the local trainer does not import Ray.
-    if name == "IterativeLoop":
-        from .driver import IterativeLoop
-
-        return IterativeLoop
-    if name == "RayIterativeSFTTrainer":
-        from .ray_trainer import RayIterativeSFTTrainer
-
-        return RayIterativeSFTTrainer
-    if name == "load_config":
-        from .config import load_config
-
-        return load_config
-    raise AttributeError(f"module 'iterft_ray' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'iterft_ray' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)

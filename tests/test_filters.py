@@ -1,4 +1,6 @@
 import pickle
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -266,3 +268,11 @@ def test_built_ins_survive_pickling_for_ray_actors():
 
     assert score_rollouts(table, copies).equals(score_rollouts(table, filters))
     assert score_rollouts(table, copies)["accepted"].to_pylist() == [True, False, False, False]
+
+
+def test_filter_actor_modules_import_neither_torch_nor_transformers():
+    """A filter actor starts fast: its module chain must not pull in the ML stack."""
+    code = ("import sys, iterft_ray.actors.filter_pool; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
