@@ -104,6 +104,7 @@ class IterativeLoop:
             self.warm_up()
             if self.heldout is not None:
                 self.initial_heldout_accuracy = self.heldout_accuracy()
+                self.recorder.record({"round": 0, "heldout_accuracy": self.initial_heldout_accuracy})
                 print(f"held-out accuracy before round 1: {self.initial_heldout_accuracy:.1%}", flush=True)
         stats: dict[int, dict[str, Any]] = {}
         while self.round_index < self.config.loop.rounds:

@@ -93,10 +93,10 @@ def test_autoscaled_run_places_generators_on_new_nodes_then_scales_down(fake_clu
 
     # Both rounds completed, each sampled by both generators.
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == [1, 2]
+    assert [m["round"] for m in metrics] == [0, 1, 2]  # 0: held-out accuracy before training
     for r in (1, 2):
         table = pq.read_table(run_dir / "rounds" / f"{r:04d}" / "generations.parquet")
-        assert table.num_rows == 8 * 2 == metrics[r - 1]["samples"]
+        assert table.num_rows == 8 * 2 == metrics[r]["samples"]
         assert set(table["generator_id"].to_pylist()) == {0, 1}
     assert (run_dir / "checkpoints" / "round-0002").is_dir()
 

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def assert_run_files(run: Path, rounds: int):
     assert (run / "config.yaml").exists()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    before, metrics = metrics[0], metrics[1:]
+    assert before["round"] == 0 and 0 <= before["heldout_accuracy"] <= 1  # held-out accuracy before round 1
     assert [m["round"] for m in metrics] == list(range(1, rounds + 1))
     for key in ("accept_rate", "reward_mean", "loss", "num_target_tokens", "generate_time", "filter_time",
                 "train_time", "sync_time"):
@@ -40,7 +42,7 @@ def assert_run_files(run: Path, rounds: int):
     AutoTokenizer.from_pretrained(checkpoint)
     image = matplotlib.image.imread(run / "plot.png")
     _, drawn = plot_metrics(run)
-    assert drawn == [m for m in PLOTTED if any(isinstance(x.get(m), (int, float)) for x in metrics)]
+    assert drawn == [m for m in PLOTTED if any(isinstance(x.get(m), (int, float)) for x in [before, *metrics])]
     assert image.shape[0] == round(PANEL_INCHES * len(drawn) * PLOT_DPI)  # one panel (one curve) per metric
     return metrics
 
