@@ -109,3 +109,17 @@ def test_reversed_answers_are_the_sums_digits_backwards():
     for example in task.warmup_examples:
         a, b = map(int, example["prompt"].rstrip("=").split("+"))
         assert example["completion"] == str(a + b)[::-1]
+
+
+def test_padded_operands_give_fixed_width_prompts_and_answers():
+    task = get_task("addition", digits=2, num_train=200, num_heldout=50, num_warmup=50,
+                    reverse_answer=True, pad_operands=True)
+
+    rows = task.train_prompts + task.heldout_prompts
+    rows += [{"prompt": e["prompt"], "answer": e["completion"]} for e in task.warmup_examples]
+    assert any(_pair(r["prompt"])[0] < 10 for r in rows)  # one-digit operands are there, padded
+    for row in rows:
+        a, b = _pair(row["prompt"])
+        assert len(row["prompt"]) == len("37+45=")
+        assert row["prompt"] == f"{a:02d}+{b:02d}="
+        assert row["answer"] == f"{a + b:03d}"[::-1]  # 37+45 -> "082" -> "280"

@@ -7,7 +7,10 @@ With `reverse_answer=True` the sum is written least significant digit first ("28
 for 37+45), the order in which the carries are worked out: a model that writes one
 token at a time then never needs a digit it has not computed yet, and tiny models
 learn it in minutes on a CPU (see "Teaching Arithmetic to Small Transformers", Lee
-et al. 2023). The demo uses it.
+et al. 2023). With `pad_operands=True` operands and sums are zero-padded to a fixed
+width ("07+45=" -> "250" reversed), so every digit sits at the same position in every
+problem: the model learns one alignment instead of one per operand length, the other
+finding of that paper. The demo uses both.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def build_splits(
     num_warmup: int = 256,
     seed: int = 0,
     reverse_answer: bool = False,
+    pad_operands: bool = False,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """Train prompts, held-out prompts and warm-up examples for sums of two numbers.
 
@@ -47,15 +51,22 @@ def build_splits(
     heldout = pairs[:num_heldout]
     train = pairs[num_heldout : num_heldout + num_train]
     warmup = pairs[num_heldout + num_train :]
-    answer = (lambda a, b: str(a + b)[::-1]) if reverse_answer else (lambda a, b: str(a + b))
-    train_prompts = [_prompt_row(i, a, b, answer(a, b)) for i, (a, b) in enumerate(train)]
-    heldout_prompts = [_prompt_row(num_train + i, a, b, answer(a, b)) for i, (a, b) in enumerate(heldout)]
-    warmup_examples = [{"prompt": f"{a}+{b}=", "completion": answer(a, b)} for a, b in warmup]
+    width = digits if pad_operands else 0
+    question = lambda a, b: f"{a:0{width}d}+{b:0{width}d}="  # noqa: E731
+    answer = lambda a, b: _answer(a + b, digits + 1 if pad_operands else 0, reverse_answer)  # noqa: E731
+    train_prompts = [_prompt_row(i, question(a, b), answer(a, b)) for i, (a, b) in enumerate(train)]
+    heldout_prompts = [_prompt_row(num_train + i, question(a, b), answer(a, b)) for i, (a, b) in enumerate(heldout)]
+    warmup_examples = [{"prompt": question(a, b), "completion": answer(a, b)} for a, b in warmup]
     return train_prompts, heldout_prompts, warmup_examples
 
 
-def _prompt_row(prompt_id: int, a: int, b: int, answer: str) -> dict:
-    return {"prompt_id": prompt_id, "prompt": f"{a}+{b}=", "answer": answer}
+def _answer(total: int, width: int, reverse: bool) -> str:
+    text = f"{total:0{width}d}"
+    return text[::-1] if reverse else text
+
+
+def _prompt_row(prompt_id: int, prompt: str, answer: str) -> dict:
+    return {"prompt_id": prompt_id, "prompt": prompt, "answer": answer}
 
 
 def check(completion: str, answer: str) -> bool:
