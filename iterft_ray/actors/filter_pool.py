@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from ..filters import resolve_filter, score_rollouts
+from ..filters import RolloutScorer, score_rollouts
 
 
 def summarize(scored: pa.Table) -> dict[str, Any]:
@@ -26,26 +26,46 @@ def summarize(scored: pa.Table) -> dict[str, Any]:
 
 @ray.remote
 class FilterActor:
-    """Runs the configured filters over one rollout batch at a time."""
+    """Runs the configured filters over one rollout batch at a time, several rows at once.
 
-    def __init__(self, filters: list, timeout_s: float):
-        self.filters = [resolve_filter(spec) for spec in filters]
+    The row filters run in `processes` worker processes that live as long as the actor,
+    so a slow verifier holds up one process, not the batch, and a call past `timeout_s`
+    is killed with its process.
+    """
+
+    def __init__(self, filters: list, timeout_s: float, processes: int):
+        self.scorer = RolloutScorer(filters, timeout_s, processes)
         self.timeout_s = timeout_s
+        self.processes = processes
 
     @ray.method(num_returns=2)
     def score(self, rollouts: pa.Table, filters: list | None = None) -> tuple[pa.Table, dict[str, Any]]:
         """Score a batch; return (scored batch, its summary). `filters` overrides the configured ones."""
-        scored = score_rollouts(rollouts, filters if filters is not None else self.filters, self.timeout_s)
+        if filters is None:
+            scored = self.scorer.score(rollouts)
+        else:
+            scored = score_rollouts(rollouts, filters, self.timeout_s, self.processes)
         return scored, summarize(scored)
 
 
 class FilterPool:
-    """A fixed pool of FilterActors fed round-robin; Ray queues batches at busy actors."""
+    """A fixed pool of FilterActors fed round-robin; Ray queues batches at busy actors.
 
-    def __init__(self, filters: list, size: int, timeout_s: float = 10.0, actor_options: dict | None = None):
-        for spec in filters:
-            resolve_filter(spec)  # fail here, in the driver, on a bad spec
-        self.actors = [FilterActor.options(**(actor_options or {})).remote(filters, timeout_s) for _ in range(size)]
+    `processes` is the number of rows each actor scores at once.
+    """
+
+    def __init__(
+        self,
+        filters: list,
+        size: int,
+        timeout_s: float = 10.0,
+        actor_options: dict | None = None,
+        processes: int = 4,
+    ):
+        RolloutScorer(filters, timeout_s, processes)  # fail here, in the driver, on a bad spec; starts nothing
+        self.actors = [
+            FilterActor.options(**(actor_options or {})).remote(filters, timeout_s, processes) for _ in range(size)
+        ]
         self._next = itertools.cycle(range(size))
 
     def score(self, rollouts: ray.ObjectRef, filters: list | None = None) -> tuple[ray.ObjectRef, ray.ObjectRef]:
