@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from iterft_ray.tasks import get_task
+from iterft_ray.verifiers import math_answer, python_tests
 
 RowFilter = Callable[[str, str, dict], Union[bool, float]]
 
@@ -232,6 +233,8 @@ _BUILTINS: dict[str, Callable[..., RowFilter | Selector]] = {
     "exact_answer": exact_answer,
     "regex": regex,
     "length_bounds": length_bounds,
+    "math_answer": math_answer,
+    "python_tests": python_tests,
     "deduplicate": deduplicate,
     "best_of_k": best_of_k,
     "top_fraction": top_fraction,
@@ -399,7 +402,7 @@ class _FilterProcesses:
 
     def __init__(self, row_filters: list[RowFilter], size: int):
         self.row_filters = row_filters
-        self.names = [getattr(f, "__name__", None) or repr(f) for f in row_filters]
+        self.names = [getattr(f, "__name__", None) or getattr(f, "name", None) or repr(f) for f in row_filters]
         self.size = size
         try:
             self._payload = cloudpickle.dumps(row_filters)
