@@ -31,6 +31,17 @@ class _MathAnswer:
         answer = parse(completion, extraction, parsing_timeout=None)
         return bool(verify(gold, answer, timeout_seconds=None))
 
+    def __reduce__(self):
+        # Unpickled in a filter process: load math-verify while the process starts, not
+        # in the first call, which runs against the filter timeout.
+        return _loaded_math_answer, ()
+
+
+def _loaded_math_answer() -> _MathAnswer:
+    import math_verify  # noqa: F401
+
+    return _MathAnswer()
+
 
 def math_answer() -> _MathAnswer:
     """Row filter: accept a completion whose final answer equals `meta["answer"]` mathematically.
