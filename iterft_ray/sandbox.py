@@ -137,7 +137,7 @@ def _bwrap_args(limits: SandboxLimits, status_fd: int) -> list[str]:
         namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
                       "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
-        namespaces = ["--unshare-all", "--disable-userns"]
+        namespaces = ["--unshare-all", "--unshare-user", "--disable-userns"]
     return [
         *namespaces,
         "--die-with-parent", "--new-session", "--clearenv",

@@ -309,11 +309,11 @@ def _pid_alive(pid: int) -> bool:
 def test_a_filter_spinning_in_c_is_killed_at_the_timeout(tmp_path, spinner):
     table = _rollouts(["82", "spin", "82", "81"]).append_column("pid_dir", pa.array([str(tmp_path)] * 4))
 
-    scored = score_rollouts(table, [spinner, exact_answer()], timeout_s=1, processes=2)
+    scored = score_rollouts(table, [spinner, exact_answer()], timeout_s=2, processes=2)
 
     assert scored["accepted"].to_pylist() == [True, False, True, False]
     errors = scored["filter_error"].to_pylist()
-    assert errors[1] == f"{spinner.__name__}: TimeoutError: timeout after 1s"
+    assert errors[1] == f"{spinner.__name__}: TimeoutError: timeout after 2s"
     assert errors[0] is None and errors[2] is None and errors[3] is None
     if spinner is spins_in_c:
         assert not _pid_alive(int((tmp_path / "spinner").read_text()))
