@@ -147,7 +147,7 @@ def _bwrap_args(limits: SandboxLimits, status_fd: int) -> list[str]:
         "--ro-bind", str(prefix), _PYTHON_IN_SANDBOX,
         "--proc", "/proc", "--dev", "/dev",
         "--perms", "1777", "--size", str(limits.scratch_mb * 2**20), "--tmpfs", "/tmp",
-        "--remount-ro", "/",
+        "--remount-ro", "/", "--remount-ro", "/dev",  # /tmp is the one writable (sized) place
         "--chdir", "/tmp",
         "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
         # The interpreter may find libpython by an absolute path under its real prefix.
