@@ -390,6 +390,11 @@ class _Row:
     deadline: float = 0.0
 
 
+# A filter process imports the filters' modules before its first call (math-verify
+# loads sympy); on a busy node that can take a while, but not this long.
+_START_LIMIT_S = 120.0
+
+
 class _FilterProcesses:
     """Worker processes that run row-filter calls, one row each at a time, under a timeout.
 
@@ -417,14 +422,29 @@ class _FilterProcesses:
         while len(self._workers) < min(self.size, len(rows)):
             self._workers.append(_FilterProcess(self._payload))
         busy: dict[_FilterProcess, _Row] = {}
+
+        def call(worker: _FilterProcess, row: _Row) -> None:
+            busy[worker] = row
+            row.deadline = time.monotonic() + timeout_s
+            try:
+                worker.send(row.filter_index, row.args)
+            except OSError:  # it died between calls; the next receive reports it
+                pass
+
+        def finish(worker: _FilterProcess, row: _Row, result: tuple, replace: bool = False) -> None:
+            results[row.index] = result
+            del busy[worker]
+            if replace:
+                self._workers[self._workers.index(worker)] = _FilterProcess(self._payload)
+
         while todo or busy:
             for worker in self._workers:
                 if todo and worker.ready and worker not in busy:
-                    busy[worker] = row = todo.popleft()
-                    self._call(worker, row, timeout_s)
+                    call(worker, todo.popleft())
             waiting = [w for w in self._workers if w in busy or not w.ready]
             deadlines = [row.deadline for row in busy.values()]
-            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            deadlines += [w.started + _START_LIMIT_S for w in waiting if not w.ready]
+            wait_s = max(0.0, min(deadlines) - time.monotonic())
             for conn in mp_connection.wait([w.conn for w in waiting], wait_s):
                 worker = next(w for w in waiting if w.conn is conn)
                 if not worker.ready:
@@ -433,31 +453,25 @@ class _FilterProcesses:
                 row = busy[worker]
                 try:
                     ok, value = worker.receive()
-                except EOFError:
+                except (EOFError, OSError):
                     error = f"filter process died with exit code {worker.stop()}"
-                    results[row.index] = self._reject(row, f"{self.names[row.filter_index]}: {error}")
-                    self._replace(worker)
-                    del busy[worker]
+                    finish(worker, row, self._reject(row, f"{self.names[row.filter_index]}: {error}"), replace=True)
                     continue
                 done = self._advance(row, ok, value)
                 if done is None:
-                    self._call(worker, row, timeout_s)
+                    call(worker, row)
                 else:
-                    results[row.index] = done
-                    del busy[worker]
+                    finish(worker, row, done)
             now = time.monotonic()
+            for worker in self._workers:
+                if not worker.ready and now > worker.started + _START_LIMIT_S:
+                    raise RuntimeError(f"a filter process did not start within {_START_LIMIT_S}s")
             for worker, row in list(busy.items()):
                 if now >= row.deadline:
                     worker.stop()
-                    self._replace(worker)
-                    del busy[worker]
-                    error = f"TimeoutError: timeout after {timeout_s:g}s"
-                    results[row.index] = self._reject(row, f"{self.names[row.filter_index]}: {error}")
+                    error = f"{self.names[row.filter_index]}: TimeoutError: timeout after {timeout_s:g}s"
+                    finish(worker, row, self._reject(row, error), replace=True)
         return results
-
-    def _call(self, worker: "_FilterProcess", row: _Row, timeout_s: float) -> None:
-        worker.send(row.filter_index, row.args)
-        row.deadline = time.monotonic() + timeout_s
 
     def _advance(self, row: _Row, ok: bool, value: Any) -> tuple[float, bool, str | None] | None:
         """Apply one filter's result; the row's final result, or None when the next filter runs."""
@@ -480,9 +494,6 @@ class _FilterProcesses:
     def _reject(row: _Row, error: str | None) -> tuple[float, bool, str | None]:
         """A rejected row keeps the score so far."""
         return row.total or 0.0, False, error
-
-    def _replace(self, worker: "_FilterProcess") -> None:
-        self._workers[self._workers.index(worker)] = _FilterProcess(self._payload)
 
     def close(self) -> None:
         for worker in self._workers:
@@ -508,6 +519,7 @@ class _FilterProcess:
         theirs.close()
         self.conn = mp_connection.Connection(ours.detach())
         self.conn.send_bytes(payload)
+        self.started = time.monotonic()
         self.ready = False
 
     def receive_ready(self) -> None:
