@@ -9,13 +9,14 @@ There are two kinds of filter:
 
 - A row filter is any callable `f(prompt, completion, meta) -> bool | float`, where
   `meta` is the row as a dict without `prompt` and `completion`. A bool is a gate; a
-  number adds to the row's score.
+  number adds to the row's score. Row filters run in worker processes, several rows at
+  once, and a call past its timeout is killed with its process (see `RolloutScorer`).
 - A selector is any object with `select(table) -> pyarrow boolean array`. It sees the
   whole batch with `score` and `accepted` columns and returns the new accepted mask. All
   samples of a prompt are in one batch, so per-prompt selection (best-of-k) works.
 
 Built-ins are module-level classes, not closures, because filters travel to Ray actors
-by pickle.
+by pickle. The verifiers `math_answer` and `python_tests` live in `iterft_ray.verifiers`.
 """
 
 from __future__ import annotations

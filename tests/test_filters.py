@@ -413,9 +413,16 @@ def test_a_filter_actor_scores_rows_at_once_and_kills_a_spinning_filter(tmp_path
         pool = FilterPool([spins_in_c, waits_for_company], size=1, timeout_s=20, processes=4)
         scored_ref, summary_ref = pool.score(ray.put(table))
         scored, summary = ray.get([scored_ref, summary_ref])
+        small = ray.put(table.slice(0, 1))
+        override_pids = [ray.get(pool.score(small, [returns_pid])[0])["score"][0].as_py() for _ in range(2)]
     finally:
         ray.shutdown()
 
     assert summary["rows"] == 4 and summary["accepted"] == 3 and summary["errors"] == 1
     assert scored["filter_error"][3].as_py() == "spins_in_c: TimeoutError: timeout after 20s"
     assert _max_overlap(tmp_path, scored["sample_id"].to_pylist()[:3]) == 3
+    assert override_pids[0] == override_pids[1]  # an override's processes are kept for the next batch too
+
+
+def returns_pid(prompt, completion, meta):
+    return float(os.getpid())

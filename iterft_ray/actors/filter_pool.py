@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import cloudpickle
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from ..filters import RolloutScorer, score_rollouts
+from ..filters import RolloutScorer
 
 
 def summarize(scored: pa.Table) -> dict[str, Any]:
@@ -37,15 +38,24 @@ class FilterActor:
         self.scorer = RolloutScorer(filters, timeout_s, processes)
         self.timeout_s = timeout_s
         self.processes = processes
+        # The last override (the driver's held-out check each round) keeps its processes too.
+        self._override: tuple[bytes, RolloutScorer] | None = None
 
     @ray.method(num_returns=2)
     def score(self, rollouts: pa.Table, filters: list | None = None) -> tuple[pa.Table, dict[str, Any]]:
         """Score a batch; return (scored batch, its summary). `filters` overrides the configured ones."""
-        if filters is None:
-            scored = self.scorer.score(rollouts)
-        else:
-            scored = score_rollouts(rollouts, filters, self.timeout_s, self.processes)
+        scored = self._scorer_for(filters).score(rollouts)
         return scored, summarize(scored)
+
+    def _scorer_for(self, filters: list | None) -> RolloutScorer:
+        if filters is None:
+            return self.scorer
+        key = cloudpickle.dumps(filters)
+        if self._override is None or self._override[0] != key:
+            if self._override is not None:
+                self._override[1].close()
+            self._override = (key, RolloutScorer(filters, self.timeout_s, self.processes))
+        return self._override[1]
 
 
 class FilterPool:
