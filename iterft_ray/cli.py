@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl")
     p_plot.add_argument("run_dir")
     args = parser.parse_args(argv)
+    sys.path.insert(0, "")  # as under `python -m`: modules in the working directory import (filters: ["mymod:check"])
 
     if args.command == "run":
         run(args.config, args.set, args.address, args.resume)

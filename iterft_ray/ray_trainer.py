@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -81,12 +82,29 @@ def init_ray(resources: ResourcesConfig, address: str | None = None) -> None:
     if ray.is_initialized():
         return
     if address is not None or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=_working_dir_modules())
         return
     r = resources
     demand = r.trainer_ranks * r.trainer_cpus + r.num_generators * r.generator_cpus + r.filter_pool_size * r.filter_cpus
     _listen_on_loopback_only()
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)))
+
+
+def _working_dir_modules() -> dict | None:
+    """A runtime_env that ships the working directory's `*.py` modules to a cluster's nodes.
+
+    A user's filter (`filters: ["mymod:check"]`) lives beside the config; a local Ray
+    already puts the driver's working directory on every worker's path, but nodes of a
+    cluster do not have that directory. `py_modules` uploads just those files (not the
+    directory, which may hold runs and checkpoints) and does not move the actors' working
+    directory. Under `ray job submit` the job's own runtime_env (`--working-dir .`) does this.
+    """
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    modules = sorted(str(p) for p in Path.cwd().glob("*.py"))
+    if not modules or RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
+        return None
+    return {"py_modules": modules}
 
 
 def _listen_on_loopback_only() -> None:

@@ -64,7 +64,7 @@ from iterft_ray.batching import IGNORE_INDEX, examples_from_tensors
 from iterft_ray.cli import resolve_config
 from iterft_ray.config import load_config
 from iterft_ray.driver import IterativeLoop
-from iterft_ray.filters import resolve_filter, score_rollouts
+from iterft_ray.filters import RolloutScorer
 from iterft_ray.sampling import SamplingParams, sample_rollouts
 from iterft_ray.tasks import get_task
 from iterft_ray.tiny import resolve_model_path
@@ -116,7 +116,7 @@ class InProcessRounds:
         self.trainer = IterativeSFTTrainer(load_model(path), IterativeSFTConfig(
             output_dir=os.path.join(out, "trainer"), report_to="none", seed=cfg.loop.seed, **cfg.trainer),
             processing_class=self.tokenizer)
-        self.filters = [resolve_filter(f) for f in cfg.filters]
+        self.scorer = RolloutScorer(cfg.filters, cfg.loop.filter_timeout_s)  # its processes live as a FilterActor's do
         self.params = SamplingParams(**asdict(cfg.sampling))
         self.round_index = 0
 
@@ -128,7 +128,7 @@ class InProcessRounds:
         table = sample_rollouts(model, self.tokenizer, prompts, self.params, self.cfg.loop.seed * 1_000_003 + r * 1009,
                                 self.trainer.state.global_step, 0, r)
         t.append(time.perf_counter())
-        scored = score_rollouts(table, self.filters, self.cfg.loop.filter_timeout_s)
+        scored = self.scorer.score(table)
         t.append(time.perf_counter())
         stats = self.train(scored)
         t.append(time.perf_counter())

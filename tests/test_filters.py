@@ -1,12 +1,16 @@
+import os
 import pickle
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import ray
 
 from iterft_ray.filters import (
+    RolloutScorer,
     best_of_k,
     deduplicate,
     exact_answer,
@@ -82,15 +86,13 @@ def test_numbers_add_to_the_score_and_gates_reject():
 
 
 def test_filter_meta_is_the_row_without_prompt_and_completion():
-    seen = []
+    def show(prompt, completion, meta):
+        raise ValueError(repr((prompt, completion, meta)))
 
-    def record(prompt, completion, meta):
-        seen.append(meta)
-        return True
+    scored = score_rollouts(_rollouts(["82"]), [show])
 
-    score_rollouts(_rollouts(["82"]), [record])
-
-    assert seen == [{"sample_id": "s0", "prompt_id": 0, "answer": "82"}]
+    expected = ("37+45=", "82", {"sample_id": "s0", "prompt_id": 0, "answer": "82"})
+    assert scored["filter_error"][0].as_py() == f"show: ValueError: {expected!r}"
 
 
 def test_import_string_resolves_to_the_function():
@@ -276,3 +278,151 @@ def test_filter_actor_modules_import_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# Row filters run in worker processes: real timeouts, several rows at once.
+
+
+def spins_in_c(prompt, completion, meta):
+    """Holds the GIL inside one C call: a thread-based timeout never gets to run."""
+    if completion == "spin":
+        Path(meta["pid_dir"], "spinner").write_text(str(os.getpid()))
+        return sum(range(10**13)) > 0
+    return True
+
+
+def loops_forever(prompt, completion, meta):
+    while completion == "spin":
+        pass
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("spinner", [spins_in_c, loops_forever])
+def test_a_filter_spinning_in_c_is_killed_at_the_timeout(tmp_path, spinner):
+    table = _rollouts(["82", "spin", "82", "81"]).append_column("pid_dir", pa.array([str(tmp_path)] * 4))
+
+    scored = score_rollouts(table, [spinner, exact_answer()], timeout_s=2, processes=2)
+
+    assert scored["accepted"].to_pylist() == [True, False, True, False]
+    errors = scored["filter_error"].to_pylist()
+    assert errors[1] == f"{spinner.__name__}: TimeoutError: timeout after 2s"
+    assert errors[0] is None and errors[2] is None and errors[3] is None
+    if spinner is spins_in_c:
+        assert not _pid_alive(int((tmp_path / "spinner").read_text()))
+
+
+def waits_for_company(prompt, completion, meta):
+    """Returns only once `meta["company"]` calls have started; logs its start and end."""
+    started = Path(meta["log_dir"], f"start-{meta['sample_id']}")
+    started.write_text(repr(time.time()))
+    while len(list(Path(meta["log_dir"]).glob("start-*"))) < meta["company"]:
+        time.sleep(0.01)
+    Path(meta["log_dir"], f"end-{meta['sample_id']}").write_text(repr(time.time()))
+    return float(os.getpid())
+
+
+def _max_overlap(log_dir: Path, sample_ids: list[str]) -> int:
+    events = []
+    for sid in sample_ids:
+        events.append((float((log_dir / f"start-{sid}").read_text()), 1))
+        events.append((float((log_dir / f"end-{sid}").read_text()), -1))
+    running = peak = 0
+    for _, step in sorted(events):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_several_rows_are_scored_at_once(tmp_path):
+    table = _rollouts(["82"] * 8)
+    table = table.append_column("log_dir", pa.array([str(tmp_path)] * 8))
+    table = table.append_column("company", pa.array([4] * 8))
+
+    scored = score_rollouts(table, [waits_for_company], timeout_s=60, processes=4)
+
+    assert scored["filter_error"].to_pylist() == [None] * 8
+    assert scored["accepted"].to_pylist() == [True] * 8
+    assert len(set(scored["score"].to_pylist())) == 4  # each row's score is its process id
+    assert _max_overlap(tmp_path, scored["sample_id"].to_pylist()) == 4
+
+
+def dies(prompt, completion, meta):
+    if completion == "die":
+        Path(meta["log_dir"], "died").write_text(str(os.getpid()))
+        os._exit(3)
+    return True
+
+
+def _batch(log_dir: Path, completions: list[str], company: int) -> pa.Table:
+    log_dir.mkdir()
+    table = _rollouts(completions)
+    table = table.append_column("log_dir", pa.array([str(log_dir)] * len(completions)))
+    return table.append_column("company", pa.array([company] * len(completions)))
+
+
+def test_a_scorer_keeps_its_processes_and_replaces_dead_ones(tmp_path):
+    scorer = RolloutScorer([dies, waits_for_company], timeout_s=30, processes=2)
+    try:
+        first = scorer.score(_batch(tmp_path / "1", ["82", "82"], company=2))
+        crashed = scorer.score(_batch(tmp_path / "2", ["die", "82"], company=1))
+        after = scorer.score(_batch(tmp_path / "3", ["82", "82"], company=2))
+    finally:
+        scorer.close()
+
+    pids = set(first["score"].to_pylist())
+    dead = float((tmp_path / "2" / "died").read_text())
+    assert len(pids) == 2 and dead in pids
+    assert crashed["filter_error"][0].as_py() == "dies: filter process died with exit code 3"
+    assert crashed["accepted"].to_pylist() == [False, True]
+    later = set(after["score"].to_pylist())
+    assert len(later) == 2 and dead not in later
+    assert later & pids == pids - {dead}  # the survivor is reused, the dead one replaced
+
+
+def test_unpicklable_filters_are_an_error_before_any_process_starts():
+    import threading
+
+    lock = threading.Lock()
+
+    def holds_a_lock(prompt, completion, meta):
+        return lock is not None
+
+    with pytest.raises(ValueError, match="holds_a_lock.*cannot be pickled"):
+        RolloutScorer([holds_a_lock])
+
+
+def test_a_filter_actor_scores_rows_at_once_and_kills_a_spinning_filter(tmp_path):
+    from iterft_ray.actors.filter_pool import FilterPool
+
+    table = _rollouts(["82"] * 3 + ["spin"])
+    table = table.append_column("log_dir", pa.array([str(tmp_path)] * 4))
+    table = table.append_column("company", pa.array([3] * 4))
+    table = table.append_column("pid_dir", pa.array([str(tmp_path)] * 4))
+    table = table.append_column("weight_version", pa.array([0] * 4, pa.int64()))
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    try:
+        pool = FilterPool([spins_in_c, waits_for_company], size=1, timeout_s=20, processes=4)
+        scored_ref, summary_ref = pool.score(ray.put(table))
+        scored, summary = ray.get([scored_ref, summary_ref])
+        small = ray.put(table.slice(0, 1))
+        override_pids = [ray.get(pool.score(small, [returns_pid])[0])["score"][0].as_py() for _ in range(2)]
+    finally:
+        ray.shutdown()
+
+    assert summary["rows"] == 4 and summary["accepted"] == 3 and summary["errors"] == 1
+    assert scored["filter_error"][3].as_py() == "spins_in_c: TimeoutError: timeout after 20s"
+    assert _max_overlap(tmp_path, scored["sample_id"].to_pylist()[:3]) == 3
+    assert override_pids[0] == override_pids[1]  # an override's processes are kept for the next batch too
+
+
+def returns_pid(prompt, completion, meta):
+    return float(os.getpid())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import cloudpickle
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from ..filters import resolve_filter, score_rollouts
+from ..filters import RolloutScorer
 
 
 def summarize(scored: pa.Table) -> dict[str, Any]:
@@ -26,26 +27,55 @@ def summarize(scored: pa.Table) -> dict[str, Any]:
 
 @ray.remote
 class FilterActor:
-    """Runs the configured filters over one rollout batch at a time."""
+    """Runs the configured filters over one rollout batch at a time, several rows at once.
 
-    def __init__(self, filters: list, timeout_s: float):
-        self.filters = [resolve_filter(spec) for spec in filters]
+    The row filters run in `processes` worker processes that live as long as the actor,
+    so a slow verifier holds up one process, not the batch, and a call past `timeout_s`
+    is killed with its process.
+    """
+
+    def __init__(self, filters: list, timeout_s: float, processes: int):
+        self.scorer = RolloutScorer(filters, timeout_s, processes)
         self.timeout_s = timeout_s
+        self.processes = processes
+        # The last override (the driver's held-out check each round) keeps its processes too.
+        self._override: tuple[bytes, RolloutScorer] | None = None
 
     @ray.method(num_returns=2)
     def score(self, rollouts: pa.Table, filters: list | None = None) -> tuple[pa.Table, dict[str, Any]]:
         """Score a batch; return (scored batch, its summary). `filters` overrides the configured ones."""
-        scored = score_rollouts(rollouts, filters if filters is not None else self.filters, self.timeout_s)
+        scored = self._scorer_for(filters).score(rollouts)
         return scored, summarize(scored)
+
+    def _scorer_for(self, filters: list | None) -> RolloutScorer:
+        if filters is None:
+            return self.scorer
+        key = cloudpickle.dumps(filters)
+        if self._override is None or self._override[0] != key:
+            if self._override is not None:
+                self._override[1].close()
+            self._override = (key, RolloutScorer(filters, self.timeout_s, self.processes))
+        return self._override[1]
 
 
 class FilterPool:
-    """A fixed pool of FilterActors fed round-robin; Ray queues batches at busy actors."""
+    """A fixed pool of FilterActors fed round-robin; Ray queues batches at busy actors.
 
-    def __init__(self, filters: list, size: int, timeout_s: float = 10.0, actor_options: dict | None = None):
-        for spec in filters:
-            resolve_filter(spec)  # fail here, in the driver, on a bad spec
-        self.actors = [FilterActor.options(**(actor_options or {})).remote(filters, timeout_s) for _ in range(size)]
+    `processes` is the number of rows each actor scores at once.
+    """
+
+    def __init__(
+        self,
+        filters: list,
+        size: int,
+        timeout_s: float = 10.0,
+        actor_options: dict | None = None,
+        processes: int = 4,
+    ):
+        RolloutScorer(filters, timeout_s, processes)  # fail here, in the driver, on a bad spec; starts nothing
+        self.actors = [
+            FilterActor.options(**(actor_options or {})).remote(filters, timeout_s, processes) for _ in range(size)
+        ]
         self._next = itertools.cycle(range(size))
 
     def score(self, rollouts: ray.ObjectRef, filters: list | None = None) -> tuple[ray.ObjectRef, ray.ObjectRef]:
