@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loop.rounds=2")
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
         how = p.add_mutually_exclusive_group()
-        how.add_argument("--resume", action="store_true", help="continue the run in loop.output_dir from its newest checkpoint")
+        how.add_argument("--resume", action="store_true",
+                         help="continue the run in loop.output_dir from its newest checkpoint")
         how.add_argument("--overwrite", action="store_true", help="delete the run in loop.output_dir and start afresh")
     for p in (p_run, p_demo, p_plot):
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")

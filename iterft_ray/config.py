@@ -214,7 +214,9 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     if config.data.task is None and config.data.prompts_file is None:
         raise ValueError("data.task, data.prompts_file: give one of them")
     if not 0 < config.loop.max_filter_error_rate <= 1:
-        raise ValueError(f"loop.max_filter_error_rate: expected a number in (0, 1], got {config.loop.max_filter_error_rate}")
+        raise ValueError(
+            f"loop.max_filter_error_rate: expected a number in (0, 1], got {config.loop.max_filter_error_rate}"
+        )
     config.trainer = _check_trainer_args(config.trainer)
     if not 0 < config.sampling.top_p <= 1:
         raise ValueError(f"sampling.top_p: expected a number in (0, 1], got {config.sampling.top_p}")
@@ -315,8 +317,8 @@ def _check_hub_id(key: str, repo_id: str, expected: str) -> None:
     if any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("config.json", "tokenizer_config.json")):
         return
     if constants.HF_HUB_OFFLINE:
-        raise ValueError(f"{key}: {repo_id!r} is not a local directory and not in the hub cache (HF_HUB_OFFLINE is set); "
-                         f"{expected}")
+        raise ValueError(f"{key}: {repo_id!r} is not a local directory and not in the hub cache "
+                         f"(HF_HUB_OFFLINE is set); {expected}")
     try:
         HfApi().model_info(repo_id, timeout=10)
     except GatedRepoError:

@@ -352,7 +352,8 @@ def _load_prompts(config: RunConfig) -> tuple[pa.Table, pa.Table | None, Task | 
     data, passes = config.data, config.loop.warmup_passes
     if data.prompts_file is not None:
         if data.task_options:
-            raise ValueError("data.task_options: options of a task, but prompts come from data.prompts_file; remove them")
+            raise ValueError("data.task_options: options of a task, but prompts come from data.prompts_file; "
+                             "remove them")
         if passes:
             raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up need a task's warm-up examples, and "
                              "data.prompts_file has none; set loop.warmup_passes: 0 or use a data.task")

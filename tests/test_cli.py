@@ -2,9 +2,8 @@
 a run directory is one run (refused, resumed, complete, overwritten), broken filters are loud."""
 
 import json
-import os
-import subprocess
-import sys
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -52,6 +51,13 @@ def error_line(capsys) -> str:
     assert len(err) == 1, err
     assert err[0].startswith("iterft: error: "), err
     return err[0][len("iterft: error: "):]
+
+
+def run_error(capsys) -> str:
+    """The one error line of a run that stopped (actors' own logs come to stderr too)."""
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("iterft: error: ")]
+    assert len(errors) == 1, errors
+    return errors[0][len("iterft: error: "):]
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing started
@@ -143,6 +149,24 @@ def test_changeable_on_resume_names_real_keys():
     assert set(CHANGEABLE_ON_RESUME) <= fields
 
 
+def test_a_failed_start_leaves_no_ray_process(tmp_path, monkeypatch, no_ray):
+    """`main()` started a local Ray for the run (in a job script or a notebook too); a failed start stops it."""
+    import psutil
+
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    monkeypatch.setenv("RAY_TMPDIR", str(temp))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run"))
+    with pytest.raises(Exception, match="nonsense is not a valid SchedulerType"):
+        main(["run", config, "--set", "trainer.lr_scheduler_type=nonsense"])
+    assert list(temp.iterdir())  # Ray really ran under it
+    ray_processes = [p for p in psutil.process_iter(["cmdline"])
+                     if any(str(temp) in arg for arg in p.info["cmdline"] or [])]
+    # ray.shutdown() has signalled them; give them the moments they take to exit.
+    gone, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, [p.info["cmdline"] for p in alive]
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- runs on a local Ray
 
 
@@ -181,7 +205,7 @@ def test_a_run_directory_is_one_run(local_ray, tmp_path, capsys):
     # A fresh run into it is refused, naming the directory and the ways on; nothing changes.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert main(["run", config]) == 2
-    message = error_line(capsys)
+    message = run_error(capsys)
     assert message.startswith(f"loop.output_dir: {out} already holds a run")
     assert "--resume" in message and "--overwrite" in message and "another loop.output_dir" in message
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
@@ -189,7 +213,7 @@ def test_a_run_directory_is_one_run(local_ray, tmp_path, capsys):
     # A resume with other settings than the run's names each one; cadence and length may change.
     assert main(["run", config, "--resume", "--set", "sampling.temperature=0.5", "--set", "loop.seed=1",
                  "--set", "loop.eval_every=3"]) == 2
-    message = error_line(capsys)
+    message = run_error(capsys)
     assert message.startswith("loop.seed, sampling.temperature: differ from the config of the run")
     assert "loop.eval_every" not in message.split(":")[0]
 
@@ -208,7 +232,7 @@ def test_a_run_directory_is_one_run(local_ray, tmp_path, capsys):
     # A checkpoint of another run in the directory is refused, not restored.
     (out / "run.json").write_text(json.dumps({"run_id": uuid.uuid4().hex}))
     assert main(["run", config, "--resume", "--set", "loop.rounds=3"]) == 2
-    assert "belongs to another run" in error_line(capsys)
+    assert "belongs to another run" in run_error(capsys)
 
     # --overwrite deletes the old run's files (only those) and starts a new run.
     (out / "notes.txt").write_text("mine")
@@ -245,12 +269,12 @@ def test_filter_errors_are_on_the_summary_line_and_a_round_of_errors_stops_the_r
     # Half the rows is over a limit of 0.5: the run stops, as it does when every row errors by default.
     assert main(["run", config, "--overwrite", "--set", "filters=[test_cli:half_raising_filter]",
                  "--set", "loop.max_filter_error_rate=0.5"]) == 1
-    assert error_line(capsys).startswith("round 1: 32 of 64 rows failed in the filters (50%, "
+    assert run_error(capsys).startswith("round 1: 32 of 64 rows failed in the filters (50%, "
                                          "loop.max_filter_error_rate is 0.5); first error: half_raising_filter")
 
     config = write_config(tmp_path / "all.yaml", tiny_config(tmp_path / "all"))
     assert main(["run", config, "--set", "filters=[test_cli:raising_filter]"]) == 1
-    message = error_line(capsys)
+    message = run_error(capsys)
     assert message.startswith("round 1: 16 of 16 rows failed in the filters (100%, loop.max_filter_error_rate is 1); "
                               "first error: raising_filter: RuntimeError: verifier is down")
     assert str(tmp_path / "all" / "rounds" / "0001" / "generations.parquet") in message
@@ -264,24 +288,3 @@ def test_a_failed_start_leaves_no_actor_or_placement_group(local_ray, tmp_path):
     with pytest.raises(Exception, match="nonsense is not a valid SchedulerType"):
         main(["run", config, "--set", "trainer.lr_scheduler_type=nonsense"])
     assert_nothing_left()
-
-
-def test_a_failed_start_leaves_no_ray_process(tmp_path):
-    """The command started a local Ray for the run; whatever ends the run, that Ray ends with it."""
-    import psutil
-
-    temp = tmp_path / "raytmp"
-    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run"))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(temp)
-    done = subprocess.run([sys.executable, "-m", "iterft_ray", "run", config, "--set",
-                           "trainer.lr_scheduler_type=nonsense"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "nonsense is not a valid SchedulerType" in done.stderr
-    assert list(temp.iterdir())  # Ray really ran under it
-
-    def ray_processes():
-        return [p for p in psutil.process_iter(["cmdline"]) if any(str(temp) in a for a in p.info["cmdline"] or [])]
-
-    # ray.shutdown() has signalled them; give them the moments they take to exit.
-    gone, alive = psutil.wait_procs(ray_processes(), timeout=30)
-    assert not alive, [p.info["cmdline"] for p in alive]
