@@ -133,21 +133,31 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(run_dir: str | Path, rows: list[dict[str, Any]] | None = None) -> tuple[Path, list[str]]:
-    """Draw plot.png: one panel per metric in PLOTTED that the run has, over rounds, titled with the run's name.
+    """Draw plot.png (see `metrics_figure`), titled with the run directory's name.
 
     `rows` defaults to the run's metrics.jsonl. Returns the file and the metrics drawn.
     """
+    rows = read_metrics(run_dir) if rows is None else rows
+    fig, names = metrics_figure(rows, Path(run_dir).resolve().name)
+    out = Path(run_dir) / "plot.png"
+    tmp = out.with_name("plot.tmp.png")
+    fig.savefig(tmp, dpi=PLOT_DPI)
+    tmp.replace(out)
+    return out, names
+
+
+def metrics_figure(rows: list[dict[str, Any]], title: str) -> tuple[Any, list[str]]:
+    """One panel per metric in PLOTTED that the rows have, over whole rounds; returns (figure, metrics drawn)."""
     from matplotlib.figure import Figure  # not pyplot: no global state, safe off the main thread
     from matplotlib.ticker import MaxNLocator
 
-    rows = read_metrics(run_dir) if rows is None else rows
     names = [m for m in PLOTTED if any(isinstance(r.get(m), (int, float)) for r in rows)]
     n = max(1, len(names))
     fig = Figure(figsize=(6, PANEL_INCHES * n))
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)
     # Fixed margins: tight_layout measured every tick label and cost as much as the drawing.
     fig.subplots_adjust(left=0.14, right=0.97, top=1 - 0.3 / n, bottom=0.35 / n, hspace=0.15)
-    fig.suptitle(Path(run_dir).resolve().name, fontsize=9, y=1 - 0.05 / n)
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / n)
     for ax, name in zip(axes[:, 0], names):
         points = [(r["round"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
@@ -156,8 +166,4 @@ def plot_metrics(run_dir: str | Path, rows: list[dict[str, Any]] | None = None) 
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
     axes[-1, 0].set_xlabel("round")
-    out = Path(run_dir) / "plot.png"
-    tmp = out.with_name("plot.tmp.png")
-    fig.savefig(tmp, dpi=PLOT_DPI)
-    tmp.replace(out)
-    return out, names
+    return fig, names

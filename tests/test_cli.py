@@ -13,6 +13,7 @@ import yaml
 
 from iterft_ray.cli import main
 from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, load_config
+from iterft_ray.records import metrics_figure
 
 HERE = Path(__file__).resolve().parent
 
@@ -165,6 +166,23 @@ def test_a_failed_start_leaves_no_ray_process(tmp_path, monkeypatch, no_ray):
     gone, alive = psutil.wait_procs(ray_processes, timeout=30)
     assert not alive, [p.info["cmdline"] for p in alive]
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_plot_has_whole_rounds_the_run_name_and_filter_errors(tmp_path, capsys, no_ray):
+    run = tmp_path / "my-run"
+    run.mkdir()
+    rows = [{"round": 0, "heldout_accuracy": 0.1}] + [
+        {"round": r, "accept_rate": 0.1 * r, "loss": 1.0 / r, "filter_errors": r % 2} for r in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == f"{run / 'plot.png'}: accept_rate, loss, heldout_accuracy, filter_errors"
+    fig, _ = metrics_figure(rows, "my-run")
+    assert fig.get_suptitle() == "my-run"
+    for ax in fig.axes:
+        ticks = ax.get_xticks()
+        assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks
+    errors = next(ax for ax in fig.axes if ax.get_ylabel() == "filter_errors")
+    assert list(errors.lines[0].get_ydata()) == [1, 0, 1]
 
 
 # ---------------------------------------------------------------- runs on a local Ray
