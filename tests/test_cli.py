@@ -82,6 +82,8 @@ BAD_SETTINGS = [
      "data.prompts_file: no such file /nonexistent/prompts.jsonl"),
     (["data.task=addition", "data.prompts_file=/nonexistent/prompts.jsonl"], "data.task, data.prompts_file: "),
     (["data.task_options.num_warmup=0", "loop.warmup_passes=2"], "loop.warmup_passes: 2 passes of warm-up"),
+    (["data.task=null", "data.task_options={}", "data.prompts_file=/nonexistent/prompts.jsonl", "loop.warmup_passes=1"],
+     "loop.warmup_passes: 1 passes of warm-up need a task's warm-up examples, and data.prompts_file has none"),
     (["data.task_options.digits=0"], "data.task, data.task_options: addition: digits must be >= 1"),
     (["filters=[{name: exact_answr}]"], "filters[0]: unknown filter 'exact_answr'"),
     (["filters=[{name: exact_answer}, {name: best_of_k, n: 2}]"], "filters[1]: filter 'best_of_k': "),
@@ -92,7 +94,7 @@ BAD_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("settings,message", BAD_SETTINGS, ids=[s[0][-1] for s in BAD_SETTINGS])
+@pytest.mark.parametrize("settings,message", BAD_SETTINGS, ids=[" ".join(s[0]) for s in BAD_SETTINGS])
 def test_bad_input_is_one_line_exit_2_and_nothing_started_or_written(settings, message, tmp_path, capsys, no_ray):
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(out, warmup_passes=0))
