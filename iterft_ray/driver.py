@@ -102,7 +102,7 @@ class IterativeLoop:
         written = write_generations(generations, scored.tables)
         if summary["filter_errors"]:
             ray.get(written)
-            summary["first_filter_error"] = first_filter_error(generations)
+            summary["first_filter_error"] = _one_line(first_filter_error(generations))
             self._stop_on_filter_errors(r, summary, generations)
         train = _wait_all([self.rl.step_async(scored)], f"round {r + 1} train")[0]
         t["trained"] = time.perf_counter()
@@ -452,6 +452,14 @@ def _permutation(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order
+
+
+def _one_line(text: str | None, limit: int = 300) -> str | None:
+    """An error message for a console line: newlines folded, cut at `limit` characters (the Parquet keeps it whole)."""
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _summary_line(s: dict[str, Any]) -> str:
