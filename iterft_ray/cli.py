@@ -15,6 +15,14 @@ BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 DEMO_MAX_START, DEMO_MIN_END, DEMO_MAX_MINUTES = 0.30, 0.80, 10.0
 
 
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2, nothing started or written."""
+
+
+class RunFailed(Exception):
+    """A run stopped for a reason the user must see (a broken filter): one line, exit status 1."""
+
+
 def resolve_config(name_or_path: str) -> Path:
     """A YAML path, or the name of a built-in config (`demo`, `tiny`)."""
     path = Path(name_or_path)
@@ -24,49 +32,86 @@ def resolve_config(name_or_path: str) -> Path:
     if builtin.is_file():
         return builtin
     names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
-    raise SystemExit(f"config: {name_or_path!r} is neither a file nor a built-in config {names}")
+    raise ValueError(f"config: {name_or_path!r} is neither a file nor a built-in config {names}")
 
 
 def config_data(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
-    """Read a config and apply `--set section.key=value` overrides (values parsed as YAML)."""
-    with open(resolve_config(name_or_path), encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    """Read a config and apply `--set section.key=value` overrides (values parsed as YAML).
+
+    Input paths in a config file are relative to the file (those given with --set, to the
+    working directory); built-in configs hold none.
+    """
+    from .config import resolve_input_paths
+
+    path = resolve_config(name_or_path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config: {path} is not valid YAML ({e})".replace("\n", " ")) from None
+    data = resolve_input_paths(data, path.parent)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set: expected section.key=value, got {item!r}")
+            raise ValueError(f"--set: expected section.key=value, got {item!r}")
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part} is not a section")
         node[leaf] = yaml.safe_load(raw)
     return data
 
 
-def run(config: str, overrides: list[str], address: str | None = None, resume: bool = False) -> tuple[Any, list[dict]]:
+def run(config: str, overrides: list[str], address: str | None = None, resume: bool = False,
+        overwrite: bool = False) -> tuple[Any, list[dict]] | None:
     """Run every round of a config on Ray (a local one unless `address` or RAY_ADDRESS says otherwise).
 
-    `resume` continues from the newest checkpoint in the config's output directory.
+    `resume` continues the run in the config's output directory from its newest checkpoint;
+    `overwrite` deletes the run there first. Returns None when a resumed run is already
+    complete. Bad input raises UserError before Ray starts; a local Ray started here is
+    stopped on the way out, however the run ends.
     """
+    import ray
+
     from .config import load_config
-    from .driver import IterativeLoop
+    from .driver import FilterErrorsError, IterativeLoop, check_start
     from .ray_trainer import init_ray
 
-    run_config = load_config(config_data(config, overrides))  # fail on a bad config before starting Ray
-    init_ray(run_config.resources, address)
-    loop = IterativeLoop(run_config, resume=resume)
     try:
-        stats = loop.run()
+        run_config = load_config(config_data(config, overrides))
+        start = check_start(run_config, resume, overwrite)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
+    if start.complete:
+        print(f"run {start.out} is complete: {start.rounds_done} of {run_config.loop.rounds} rounds done "
+              f"(checkpoint {start.checkpoint}); raise loop.rounds to train on", flush=True)
+        return None
+    started_ray = not ray.is_initialized()
+    init_ray(run_config.resources, address)
+    try:
+        loop = IterativeLoop(run_config, resume=resume, overwrite=overwrite)
+        try:
+            stats = loop.run()
+        except FilterErrorsError as e:
+            raise RunFailed(str(e)) from e
+        finally:
+            loop.shutdown()
     finally:
-        loop.shutdown()
+        if started_ray:
+            ray.shutdown()
     print(f"run written to {loop.out}", flush=True)
     return loop, stats
 
 
-def demo(overrides: list[str], address: str | None, resume: bool = False) -> int:
+def demo(overrides: list[str], address: str | None, resume: bool = False, overwrite: bool = False) -> int:
     """Expert iteration from a weak warm-started tiny model; checks the held-out accuracy it promises."""
     start = time.perf_counter()
-    loop, stats = run("demo", overrides, address, resume)
+    result = run("demo", overrides, address, resume, overwrite)
+    if result is None:
+        return 0
+    loop, stats = result
     minutes = (time.perf_counter() - start) / 60
     before, after = loop.initial_heldout_accuracy, stats[-1].get("heldout_accuracy", float("nan"))
     print(f"held-out accuracy: {before:.1%} before round 1 -> {after:.1%} after round {stats[-1]['round']} "
@@ -84,28 +129,47 @@ def demo(overrides: list[str], address: str | None, resume: bool = False) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `iterft` command; returns its exit status: 0 done, 1 the run failed, 2 bad input (one line on stderr)."""
     parser = argparse.ArgumentParser(prog="iterft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a config (a YAML path or a built-in name)")
     p_run.add_argument("config")
     p_demo = sub.add_parser("demo", help="expert iteration on addition with a tiny model, checked")
+    p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl")
+    p_plot.add_argument("run_dir")
     for p in (p_run, p_demo):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loop.rounds=2")
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
-    p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl")
-    p_plot.add_argument("run_dir")
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--resume", action="store_true",
+                         help="continue the run in loop.output_dir from its newest checkpoint")
+        how.add_argument("--overwrite", action="store_true", help="delete the run in loop.output_dir and start afresh")
+    for p in (p_run, p_demo, p_plot):
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     sys.path.insert(0, "")  # as under `python -m`: modules in the working directory import (filters: ["mymod:check"])
 
+    try:
+        return _command(args)
+    except (UserError, RunFailed) as e:
+        if args.debug:
+            raise
+        print(f"iterft: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UserError) else 1
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
-        run(args.config, args.set, args.address, args.resume)
+        run(args.config, args.set, args.address, args.resume, args.overwrite)
         return 0
     if args.command == "demo":
-        return demo(args.set, args.address, args.resume)
+        return demo(args.set, args.address, args.resume, args.overwrite)
     from .records import plot_metrics
 
-    path, names = plot_metrics(args.run_dir)
+    try:
+        path, names = plot_metrics(args.run_dir)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
     print(f"{path}: {', '.join(names)}")
     return 0
 

@@ -81,6 +81,8 @@ class LoopConfig:
     filter_timeout_s: float = 10.0
     # Passes of supervised warm-up over the task's warm-up examples before round 1.
     warmup_passes: int = 0
+    # A round in which at least this share of rows failed in a filter stops the run.
+    max_filter_error_rate: float = 1.0
 
 
 @dataclass
@@ -103,7 +105,7 @@ class RunConfig:
 _POSITIVE = {
     "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size", "resources.trainer_ranks",
     "resources.num_generators", "resources.filter_pool_size", "loop.rounds", "loop.prompts_per_round",
-    "loop.max_staleness", "loop.eval_every", "loop.save_every", "loop.filter_timeout_s",
+    "loop.max_staleness", "loop.eval_every", "loop.save_every", "loop.filter_timeout_s", "loop.max_filter_error_rate",
 }
 _NON_NEGATIVE = {
     "sampling.temperature", "sampling.top_k", "resources.trainer_cpus", "resources.trainer_gpus", "resources.generator_cpus",
@@ -187,19 +189,74 @@ def _yaml_float(text: str) -> float | str:
         return text
 
 
+# What may differ between a run's saved config.yaml and the config that resumes it: how
+# long it goes on and how often it evaluates and saves, never what it trains on or how.
+CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "loop.output_dir")
+
+
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
-    """Load a RunConfig from a YAML file or a dict; errors name the offending key."""
+    """Load a RunConfig from a YAML file or a dict; errors name the offending key.
+
+    Input paths in a YAML file (model, tokenizer, prompts file) are relative to the file.
+    """
     data = source
     if not isinstance(source, dict):
         with open(source, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = resolve_input_paths(yaml.safe_load(f), Path(source).parent)
     config = build(RunConfig, data)
+    if config.data.prompts_file is not None and config.data.task is not None:
+        if "task" in data["data"]:
+            raise ValueError(
+                "data.task, data.prompts_file: prompts come from a task or from a file, not both; "
+                "remove one (set data.task: null to use the file)"
+            )
+        config.data.task = None  # the default task gives way to a prompts file
     if config.data.task is None and config.data.prompts_file is None:
         raise ValueError("data.task, data.prompts_file: give one of them")
+    if not 0 < config.loop.max_filter_error_rate <= 1:
+        raise ValueError(
+            f"loop.max_filter_error_rate: expected a number in (0, 1], got {config.loop.max_filter_error_rate}"
+        )
     config.trainer = _check_trainer_args(config.trainer)
     if not 0 < config.sampling.top_p <= 1:
         raise ValueError(f"sampling.top_p: expected a number in (0, 1], got {config.sampling.top_p}")
+    _check_filters(config.filters)
     return config
+
+
+def resolve_input_paths(data: Any, base: Path) -> Any:
+    """Make the relative input paths of a config file's data absolute against `base`, the file's directory.
+
+    `data.prompts_file` always; `model.name_or_path` and `model.tokenizer` when they name
+    something beside the file (else they are a hub id or a built-in name). `loop.output_dir`
+    stays relative to the working directory, as built-in configs and TrainingArguments have it.
+    """
+    if not isinstance(data, dict):
+        return data
+    sections = {"data": ("prompts_file",), "model": ("name_or_path", "tokenizer")}
+    for name, keys in sections.items():
+        section = data.get(name)
+        if not isinstance(section, dict):
+            continue
+        for key in keys:
+            value = section.get(key)
+            if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+                continue
+            beside = base / value
+            if key == "prompts_file" or value.startswith(("./", "../")) or beside.exists():
+                section[key] = str(beside.resolve())
+    return data
+
+
+def _check_filters(filters: list[Any]) -> None:
+    """Build each filter spec once here, so a bad one fails at load, before any actor starts."""
+    from .filters import resolve_filter
+
+    for i, spec in enumerate(filters):
+        try:
+            resolve_filter(spec)
+        except Exception as e:  # a user's filter module may raise anything while importing
+            raise ValueError(f"filters[{i}]: {e}") from e
 
 
 def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
@@ -228,3 +285,47 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config, loadable again with `load_config`."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def check_model_sources(model: ModelConfig) -> None:
+    """`model.name_or_path` and `model.tokenizer` must be a local directory, a built-in tiny name or a hub id.
+
+    Found on the driver before Ray starts, not as a transformers error deep in an actor.
+    A hub id is checked against the local hub cache, then, unless HF_HUB_OFFLINE is set,
+    against the hub itself.
+    """
+    from .tiny import TINY_CONFIGS
+
+    for key, value in (("model.name_or_path", model.name_or_path), ("model.tokenizer", model.tokenizer)):
+        if value is None or value in TINY_CONFIGS or Path(value).expanduser().is_dir():
+            continue
+        expected = f"expected a local model directory, a built-in tiny model {sorted(TINY_CONFIGS)} or a hub id"
+        if Path(value).expanduser().exists() or value.startswith(("/", "./", "../", "~")) or value.count("/") > 1:
+            raise ValueError(f"{key}: {value} is not a directory; {expected}")
+        _check_hub_id(key, value, expected)
+
+
+def _check_hub_id(key: str, repo_id: str, expected: str) -> None:
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"{key}: {repo_id!r} is not a local directory nor a valid hub id; {expected}") from None
+    if any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("config.json", "tokenizer_config.json")):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{key}: {repo_id!r} is not a local directory and not in the hub cache "
+                         f"(HF_HUB_OFFLINE is set); {expected}")
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return  # it exists; loading it needs the user's token, which from_pretrained reads
+    except RepositoryNotFoundError:
+        raise ValueError(f"{key}: no model {repo_id!r} on the hub (a private one needs `hf auth login`) "
+                         f"nor a local directory; {expected}") from None
+    except Exception as e:  # no network, a proxy, a timeout: whatever the HTTP client raises
+        raise ValueError(f"{key}: {repo_id!r} is not a local directory and the hub cannot be reached to find it "
+                         f"({type(e).__name__}); {expected}") from None

@@ -8,35 +8,55 @@ while the trainer trains, at most `loop.max_staleness` rounds behind.
 
 from __future__ import annotations
 
+import json
+import math
 import random
+import shutil
 import time
+import uuid
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import ray
+import yaml
 from tqdm.auto import tqdm
 
-from .checkpoint import is_checkpoint
-from .config import RunConfig, load_config, save_config
+from .checkpoint import META, is_checkpoint
+from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
 from .prompts import load_prompts
 from .ray_trainer import RayIterativeSFTTrainer, ScoredRollouts
-from .records import RunRecorder, write_generations
+from .records import RunRecorder, first_filter_error, write_generations
+from .tasks import Task
+
+RUN_RECORD = "run.json"
+# Everything a run writes into loop.output_dir; --overwrite deletes these and nothing else.
+RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "checkpoints", "tensorboard", "trainer")
+# A directory with any of these holds a run's results (a run that stopped while starting left none).
+RUN_RESULTS = ("metrics.jsonl", "rounds", "checkpoints", "tensorboard")
+
+
+class FilterErrorsError(RuntimeError):
+    """A round in which at least loop.max_filter_error_rate of the rows failed in a filter."""
 
 
 class IterativeLoop:
     """Runs the rounds of one config; `.round()` for notebooks, `.run()` for all of them."""
 
-    def __init__(self, config: RunConfig | str | Path | dict, resume: bool = False):
-        """`resume=True` continues from the newest checkpoint in `loop.output_dir`, if there is one."""
+    def __init__(self, config: RunConfig | str | Path | dict, resume: bool = False, overwrite: bool = False):
+        """`resume=True` continues the run in `loop.output_dir` from its newest checkpoint; `overwrite=True`
+        deletes the run there and starts afresh. Without either, a directory that holds a run is refused.
+
+        Everything a user can get wrong is checked (`check_start`) before any actor starts, and a
+        start that fails leaves no actor behind and nothing written.
+        """
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         c = self.config
-        self.prompts, self.heldout, self.task = load_prompts(c.data)
-        self.out = Path(c.loop.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint = latest_checkpoint(self.out) if resume else None
-        save_config(c, self.out / "config.yaml")
+        start = check_start(c, resume, overwrite)
+        self.prompts, self.heldout, self.task = start.prompts, start.heldout, start.task
+        self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
             c.model.name_or_path,
             {"output_dir": str(self.out / "trainer"), "report_to": "none", "seed": c.loop.seed, **c.trainer},
@@ -47,18 +67,23 @@ class IterativeLoop:
             filter_timeout_s=c.loop.filter_timeout_s,
             trust_remote_code=c.model.trust_remote_code,
             tiny_overrides=c.model.tiny_overrides,
-            checkpoint=str(checkpoint) if checkpoint else None,
+            checkpoint=str(start.checkpoint) if start.checkpoint else None,
         )
-        self.recorder = RunRecorder(self.out)
-        self.round_index = 0
-        self.initial_heldout_accuracy: float | None = None
-        self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
-        self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
-        if checkpoint is not None:
-            self._restore_loop_state(self.rl.trainer.restored)
-            print(f"resumed from {checkpoint}: next round {self.round_index + 1}", flush=True)
-        else:
-            self.recorder.reset()
+        try:
+            start.prepare_directory(c)
+            self.recorder = RunRecorder(self.out)
+            self.round_index = 0
+            self.initial_heldout_accuracy: float | None = None
+            self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
+            self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
+            if start.checkpoint is not None:
+                self._restore_loop_state(self.rl.trainer.restored)
+                print(f"resumed from {start.checkpoint}: next round {self.round_index + 1}", flush=True)
+            else:
+                self.recorder.reset()
+        except BaseException:
+            self.rl.shutdown()
+            raise
 
     # ---------------------------------------------------------------- a round
 
@@ -73,7 +98,12 @@ class IterativeLoop:
         _wait_all(scored.summaries, f"round {r + 1} filter")
         summary = scored.summary()
         t["filtered"] = time.perf_counter()
-        written = write_generations(self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet", scored.tables)
+        generations = self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet"
+        written = write_generations(generations, scored.tables)
+        if summary["filter_errors"]:
+            ray.get(written)
+            summary["first_filter_error"] = _one_line(first_filter_error(generations))
+            self._stop_on_filter_errors(r, summary, generations)
         train = _wait_all([self.rl.step_async(scored)], f"round {r + 1} train")[0]
         t["trained"] = time.perf_counter()
         if c.loop.async_mode:
@@ -208,8 +238,19 @@ class IterativeLoop:
             "round_index": self.round_index,
             "initial_heldout_accuracy": self.initial_heldout_accuracy,
             "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
+            "run_id": self.run_id,
         })
         return target
+
+    def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: Path) -> None:
+        """A round whose rows mostly fail in a filter is a broken filter, not a bad model: stop and say so."""
+        errors, rows, limit = summary["filter_errors"], summary["rows"], self.config.loop.max_filter_error_rate
+        if errors / rows >= limit:
+            raise FilterErrorsError(
+                f"round {r + 1}: {errors} of {rows} rows failed in the filters ({errors / rows:.0%}, "
+                f"loop.max_filter_error_rate is {limit:g}); first error: {summary['first_filter_error']} "
+                f"(every row and its error: {generations})"
+            )
 
     def _due(self, every: int) -> bool:
         return self.round_index % every == 0
@@ -223,6 +264,7 @@ class IterativeLoop:
             "samples": summary["rows"],
             "accepted": summary["accepted"],
             "filter_errors": summary["filter_errors"],
+            **({"first_filter_error": summary["first_filter_error"]} if summary["filter_errors"] else {}),
             "loss": train["loss"],
             "num_target_tokens": train["num_target_tokens"],
             "num_tokens": train["num_tokens"],
@@ -245,6 +287,145 @@ class IterativeLoop:
     def shutdown(self) -> None:
         self.recorder.close()
         self.rl.shutdown()
+
+
+@dataclass
+class RunStart:
+    """What starting a config means, decided before anything starts: its prompts, and fresh or resumed."""
+
+    out: Path
+    run_id: str
+    prompts: pa.Table
+    heldout: pa.Table | None
+    task: Task | None
+    rounds: int  # loop.rounds of the config
+    checkpoint: Path | None = None  # resume from it
+    rounds_done: int = 0
+    overwrite: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """A resumed run that already has every round of its config."""
+        return self.checkpoint is not None and self.rounds_done >= self.rounds
+
+    def prepare_directory(self, config: RunConfig) -> None:
+        """The only writes of a start: delete the old run (--overwrite), record the run and its config."""
+        if self.overwrite:
+            for name in RUN_FILES:
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n", encoding="utf-8")
+        save_config(config, self.out / "config.yaml")
+
+
+def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunStart:
+    """Check everything about starting `config` that needs no actor, and write nothing.
+
+    Prompts load, warm-up has data, the model and tokenizer exist, and the output directory
+    is either free (a fresh run), or holds this very run to resume. Errors name the key.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
+                         "give one")
+    prompts, heldout, task = _load_prompts(config)
+    check_model_sources(config.model)
+    out = Path(config.loop.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
+    start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite)
+    if resume:
+        _check_resume(config, start)
+    elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
+        raise ValueError(
+            f"loop.output_dir: {out} already holds a run{_describe_run(out)}; continue it with --resume, "
+            "choose another loop.output_dir, or start again with --overwrite (deletes that run's files)"
+        )
+    return start
+
+
+def _load_prompts(config: RunConfig) -> tuple[pa.Table, pa.Table | None, Task | None]:
+    """The run's prompts, with the settings that cannot apply to them refused by name."""
+    data, passes = config.data, config.loop.warmup_passes
+    if data.prompts_file is not None:
+        if data.task_options:
+            raise ValueError("data.task_options: options of a task, but prompts come from data.prompts_file; "
+                             "remove them")
+        if passes:
+            raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up need a task's warm-up examples, and "
+                             "data.prompts_file has none; set loop.warmup_passes: 0 or use a data.task")
+        if not Path(data.prompts_file).is_file():
+            raise ValueError(f"data.prompts_file: no such file {data.prompts_file}")
+        try:
+            return load_prompts(data)
+        except ValueError as e:
+            raise ValueError(f"data.prompts_file: {e}") from None
+    try:
+        prompts, heldout, task = load_prompts(data)
+    except ValueError as e:  # the task's own message says which option
+        raise ValueError(f"data.task, data.task_options: {e}") from None
+    if passes and not task.warmup_examples:
+        raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up, but data.task {data.task!r} has no "
+                         "warm-up examples with these data.task_options; set loop.warmup_passes: 0")
+    return prompts, heldout, task
+
+
+def _check_resume(config: RunConfig, start: RunStart) -> None:
+    """A resume continues the run in loop.output_dir, from its own newest checkpoint, with its own config."""
+    out = start.out
+    if not out.is_dir():
+        raise ValueError(f"loop.output_dir: {out} does not exist, so there is no run to resume; "
+                         "check the path, or start a run there without --resume")
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        raise ValueError(f"loop.output_dir: {out} holds no checkpoint to resume from; "
+                         "start the run again with --overwrite")
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        raise ValueError(f"loop.output_dir: {out} has a checkpoint but no config.yaml, so it is not a run to resume")
+    saved = _flatten(build(RunConfig, yaml.safe_load(saved_path.read_text(encoding="utf-8"))).to_dict())
+    given = _flatten(config.to_dict())
+    differ = [k for k in sorted(saved.keys() | given.keys())
+              if saved.get(k) != given.get(k) and k not in CHANGEABLE_ON_RESUME]
+    if differ:
+        changes = "; ".join(f"{k}: {saved.get(k)!r} in the run, {given.get(k)!r} now" for k in differ)
+        raise ValueError(f"{', '.join(differ)}: differ from the config of the run in {out} ({changes}); "
+                         f"a resume may change only {', '.join(CHANGEABLE_ON_RESUME)}")
+    extra = json.loads((checkpoint / META).read_text(encoding="utf-8"))["extra"]
+    record = out / RUN_RECORD
+    run_id = json.loads(record.read_text(encoding="utf-8"))["run_id"] if record.is_file() else extra.get("run_id")
+    if extra.get("run_id") not in (None, run_id):
+        raise ValueError(f"loop.output_dir: the newest checkpoint {checkpoint} belongs to another run than {out} "
+                         f"records ({extra['run_id']} vs {run_id}); the directory mixes runs, start again with "
+                         "--overwrite")
+    start.run_id = run_id or start.run_id
+    start.checkpoint, start.rounds_done = checkpoint, extra["round_index"]
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """`{"loop": {"rounds": 2}}` -> `{"loop.rounds": 2}`: one level, as keys are written in errors."""
+    flat = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def _describe_run(out: Path) -> str:
+    """` (run 1a2b3c, 3 rounds recorded)`, as far as the directory says."""
+    parts = []
+    record = out / RUN_RECORD
+    if record.is_file():
+        parts.append(f"run {json.loads(record.read_text(encoding='utf-8'))['run_id'][:8]}")
+    rounds = out / "rounds"
+    if rounds.is_dir():
+        parts.append(f"rounds recorded: {len(list(rounds.iterdir()))}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -273,12 +454,24 @@ def _permutation(n: int, seed: int) -> list[int]:
     return order
 
 
+def _one_line(text: str | None, limit: int = 300) -> str | None:
+    """An error message for a console line: newlines folded, cut at `limit` characters (the Parquet keeps it whole)."""
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _summary_line(s: dict[str, Any]) -> str:
+    """One line per round; a round that accepted nothing trained on nothing, so its loss is `-`, not nan."""
+    loss = "-" if s["loss"] is None or math.isnan(s["loss"]) else f"{s['loss']:.3f}"
     line = (
         f"round {s['round']:3d} | accept {s['accept_rate']:6.1%} | reward {s['reward_mean']:.3f} | "
-        f"loss {s['loss']:.3f} | v{s['weight_version']} | gen {s['generate_time']:.1f}s "
+        f"loss {loss} | v{s['weight_version']} | gen {s['generate_time']:.1f}s "
         f"filter {s['filter_time']:.1f}s train {s['train_time']:.1f}s sync {s['sync_time']:.1f}s"
     )
     if "heldout_accuracy" in s:
         line += f" | held-out {s['heldout_accuracy']:.1%}"
+    if s["filter_errors"]:
+        line += f" | filter errors {s['filter_errors']}, first: {s['first_filter_error']}"
     return line

@@ -146,16 +146,22 @@ class RayIterativeSFTTrainer:
         # Generators and filters are asked for first: creating the trainer waits for its
         # placement group, and on an autoscaling cluster their nodes can start meanwhile.
         self.generators: list = []
-        self.scale_generators(self.resources.num_generators)
-        res = self.resources
-        self.filter_pool = FilterPool(
-            filters if filters is not None else [], res.filter_pool_size, filter_timeout_s,
-            {**_options(res.filter_cpus, 0, "filter" if res.custom_resources else None),
-             "max_restarts": -1, "max_task_retries": -1},
-        )
-        self.trainer = self._new_trainer(checkpoint)
-        self.weights, self.version = self.trainer.publish()
-        self.eos_token: str | None = ray.get(self.trainer.ranks[0].eos_token.remote())
+        self.filter_pool: FilterPool | None = None
+        self.trainer: TrainerGroup | None = None
+        try:
+            self.scale_generators(self.resources.num_generators)
+            res = self.resources
+            self.filter_pool = FilterPool(
+                filters if filters is not None else [], res.filter_pool_size, filter_timeout_s,
+                {**_options(res.filter_cpus, 0, "filter" if res.custom_resources else None),
+                 "max_restarts": -1, "max_task_retries": -1},
+            )
+            self.trainer = self._new_trainer(checkpoint)
+            self.weights, self.version = self.trainer.publish()
+            self.eos_token: str | None = ray.get(self.trainer.ranks[0].eos_token.remote())
+        except BaseException:
+            self.shutdown()  # a failed start leaves no actor behind
+            raise
 
     def _new_trainer(self, checkpoint: str | None) -> TrainerGroup:
         res = self.resources
@@ -253,11 +259,13 @@ class RayIterativeSFTTrainer:
         self.trainer.save(path, extra)
 
     def shutdown(self) -> None:
+        """Stop every actor this trainer started (those that did start, when it failed while starting)."""
         for g in self.generators:
             ray.kill(g)
-        for a in self.filter_pool.actors:
+        for a in self.filter_pool.actors if self.filter_pool is not None else []:
             ray.kill(a)
-        self.trainer.shutdown()
+        if self.trainer is not None:
+            self.trainer.shutdown()
 
 
 def _options(cpus: float, gpus: float, custom: str | None) -> dict[str, Any]:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # Metrics drawn in plot.png, one panel each, when the run has them.
-PLOTTED = ("accept_rate", "reward_mean", "loss", "heldout_accuracy", "num_target_tokens", "round_time")
+PLOTTED = ("accept_rate", "reward_mean", "loss", "heldout_accuracy", "filter_errors", "num_target_tokens", "round_time")
 PANEL_INCHES, PLOT_DPI = 1.8, 80
 
 
@@ -28,6 +30,12 @@ def _write_parquet(path: str, *tables: pa.Table) -> int:
     pq.write_table(table, tmp)
     tmp.replace(target)
     return table.num_rows
+
+
+def first_filter_error(path: Path) -> str | None:
+    """The first filter error of a written round, read back from its Parquet file (one column, on the driver's disk)."""
+    errors = pc.drop_null(pq.read_table(path, columns=["filter_error"])["filter_error"])
+    return errors[0].as_py() if len(errors) else None
 
 
 def write_generations(path: Path, tables: list[ray.ObjectRef]) -> ray.ObjectRef:
@@ -47,6 +55,7 @@ class RunRecorder:
         self.out_dir = out_dir
         self.metrics_path = out_dir / "metrics.jsonl"
         self._tensorboard = None
+        self._purge_round: int | None = None
         # plot.png is drawn on a background thread, off the round's critical path (the
         # driver mostly waits on Ray meanwhile); a redraw still queued when the next round
         # asks for one is dropped, since the newer one shows every round anyway.
@@ -58,11 +67,22 @@ class RunRecorder:
         self.metrics_path.unlink(missing_ok=True)
 
     def truncate(self, rounds: int) -> None:
-        """Keep only the metrics of rounds 1..rounds: a resumed run records the later ones again."""
+        """Keep only the records of rounds 1..rounds: a resumed run records the later ones again.
+
+        metrics.jsonl loses their lines, rounds/ their directories, and TensorBoard is told to
+        drop their events (`purge_step`), so no round shows twice or from a run it was not in.
+        """
         if self.metrics_path.exists():
             kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["round"] <= rounds]
             self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        for path in (self.out_dir / "rounds").glob("[0-9][0-9][0-9][0-9]"):
+            if int(path.name) > rounds:
+                shutil.rmtree(path)
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        self._purge_round = rounds + 1
 
     def record(self, stats: dict[str, Any]) -> None:
         """Append a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null)."""
@@ -85,7 +105,7 @@ class RunRecorder:
         from torch.utils.tensorboard import SummaryWriter
 
         if self._tensorboard is None:
-            self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=self._purge_round)
         for key, value in stats.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self._tensorboard.add_scalar(key, value, stats["round"])
@@ -106,32 +126,44 @@ def _report_plot_error(plot: Future) -> None:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        what = "does not exist" if not Path(run_dir).exists() else "has no metrics.jsonl"
+        raise FileNotFoundError(f"{run_dir}: {what}; expected the loop.output_dir of a run")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_metrics(run_dir: str | Path, rows: list[dict[str, Any]] | None = None) -> tuple[Path, list[str]]:
-    """Draw plot.png: one panel per metric in PLOTTED that the run has, over rounds.
+    """Draw plot.png (see `metrics_figure`), titled with the run directory's name.
 
     `rows` defaults to the run's metrics.jsonl. Returns the file and the metrics drawn.
     """
-    from matplotlib.figure import Figure  # not pyplot: no global state, safe off the main thread
-
     rows = read_metrics(run_dir) if rows is None else rows
+    fig, names = metrics_figure(rows, Path(run_dir).resolve().name)
+    out = Path(run_dir) / "plot.png"
+    tmp = out.with_name("plot.tmp.png")
+    fig.savefig(tmp, dpi=PLOT_DPI)
+    tmp.replace(out)
+    return out, names
+
+
+def metrics_figure(rows: list[dict[str, Any]], title: str) -> tuple[Any, list[str]]:
+    """One panel per metric in PLOTTED that the rows have, over whole rounds; returns (figure, metrics drawn)."""
+    from matplotlib.figure import Figure  # not pyplot: no global state, safe off the main thread
+    from matplotlib.ticker import MaxNLocator
+
     names = [m for m in PLOTTED if any(isinstance(r.get(m), (int, float)) for r in rows)]
     n = max(1, len(names))
     fig = Figure(figsize=(6, PANEL_INCHES * n))
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)
     # Fixed margins: tight_layout measured every tick label and cost as much as the drawing.
-    fig.subplots_adjust(left=0.14, right=0.97, top=1 - 0.15 / n, bottom=0.35 / n, hspace=0.15)
+    fig.subplots_adjust(left=0.14, right=0.97, top=1 - 0.3 / n, bottom=0.35 / n, hspace=0.15)
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / n)
     for ax, name in zip(axes[:, 0], names):
         points = [(r["round"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
         ax.set_ylabel(name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
     axes[-1, 0].set_xlabel("round")
-    out = Path(run_dir) / "plot.png"
-    tmp = out.with_name("plot.tmp.png")
-    fig.savefig(tmp, dpi=PLOT_DPI)
-    tmp.replace(out)
-    return out, names
+    return fig, names

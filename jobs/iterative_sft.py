@@ -20,5 +20,7 @@ if __name__ == "__main__":
     parser.add_argument("--config", required=True, help="YAML path or built-in config name")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run in loop.output_dir and start afresh")
     args = parser.parse_args()
-    sys.exit(main(["run", args.config, *[f"--set={s}" for s in args.set], *(["--resume"] if args.resume else [])]))
+    flags = [f for f, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on]
+    sys.exit(main(["run", args.config, *[f"--set={s}" for s in args.set], *flags]))

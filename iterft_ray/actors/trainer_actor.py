@@ -144,6 +144,16 @@ class TrainerGroup:
         bundle = {"CPU": cpus_per_rank, "GPU": gpus_per_rank, "trainer": 1 if custom_resources else 0}
         bundle = {k: v for k, v in bundle.items() if v}
         self.placement_group = placement_group([bundle] * ranks, strategy="PACK")
+        self.ranks: list = []
+        try:
+            self._start(model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
+                        tokenizer_path, trust_remote_code, tiny_overrides, checkpoint)
+        except BaseException:
+            self.shutdown()  # a rank that failed to start leaves no rank or placement group behind
+            raise
+
+    def _start(self, model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
+               tokenizer_path, trust_remote_code, tiny_overrides, checkpoint) -> None:
         ray.get(self.placement_group.ready())
         self.ranks = [
             TrainerActor.options(
