@@ -27,36 +27,30 @@ def build_splits(
     seed: int = 0,
     reverse_answer: bool = False,
     pad_operands: bool = False,
-    warmup_digits: int | None = None,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """Train prompts, held-out prompts and warm-up examples for sums of two numbers.
 
     Operands have up to `digits` digits (0 to 10**digits - 1), so easy one-digit sums are
-    mixed in. Warm-up operands have up to `warmup_digits` digits (default `digits`): fewer
-    digits make a curriculum, where the warm-up teaches short sums and the loop has to
-    find the longer ones itself. All (a, b) pairs are distinct across the three splits,
-    drawn from `random.Random(seed)`; a ValueError says so when there are not enough pairs.
+    mixed in. All (a, b) pairs are distinct across the three splits, drawn from
+    `random.Random(seed)`; a ValueError says so when there are not enough pairs.
     """
-    warmup_digits = digits if warmup_digits is None else warmup_digits
-    if digits < 1 or not 1 <= warmup_digits <= digits or min(num_train, num_heldout, num_warmup) < 0:
+    if digits < 1 or min(num_train, num_heldout, num_warmup) < 0:
         raise ValueError(
-            f"addition: expected digits >= 1, 1 <= warmup_digits <= digits and sizes >= 0, got digits={digits}, "
-            f"warmup_digits={warmup_digits}, num_train={num_train}, num_heldout={num_heldout}, num_warmup={num_warmup}"
+            f"addition: expected digits >= 1 and sizes >= 0, got digits={digits}, "
+            f"num_train={num_train}, num_heldout={num_heldout}, num_warmup={num_warmup}"
         )
-    numbers, small = 10**digits, 10**warmup_digits
-    if num_warmup > small**2 or num_heldout + num_train + num_warmup > numbers**2:
+    numbers = 10**digits
+    needed = num_heldout + num_train + num_warmup
+    if needed > numbers**2:
         raise ValueError(
-            f"addition: digits={digits} (warmup_digits={warmup_digits}) gives {numbers**2} ({small**2}) distinct "
-            f"(a, b) pairs, fewer than num_train + num_heldout + num_warmup = {num_heldout + num_train + num_warmup} "
-            f"(num_warmup = {num_warmup})"
+            f"addition: digits={digits} gives {numbers**2} distinct (a, b) pairs, fewer than "
+            f"num_train + num_heldout + num_warmup = {needed}"
         )
-    rng = random.Random(seed)
-    warmup = [divmod(i, small) for i in rng.sample(range(small**2), num_warmup)]
-    taken = {a * numbers + b for a, b in warmup}
-    drawn = [i for i in rng.sample(range(numbers**2), num_heldout + num_train + num_warmup) if i not in taken]
-    pairs = [divmod(i, numbers) for i in drawn[: num_heldout + num_train]]
+    drawn = random.Random(seed).sample(range(numbers**2), needed)
+    pairs = [divmod(i, numbers) for i in drawn]
     heldout = pairs[:num_heldout]
-    train = pairs[num_heldout:]
+    train = pairs[num_heldout : num_heldout + num_train]
+    warmup = pairs[num_heldout + num_train :]
     width = digits if pad_operands else 0
     question = lambda a, b: f"{a:0{width}d}+{b:0{width}d}="  # noqa: E731
     answer = lambda a, b: _answer(a + b, digits + 1 if pad_operands else 0, reverse_answer)  # noqa: E731
