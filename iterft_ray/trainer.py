@@ -201,7 +201,13 @@ class IterativeSFTTrainer(Trainer):
         return self.train_examples(examples)
 
     def build_examples(self, input_ids, attention_mask, labels, texts, texts_labels) -> list[Example]:
-        """Validate `step()` arguments, before anything changes, and turn them into examples."""
+        """Validate `step()` arguments, before anything changes, and turn them into examples.
+
+        Any sequence is taken for a list (TRL's own tests pass `datasets` columns).
+        """
+        input_ids, attention_mask, labels, texts, texts_labels = (
+            _as_list(v) for v in (input_ids, attention_mask, labels, texts, texts_labels)
+        )
         if (texts is None) == (input_ids is None):
             raise ValueError("texts, input_ids: give exactly one of them")
         if texts is not None:
@@ -297,7 +303,9 @@ class IterativeSFTTrainer(Trainer):
             lr = self.lr_scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            # No arguments: a caller who patched `optimizer.zero_grad` (TRL's tests keep
+            # gradients visible with set_to_none=False) gets what they asked for.
+            self.optimizer.zero_grad()
             updates += 1
             self.state.global_step += 1
             target_tokens += local_targets
@@ -370,6 +378,13 @@ class IterativeSFTTrainer(Trainer):
     def log_step(self, stats: dict[str, float]) -> None:
         """Send a `step()`'s statistics to `report_to` (the driver calls this once per round)."""
         self.log({k: float(v) for k, v in stats.items() if k not in ("global_step",)})
+
+
+def _as_list(value: Any) -> Any:
+    """`value` as a list when it is a non-string sequence; anything else unchanged for the checks to name."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, list, tuple)):
+        return list(value)
+    return value
 
 
 def _check_str_list(name: str, value: Any, count: int | None = None) -> None:
