@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils.memory import clear_device_cache
+from transformers.integrations.liger import apply_liger_kernel
+from transformers.utils import is_liger_kernel_available
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -53,6 +55,31 @@ from .batching import (
 # Schedules that make sense with no known end; any other needs `max_steps`.
 _OPEN_ENDED_SCHEDULES = ("linear", "constant", "constant_with_warmup")
 _SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+
+# TrainingArguments keys for parallelism this trainer does not take from `args`: `step()`
+# never runs `Trainer.train()`, where accelerate would act on them, and the ranks are
+# sharded with FSDP2 by the trainer group (`resources.trainer_ranks`). `ddp_backend` and
+# `ddp_timeout` are honoured there (the process group's backend and timeout).
+REFUSED_ARGS = {
+    "fsdp": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
+    "fsdp_config": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
+    "deepspeed": "DeepSpeed is not supported; ranks are sharded with FSDP2 (resources.trainer_ranks)",
+    "parallelism_config": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
+    "ddp_find_unused_parameters": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
+    "ddp_bucket_cap_mb": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
+    "ddp_broadcast_buffers": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
+    "ddp_static_graph": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
+}
+
+
+def refused_arg(key: str, value: Any) -> str | None:
+    """Why `trainer.<key>: value` cannot take effect here, or None when it can."""
+    default = TrainingArguments.__dataclass_fields__[key].default if key in TrainingArguments.__dataclass_fields__ else None
+    if key in REFUSED_ARGS and value not in (default, None, "", [], {}):
+        return f"trainer.{key}: not supported ({REFUSED_ARGS[key]}); got {value!r}"
+    if key == "use_liger_kernel" and value and not is_liger_kernel_available():
+        return "trainer.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel)"
+    return None
 
 
 @dataclass
@@ -122,6 +149,10 @@ class IterativeSFTTrainer(Trainer):
         if not isinstance(args, TrainingArguments):
             raise TypeError(f"args: expected TrainingArguments or IterativeSFTConfig, got {type(args).__name__}")
 
+        for key in (*REFUSED_ARGS, "use_liger_kernel"):
+            reason = refused_arg(key, getattr(args, key))
+            if reason:
+                raise ValueError(reason)
         if args.train_sampling_strategy not in _SAMPLING_STRATEGIES:
             raise ValueError(
                 f"train_sampling_strategy: expected one of {_SAMPLING_STRATEGIES}, got {args.train_sampling_strategy!r}"
@@ -147,6 +178,7 @@ class IterativeSFTTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             callbacks=callbacks,
         )
+        self._apply_train_settings()
         self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.lr_scheduler
@@ -156,6 +188,22 @@ class IterativeSFTTrainer(Trainer):
         # the integrations in report_to (TensorBoard's writer among them) start here, as in train().
         self.remove_callback(ProgressCallback)
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+
+    def _apply_train_settings(self) -> None:
+        """What `Trainer.train()` does to the model before its first update, which `step()` never calls.
+
+        Liger kernels patch the model's modules; gradient checkpointing recomputes each
+        decoder layer's forward during backward instead of keeping its activations.
+        """
+        args = self.args
+        if args.use_liger_kernel:
+            apply_liger_kernel(self.model, args.liger_kernel_config)
+        if args.gradient_checkpointing:
+            kwargs = dict(args.gradient_checkpointing_kwargs or {})
+            every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+            )
 
     # ---------------------------------------------------------------- schedule
 

@@ -356,3 +356,33 @@ def test_trl_test_usage_keeps_gradients_after_step(tiny_paths, tmp_path, model_n
 
     for param in trainer.model.parameters():
         assert param.grad is not None
+
+
+def test_gradient_checkpointing_recomputes_layers_and_makes_the_same_update(llama_path, tmp_path):
+    def forwards_of_first_layer(trainer):
+        calls = []
+        trainer.model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        trainer.step(texts=TEXTS)
+        return len(calls)
+
+    plain = make_trainer(llama_path, tmp_path, per_device_train_batch_size=8)
+    checkpointed = make_trainer(llama_path, tmp_path, per_device_train_batch_size=8, gradient_checkpointing=True)
+    assert forwards_of_first_layer(plain) == 1
+    assert forwards_of_first_layer(checkpointed) == 2  # the forward runs again in backward: activations not kept
+    assert_same_weights(weights(plain), weights(checkpointed))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("fsdp", "full_shard"), ("fsdp_config", {"min_num_params": 1}), ("deepspeed", "ds.json"),
+    ("ddp_find_unused_parameters", True), ("ddp_bucket_cap_mb", 25), ("ddp_broadcast_buffers", False),
+    ("ddp_static_graph", True), ("use_liger_kernel", True),
+])
+def test_parallelism_and_liger_keys_are_refused_naming_the_key(llama_path, tmp_path, key, value):
+    from iterft_ray.config import load_config
+
+    with pytest.raises(ValueError, match=rf"^trainer\.{key}: "):
+        load_config({"model": {"name_or_path": "tiny-llama"}, "trainer": {key: value}})
+    if key in ("deepspeed", "fsdp", "fsdp_config"):
+        return  # TrainingArguments itself acts on these when built (needs accelerate plugins); config load refuses first
+    with pytest.raises(ValueError, match=rf"^trainer\.{key}: "):
+        make_trainer(llama_path, tmp_path, **{key: value})
