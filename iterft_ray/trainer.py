@@ -9,9 +9,12 @@ sequence dimension (not the batch), trains EOS when pad == eos, keeps a constant
 learning rate when there is no `max_steps`, and counts optimizer updates in
 `global_step`.
 
-Nothing here knows about Ray. When `torch.distributed` is initialised (a rank
-group made by the Ray trainer actor), each rank trains on its own shard and the
-gradients of every update are summed across ranks; see `_all_reduce_sum`.
+Nothing here knows about Ray. When `torch.distributed` is initialised with more than
+one rank (a rank group made by the Ray trainer actor), the model is sharded with
+FSDP2 (`fully_shard` per decoder layer and the root): each rank holds 1/N of the
+parameters, gradients and optimizer state, trains on its own shard of the batch,
+and FSDP2 reduce-scatters the gradients. Master weights and optimizer state are
+fp32 whatever dtype the checkpoint was saved in; `bf16=True` computes in bf16.
 """
 
 from __future__ import annotations
@@ -179,10 +182,21 @@ class IterativeSFTTrainer(Trainer):
             callbacks=callbacks,
         )
         self._apply_train_settings()
+        # Master weights in fp32 (a bf16 checkpoint loads as bf16): updates below bf16's
+        # resolution must still move them, and the optimizer state follows their dtype.
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
+            self.model.to(torch.float32)
+        self.sharded = _world_size() > 1
+        if self.sharded:
+            _shard(self.model, bf16=bool(args.bf16))
         self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.model, self.optimizer, self.lr_scheduler
-        )
+        if self.sharded:
+            # FSDP2 owns the collectives; accelerate would wrap the sharded model in DDP.
+            self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
+        else:
+            self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+                self.model, self.optimizer, self.lr_scheduler
+            )
         self._logged_since = self._new_log_window()
         # step() is driven from outside, so a Trainer progress bar would show nothing useful;
         # the integrations in report_to (TensorBoard's writer among them) start here, as in train().
@@ -340,14 +354,19 @@ class IterativeSFTTrainer(Trainer):
                 real = int(batch["attention_mask"].sum())
                 input_tokens += real
                 pad_tokens += batch["attention_mask"].numel() - real
+            # Sharded ranks run the same number of forward/backward passes (each one
+            # gathers parameters and reduces gradients together); a rank short of
+            # micro-batches runs ones that train nothing.
+            most = int(_all_reduce_max(torch.tensor(float(len(batches)))).item())
+            batches += [self._empty_batch()] * (most - len(batches))
+            for batch in batches:
                 batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
                 with self.compute_loss_context_manager():
                     token_loss = self._token_loss_sum(model, batch)
                 self.accelerator.backward(token_loss / update_targets)
                 loss_sum += token_loss.detach()
-            _all_reduce_grads(model)
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm else math.inf
-            grad_norms.append(self.accelerator.clip_grad_norm_(model.parameters(), max_norm).detach())
+            grad_norms.append(self._clip_grad_norm(max_norm))
             lr = self.lr_scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -379,6 +398,19 @@ class IterativeSFTTrainer(Trainer):
             "step_time": elapsed,
             "tokens_per_second": input_tokens / elapsed if elapsed > 0 else 0.0,
         }
+
+    def _empty_batch(self) -> dict[str, torch.Tensor]:
+        """A one-token batch with no targets: it joins the ranks' collectives and adds nothing."""
+        pad = self.tokenizer.pad_token_id
+        example = {"input_ids": torch.tensor([pad]), "labels": torch.tensor([IGNORE_INDEX])}
+        return self.data_collator([example])
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` and return the norm before clipping, over all ranks' shards."""
+        if not self.sharded:
+            return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm).detach()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
 
     def _count_targets(self, labels: torch.Tensor) -> int:
         shifted = labels if self.is_encoder_decoder else labels[:, 1:]
@@ -500,23 +532,21 @@ def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return _all_reduce(t, dist.ReduceOp.MAX)
 
 
-def _all_reduce_grads(model: torch.nn.Module) -> None:
-    """Sum gradients over the rank group once per update, in one flat buffer.
+def _shard(model: torch.nn.Module, bf16: bool) -> None:
+    """`fully_shard` each decoder layer (the model's `_no_split_modules`), then the root.
 
-    Summing (not averaging) is right because each rank's loss is already divided
-    by the update's target tokens over all ranks. Done by hand rather than by DDP
-    so that ranks with uneven shards, or none for an update, still agree.
+    Gradients are summed, not averaged, over ranks: each rank's loss is already divided
+    by the update's target tokens over all ranks.
     """
-    if _world_size() == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: Gloo has no PREMUL_SUM or AVG
