@@ -188,6 +188,8 @@ class IterativeSFTTrainer(Trainer):
             self.model.to(torch.float32)
         self.sharded = _world_size() > 1
         if self.sharded:
+            if torch.cuda.is_available():  # FSDP2 shards onto the rank's own device (set by the rank group)
+                self.model.to(torch.device("cuda", torch.cuda.current_device()))
             _shard(self.model, bf16=bool(args.bf16))
         self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
         if self.sharded:
