@@ -46,6 +46,12 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    # A gathered state dict holds tied parameters (embeddings and LM head) twice; keep
+    # the first name, as save_pretrained does for a live model.
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            model_state.pop(name, None)
     model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     if trainer.sharded:  # the class FSDP2 made (FSDPLlamaForCausalLM) is no architecture a loader knows
         model.config.architectures = [_unsharded_class(model).__name__]

@@ -118,6 +118,9 @@ def test_sharded_checkpoint_loads_with_from_pretrained_and_resumes_with_any_rank
     finally:
         two.shutdown()
     assert weights_checksum(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")) == saved
+    from safetensors.torch import load_file
+
+    assert "lm_head.weight" not in load_file(str(tmp_path / "ckpt" / "model.safetensors"))  # tied: stored once
 
     resumed_two = group(2, checkpoint=str(tmp_path / "ckpt"), **args)
     resumed_one = group(1, checkpoint=str(tmp_path / "ckpt"), optim="adamw_torch", per_device_train_batch_size=4)
