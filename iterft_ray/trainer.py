@@ -77,8 +77,7 @@ REFUSED_ARGS = {
 
 def refused_arg(key: str, value: Any) -> str | None:
     """Why `trainer.<key>: value` cannot take effect here, or None when it can."""
-    default = TrainingArguments.__dataclass_fields__[key].default if key in TrainingArguments.__dataclass_fields__ else None
-    if key in REFUSED_ARGS and value not in (default, None, "", [], {}):
+    if key in REFUSED_ARGS and value not in (None, "", [], {}):  # every one of them defaults to unset
         return f"trainer.{key}: not supported ({REFUSED_ARGS[key]}); got {value!r}"
     if key == "use_liger_kernel" and value and not is_liger_kernel_available():
         return "trainer.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel)"
@@ -542,7 +541,9 @@ def _shard(model: torch.nn.Module, bf16: bool) -> None:
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy()
+    if bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if type(module).__name__ in layer_classes:
