@@ -17,33 +17,61 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 TENSORS, META = "training_state.safetensors", "training_state.json"
 
 
-def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write model, tokenizer, optimizer, scheduler, RNG and `extra` (JSON) to `path`, atomically."""
+def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None = None) -> Path | None:
+    """Write model, tokenizer, optimizer, scheduler, RNG and `extra` (JSON) to `path`, atomically.
+
+    With sharded ranks every rank calls it: the full model and optimizer state are
+    gathered (to rank 0's CPU, one tensor at a time) and rank 0 writes; the files are the
+    same as one rank's, so a checkpoint loads with `from_pretrained` and resumes with any
+    number of ranks. Returns the path on the rank that wrote it, else None.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=trainer.sharded)
+    model_state = get_model_state_dict(trainer.model, options=options)
+    optimizer = get_optimizer_state_dict(trainer.model, _torch_optimizer(trainer), options=options)
+    if trainer.sharded and dist.get_rank() != 0:
+        return None
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    model.save_pretrained(tmp, safe_serialization=True)
+    # A gathered state dict holds tied parameters (embeddings and LM head) twice; keep
+    # the first name, as save_pretrained does for a live model.
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            model_state.pop(name, None)
+    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+    if trainer.sharded:  # the class FSDP2 made (FSDPLlamaForCausalLM) is no architecture a loader knows
+        model.config.architectures = [_unsharded_class(model).__name__]
+        model.config.save_pretrained(tmp)
     trainer.tokenizer.save_pretrained(tmp)
 
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
-    optimizer = trainer.optimizer.state_dict()
+    # Optimizer state keyed by parameter name (not position), as torch's distributed
+    # checkpoint helpers give it: the same for one rank and for N.
     optimizer_meta: dict[str, Any] = {"param_groups": optimizer["param_groups"], "state": {}}
-    for index, state in optimizer["state"].items():
-        optimizer_meta["state"][str(index)] = {}
-        for name, value in state.items():
+    for name, state in optimizer["state"].items():
+        optimizer_meta["state"][name] = {}
+        for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
             else:
-                optimizer_meta["state"][str(index)][name] = value
+                optimizer_meta["state"][name][key] = value
     numpy_state = np.random.get_state()
     meta = {
         "global_step": trainer.state.global_step,
@@ -65,17 +93,21 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
 def load_training_state(trainer, path: str | Path) -> dict[str, Any]:
     """Restore optimizer, scheduler, update counter and RNG from `path` (the model was loaded from it).
 
+    With sharded ranks every rank calls it and keeps its shard of the optimizer state.
     Returns the `extra` dict saved with it.
     """
     path = Path(path)
     tensors = load_file(str(path / TENSORS))
     meta = json.loads((path / META).read_text(encoding="utf-8"))
-    state: dict[int, dict[str, Any]] = {int(i): dict(values) for i, values in meta["optimizer"]["state"].items()}
+    state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in meta["optimizer"]["state"].items()}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+            name, field = key.removeprefix("optimizer.").rsplit(".", 1)
+            state.setdefault(name, {})[field] = value
+    set_optimizer_state_dict(
+        trainer.model, _torch_optimizer(trainer), {"state": state, "param_groups": meta["optimizer"]["param_groups"]},
+        options=StateDictOptions(full_state_dict=True),
+    )
     trainer.lr_scheduler.load_state_dict(meta["scheduler"])
     trainer.state.global_step = meta["global_step"]
     torch.set_rng_state(tensors["rng.torch"])
@@ -86,6 +118,17 @@ def load_training_state(trainer, path: str | Path) -> dict[str, Any]:
     name, keys, *rest = meta["rng"]["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     return meta["extra"]
+
+
+def _torch_optimizer(trainer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+
+
+def _unsharded_class(model: torch.nn.Module) -> type:
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 def is_checkpoint(path: Path) -> bool:

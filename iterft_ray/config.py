@@ -266,7 +266,7 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
     other sections'; the rest (enums given as strings, dicts or JSON strings) are left to
     TrainingArguments.
     """
-    from .trainer import IterativeSFTConfig
+    from .trainer import IterativeSFTConfig, refused_arg
 
     hints = typing.get_type_hints(IterativeSFTConfig)
     known = {f.name for f in dataclasses.fields(IterativeSFTConfig) if f.init}
@@ -277,6 +277,9 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
         options = [t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None)]
         plain = len(options) == 1 and options[0] in (bool, int, float, str)
         checked[key] = _coerce(hints[key], value, f"trainer.{key}") if plain else value
+        reason = refused_arg(key, checked[key])
+        if reason:
+            raise ValueError(reason)
     if "output_dir" in trainer:
         raise ValueError("trainer.output_dir: set loop.output_dir instead; the trainer writes under it")
     return checked

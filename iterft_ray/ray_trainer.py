@@ -158,7 +158,7 @@ class RayIterativeSFTTrainer:
             )
             self.trainer = self._new_trainer(checkpoint)
             self.weights, self.version = self.trainer.publish()
-            self.eos_token: str | None = ray.get(self.trainer.ranks[0].eos_token.remote())
+            self.eos_token: str | None = self.trainer.call("eos_token", on="rank0")[0]
         except BaseException:
             self.shutdown()  # a failed start leaves no actor behind
             raise
@@ -245,7 +245,7 @@ class RayIterativeSFTTrainer:
 
     def publish_weights(self) -> int:
         """Put the trainer's current weights in the object store (generators load them on their next call)."""
-        if ray.get(self.trainer.ranks[0].version.remote()) != self.version:
+        if self.trainer.call("version", on="rank0")[0] != self.version:
             self.weights, self.version = self.trainer.publish()
         return self.version
 

@@ -9,9 +9,12 @@ sequence dimension (not the batch), trains EOS when pad == eos, keeps a constant
 learning rate when there is no `max_steps`, and counts optimizer updates in
 `global_step`.
 
-Nothing here knows about Ray. When `torch.distributed` is initialised (a rank
-group made by the Ray trainer actor), each rank trains on its own shard and the
-gradients of every update are summed across ranks; see `_all_reduce_sum`.
+Nothing here knows about Ray. When `torch.distributed` is initialised with more than
+one rank (a rank group made by the Ray trainer actor), the model is sharded with
+FSDP2 (`fully_shard` per decoder layer and the root): each rank holds 1/N of the
+parameters, gradients and optimizer state, trains on its own shard of the batch,
+and FSDP2 reduce-scatters the gradients. Master weights and optimizer state are
+fp32 whatever dtype the checkpoint was saved in; `bf16=True` computes in bf16.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils.memory import clear_device_cache
+from transformers.integrations.liger import apply_liger_kernel
+from transformers.utils import is_liger_kernel_available
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -53,6 +58,30 @@ from .batching import (
 # Schedules that make sense with no known end; any other needs `max_steps`.
 _OPEN_ENDED_SCHEDULES = ("linear", "constant", "constant_with_warmup")
 _SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+
+# TrainingArguments keys for parallelism this trainer does not take from `args`: `step()`
+# never runs `Trainer.train()`, where accelerate would act on them, and the ranks are
+# sharded with FSDP2 by the trainer group (`resources.trainer_ranks`). `ddp_backend` and
+# `ddp_timeout` are honoured there (the process group's backend and timeout).
+REFUSED_ARGS = {
+    "fsdp": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
+    "fsdp_config": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
+    "deepspeed": "DeepSpeed is not supported; ranks are sharded with FSDP2 (resources.trainer_ranks)",
+    "parallelism_config": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
+    "ddp_find_unused_parameters": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
+    "ddp_bucket_cap_mb": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
+    "ddp_broadcast_buffers": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
+    "ddp_static_graph": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
+}
+
+
+def refused_arg(key: str, value: Any) -> str | None:
+    """Why `trainer.<key>: value` cannot take effect here, or None when it can."""
+    if key in REFUSED_ARGS and value not in (None, "", [], {}):  # every one of them defaults to unset
+        return f"trainer.{key}: not supported ({REFUSED_ARGS[key]}); got {value!r}"
+    if key == "use_liger_kernel" and value and not is_liger_kernel_available():
+        return "trainer.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel)"
+    return None
 
 
 @dataclass
@@ -122,6 +151,10 @@ class IterativeSFTTrainer(Trainer):
         if not isinstance(args, TrainingArguments):
             raise TypeError(f"args: expected TrainingArguments or IterativeSFTConfig, got {type(args).__name__}")
 
+        for key in (*REFUSED_ARGS, "use_liger_kernel"):
+            reason = refused_arg(key, getattr(args, key))
+            if reason:
+                raise ValueError(reason)
         if args.train_sampling_strategy not in _SAMPLING_STRATEGIES:
             raise ValueError(
                 f"train_sampling_strategy: expected one of {_SAMPLING_STRATEGIES}, got {args.train_sampling_strategy!r}"
@@ -147,15 +180,45 @@ class IterativeSFTTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             callbacks=callbacks,
         )
+        self._apply_train_settings()
+        # Master weights in fp32 (a bf16 checkpoint loads as bf16): updates below bf16's
+        # resolution must still move them, and the optimizer state follows their dtype.
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
+            self.model.to(torch.float32)
+        self.sharded = _world_size() > 1
+        if self.sharded:
+            if torch.cuda.is_available():  # FSDP2 shards onto the rank's own device (set by the rank group)
+                self.model.to(torch.device("cuda", torch.cuda.current_device()))
+            _shard(self.model, bf16=bool(args.bf16))
         self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.model, self.optimizer, self.lr_scheduler
-        )
+        if self.sharded:
+            # FSDP2 owns the collectives; accelerate would wrap the sharded model in DDP.
+            self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
+        else:
+            self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+                self.model, self.optimizer, self.lr_scheduler
+            )
         self._logged_since = self._new_log_window()
         # step() is driven from outside, so a Trainer progress bar would show nothing useful;
         # the integrations in report_to (TensorBoard's writer among them) start here, as in train().
         self.remove_callback(ProgressCallback)
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+
+    def _apply_train_settings(self) -> None:
+        """What `Trainer.train()` does to the model before its first update, which `step()` never calls.
+
+        Liger kernels patch the model's modules; gradient checkpointing recomputes each
+        decoder layer's forward during backward instead of keeping its activations.
+        """
+        args = self.args
+        if args.use_liger_kernel:
+            apply_liger_kernel(self.model, args.liger_kernel_config)
+        if args.gradient_checkpointing:
+            kwargs = dict(args.gradient_checkpointing_kwargs or {})
+            every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+            )
 
     # ---------------------------------------------------------------- schedule
 
@@ -201,7 +264,13 @@ class IterativeSFTTrainer(Trainer):
         return self.train_examples(examples)
 
     def build_examples(self, input_ids, attention_mask, labels, texts, texts_labels) -> list[Example]:
-        """Validate `step()` arguments, before anything changes, and turn them into examples."""
+        """Validate `step()` arguments, before anything changes, and turn them into examples.
+
+        Any sequence is taken for a list (TRL's own tests pass `datasets` columns).
+        """
+        input_ids, attention_mask, labels, texts, texts_labels = (
+            _as_list(v) for v in (input_ids, attention_mask, labels, texts, texts_labels)
+        )
         if (texts is None) == (input_ids is None):
             raise ValueError("texts, input_ids: give exactly one of them")
         if texts is not None:
@@ -286,18 +355,25 @@ class IterativeSFTTrainer(Trainer):
                 real = int(batch["attention_mask"].sum())
                 input_tokens += real
                 pad_tokens += batch["attention_mask"].numel() - real
+            # Sharded ranks run the same number of forward/backward passes (each one
+            # gathers parameters and reduces gradients together); a rank short of
+            # micro-batches runs ones that train nothing.
+            most = int(_all_reduce_max(torch.tensor(float(len(batches)))).item())
+            batches += [self._empty_batch()] * (most - len(batches))
+            for batch in batches:
                 batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
                 with self.compute_loss_context_manager():
                     token_loss = self._token_loss_sum(model, batch)
                 self.accelerator.backward(token_loss / update_targets)
                 loss_sum += token_loss.detach()
-            _all_reduce_grads(model)
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm else math.inf
-            grad_norms.append(self.accelerator.clip_grad_norm_(model.parameters(), max_norm).detach())
+            grad_norms.append(self._clip_grad_norm(max_norm))
             lr = self.lr_scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            # No arguments: a caller who patched `optimizer.zero_grad` (TRL's tests keep
+            # gradients visible with set_to_none=False) gets what they asked for.
+            self.optimizer.zero_grad()
             updates += 1
             self.state.global_step += 1
             target_tokens += local_targets
@@ -323,6 +399,19 @@ class IterativeSFTTrainer(Trainer):
             "step_time": elapsed,
             "tokens_per_second": input_tokens / elapsed if elapsed > 0 else 0.0,
         }
+
+    def _empty_batch(self) -> dict[str, torch.Tensor]:
+        """A one-token batch with no targets: it joins the ranks' collectives and adds nothing."""
+        pad = self.tokenizer.pad_token_id
+        example = {"input_ids": torch.tensor([pad]), "labels": torch.tensor([IGNORE_INDEX])}
+        return self.data_collator([example])
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` and return the norm before clipping, over all ranks' shards."""
+        if not self.sharded:
+            return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm).detach()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
 
     def _count_targets(self, labels: torch.Tensor) -> int:
         shifted = labels if self.is_encoder_decoder else labels[:, 1:]
@@ -370,6 +459,13 @@ class IterativeSFTTrainer(Trainer):
     def log_step(self, stats: dict[str, float]) -> None:
         """Send a `step()`'s statistics to `report_to` (the driver calls this once per round)."""
         self.log({k: float(v) for k, v in stats.items() if k not in ("global_step",)})
+
+
+def _as_list(value: Any) -> Any:
+    """`value` as a list when it is a non-string sequence; anything else unchanged for the checks to name."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, list, tuple)):
+        return list(value)
+    return value
 
 
 def _check_str_list(name: str, value: Any, count: int | None = None) -> None:
@@ -437,23 +533,23 @@ def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return _all_reduce(t, dist.ReduceOp.MAX)
 
 
-def _all_reduce_grads(model: torch.nn.Module) -> None:
-    """Sum gradients over the rank group once per update, in one flat buffer.
+def _shard(model: torch.nn.Module, bf16: bool) -> None:
+    """`fully_shard` each decoder layer (the model's `_no_split_modules`), then the root.
 
-    Summing (not averaging) is right because each rank's loss is already divided
-    by the update's target tokens over all ranks. Done by hand rather than by DDP
-    so that ranks with uneven shards, or none for an update, still agree.
+    Gradients are summed, not averaged, over ranks: each rank's loss is already divided
+    by the update's target tokens over all ranks.
     """
-    if _world_size() == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: Gloo has no PREMUL_SUM or AVG

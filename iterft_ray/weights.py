@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
 # torch dtypes numpy can hold as themselves; any other (bfloat16, float8 ...) is stored
 # as the unsigned integer of the same width and reinterpreted on load.
@@ -77,13 +78,16 @@ def _from_array(array: np.ndarray, dtype_name: str) -> torch.Tensor:
     return t if t.dtype == dtype else t.view(dtype)
 
 
-def _snapshot(model: torch.nn.Module, version: int, copy: bool) -> WeightSnapshot:
+def _snapshot(model: torch.nn.Module, version: int, copy: bool, local: bool = False) -> WeightSnapshot:
+    """`local`: take a sharded (DTensor) entry's local shard, as `publish_shard` does."""
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, t in model.state_dict().items():
         t = t.detach()
+        if local and isinstance(t, DTensor):
+            t = t.to_local()
         if t.numel():
             key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
             if key in seen:
@@ -115,6 +119,43 @@ def publish_weights(model: torch.nn.Module, version: int) -> ray.ObjectRef:
     cannot change the published version and no intermediate copy is made.
     """
     return ray.put(_snapshot(model, version, copy=False))
+
+
+@dataclass
+class WeightShard:
+    """One rank's part of a weight version: its rows of each sharded tensor, and the unsharded rest.
+
+    `sharded` names the entries cut along dim 0 (FSDP2's `Shard(0)`); concatenating the
+    ranks' parts of them in rank order gives the full tensor.
+    """
+
+    snapshot: WeightSnapshot
+    sharded: list[str]
+
+
+def publish_shard(model: torch.nn.Module, version: int) -> ray.ObjectRef:
+    """Put this rank's shard of an FSDP2-sharded `model` into the object store (a `WeightShard`).
+
+    Like `publish_weights`, the put is the only copy, and a rank never holds the full weights.
+    """
+    sharded = []
+    for name, t in model.state_dict().items():
+        if isinstance(t, DTensor):
+            if tuple(t.placements) != (Shard(0),):
+                raise ValueError(f"{name}: expected a tensor sharded along dim 0, got {t.placements}")
+            sharded.append(name)
+    return ray.put(WeightShard(_snapshot(model, version, copy=False, local=True), sharded))
+
+
+def assemble_snapshot(shards: list[WeightShard]) -> WeightSnapshot:
+    """The full `WeightSnapshot` of a version from every rank's `WeightShard`, in rank order."""
+    first = shards[0].snapshot
+    sharded = set(shards[0].sharded)
+    arrays = {
+        name: np.concatenate([s.snapshot.arrays[name] for s in shards], axis=0) if name in sharded else array
+        for name, array in first.arrays.items()
+    }
+    return WeightSnapshot(version=first.version, arrays=arrays, dtypes=dict(first.dtypes), aliases=dict(first.aliases))
 
 
 def load_snapshot(model: torch.nn.Module, snapshot: WeightSnapshot) -> None:

@@ -134,14 +134,10 @@ def test_two_rank_gloo_trainer_equals_one_rank_on_whole_batch():
         assert s1["num_sequences"] == s2["num_sequences"] == 6
         assert s1["updates"] == s2["updates"] == 1
         assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
-        w1 = ray.get(one.trainer.ranks[0].publish.remote())[0]
-        w2 = ray.get(two.trainer.ranks[0].publish.remote())[0]
-        a, b = ray.get(w1), ray.get(w2)
+        a, b = ray.get(one.trainer.publish()[0]), ray.get(two.trainer.publish()[0])
         for name in a.arrays:
             torch.testing.assert_close(torch.from_numpy(a.arrays[name].copy()), torch.from_numpy(b.arrays[name].copy()),
                                        atol=1e-6, rtol=1e-5)
-        # Both ranks hold the same weights after the update.
-        assert len(set(ray.get([r.checksum.remote() for r in two.trainer.ranks]))) == 1
     finally:
         one.shutdown()
         two.shutdown()

@@ -319,3 +319,70 @@ def test_bf16_mixed_precision_trains_fp32_weights(llama_path, tmp_path):
     assert math.isfinite(first["loss"]) and last["loss"] < first["loss"]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a cast
     assert trainer.accelerator.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("model_name", ["causal", "seq2seq"])
+@pytest.mark.parametrize("input_name", ["tensor", "text"])
+def test_trl_test_usage_keeps_gradients_after_step(tiny_paths, tmp_path, model_name, input_name):
+    """What TRL's `test_iterative_step_from_tensor` does, unchanged but for the tiny models' token ids."""
+    from functools import partial
+
+    from datasets import Dataset
+
+    if input_name == "tensor":
+        ids = [torch.tensor([53, 36, 66, 143, 18]), torch.tensor([66, 143, 18, 66, 143, 18]),
+               torch.tensor([53, 36, 66, 143, 18])]
+        dummy_dataset = Dataset.from_dict(
+            {"input_ids": ids, "attention_mask": [torch.ones_like(x) for x in ids], "labels": ids}
+        )
+        dummy_dataset.set_format("torch")
+        inputs = {k: dummy_dataset[k] for k in ("input_ids", "attention_mask", "labels")}
+    else:
+        texts = ["Testing the IterativeSFTTrainer.", "This is a test of the IterativeSFTTrainer"]
+        dummy_dataset = Dataset.from_dict({"texts": texts, "texts_labels": texts})
+        dummy_dataset.set_format("torch")
+        inputs = {"texts": dummy_dataset["texts"], "texts_labels": dummy_dataset["texts_labels"]}
+    path = tiny_paths["tiny-llama" if model_name == "causal" else "tiny-t5"]
+    cls = AutoModelForCausalLM if model_name == "causal" else AutoModelForSeq2SeqLM
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, report_to="none"
+    )
+    trainer = IterativeSFTTrainer(
+        model=cls.from_pretrained(path), args=training_args, processing_class=AutoTokenizer.from_pretrained(path)
+    )
+    trainer.optimizer.zero_grad = partial(trainer.optimizer.zero_grad, set_to_none=False)
+
+    trainer.step(**inputs)
+
+    for param in trainer.model.parameters():
+        assert param.grad is not None
+
+
+def test_gradient_checkpointing_recomputes_layers_and_makes_the_same_update(llama_path, tmp_path):
+    def forwards_of_first_layer(trainer):
+        calls = []
+        trainer.model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        trainer.step(texts=TEXTS)
+        return len(calls)
+
+    plain = make_trainer(llama_path, tmp_path, per_device_train_batch_size=8)
+    checkpointed = make_trainer(llama_path, tmp_path, per_device_train_batch_size=8, gradient_checkpointing=True)
+    assert forwards_of_first_layer(plain) == 1
+    assert forwards_of_first_layer(checkpointed) == 2  # the forward runs again in backward: activations not kept
+    assert_same_weights(weights(plain), weights(checkpointed))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("fsdp", "full_shard"), ("fsdp_config", {"min_num_params": 1}), ("deepspeed", "ds.json"),
+    ("ddp_find_unused_parameters", True), ("ddp_bucket_cap_mb", 25), ("ddp_broadcast_buffers", False),
+    ("ddp_static_graph", True), ("use_liger_kernel", True),
+])
+def test_parallelism_and_liger_keys_are_refused_naming_the_key(llama_path, tmp_path, key, value):
+    from iterft_ray.config import load_config
+
+    with pytest.raises(ValueError, match=rf"^trainer\.{key}: "):
+        load_config({"model": {"name_or_path": "tiny-llama"}, "trainer": {key: value}})
+    if key in ("deepspeed", "fsdp", "fsdp_config"):
+        return  # TrainingArguments itself acts on these when built (needs accelerate plugins); config load refuses first
+    with pytest.raises(ValueError, match=rf"^trainer\.{key}: "):
+        make_trainer(llama_path, tmp_path, **{key: value})

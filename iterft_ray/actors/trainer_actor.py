@@ -1,14 +1,23 @@
 """TrainerActor: the IterativeSFTTrainer on its own GPUs, as one rank or a group of ranks.
 
 A group of N ranks is N actors in one placement group running torch.distributed (NCCL
-on GPUs, Gloo on CPU). Every rank gets the whole input (a rollout batch arrives by
+on GPUs, Gloo on CPU), with the environment `torchrun` would give them (RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The trainer shards the model with
+FSDP2 over the group. Every rank gets the whole input (a rollout batch arrives by
 reference, so on one node that costs nothing), validates it the same way, and trains
-on its shard `rank::N`; gradients are summed over ranks once per update. Rank 0
-publishes the weights.
+on its shard `rank::N`.
+
+The group calls its ranks in one declared way, `TrainerGroup.call(method, on=...)`:
+on every rank (anything that touches sharded state is collective) or on rank 0 only.
+It always gathers every called rank's result, and the first rank to fail is raised
+with its rank and traceback as soon as it fails, not when the others give up waiting
+in a collective.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 import socket
 from typing import Any
 
@@ -25,7 +34,11 @@ from ..batching import IGNORE_INDEX, examples_from_tensors
 from ..checkpoint import load_training_state, save_training_state
 from ..tiny import resolve_model_path
 from ..trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
-from ..weights import publish_weights, weights_checksum
+from ..weights import assemble_snapshot, publish_shard, publish_weights, weights_checksum
+
+
+class TrainerRankError(RuntimeError):
+    """A trainer rank failed; the message holds its rank and traceback."""
 
 
 @ray.remote
@@ -36,27 +49,39 @@ class TrainerActor:
         self.rank, self.world_size = rank, world_size
         self.trainer: IterativeSFTTrainer | None = None
 
-    def rendezvous_address(self) -> str:
-        """Rank 0: an address on its node where the group can meet."""
+    def placement(self) -> tuple[str, list[int]]:
+        """(node id, GPU ids) of this rank, for the group to work out local ranks and devices."""
+        ctx = ray.get_runtime_context()
+        return ctx.get_node_id(), [int(g) for g in ray.get_gpu_ids()]
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0: an address and free port on its node where the group can meet."""
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+        return ray.util.get_node_ip_address(), port
 
-    def setup(self, model_path: str, trainer_args: dict[str, Any], address: str | None,
+    def setup(self, model_path: str, trainer_args: dict[str, Any], env: dict[str, str],
               tokenizer_path: str | None = None, trust_remote_code: bool = False,
               tiny_overrides: dict | None = None, checkpoint: str | None = None) -> dict[str, Any]:
         """Join the process group (if several ranks) and build the trainer, from `checkpoint` if given.
 
-        Returns the `extra` state saved with the checkpoint (empty for a fresh start).
+        `env` is the distributed environment of this rank; it is set before torch touches
+        a device, so CUDA_VISIBLE_DEVICES (all GPUs of this node's ranks, in local-rank
+        order) lets the ranks of a node see each other's devices. Returns the `extra`
+        state saved with the checkpoint (empty for a fresh start).
         """
+        os.environ.update(env)
         if checkpoint is not None:
             model_path = tokenizer_path = checkpoint
         else:
             model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
         if self.world_size > 1:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=self.world_size)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(env["LOCAL_RANK"]))
+            backend = trainer_args.get("ddp_backend") or ("nccl" if torch.cuda.is_available() else "gloo")
+            timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
         self.trainer = IterativeSFTTrainer(
             load_model(model_path, trust_remote_code=trust_remote_code),
@@ -100,19 +125,33 @@ class TrainerActor:
         return self.trainer.state.global_step
 
     def publish(self) -> list[ray.ObjectRef]:
-        """Rank 0: put the current weights in the object store once; returns [ref] (wrapped so it stays a ref)."""
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        return [publish_weights(model, self.version())]
+        """Put this rank's weights in the object store once: all of them on one rank, its shard on several.
+
+        Returns [ref] (wrapped so it stays a reference).
+        """
+        if self.trainer.sharded:
+            return [publish_shard(self.trainer.model, self.version())]
+        return [publish_weights(self.trainer.accelerator.unwrap_model(self.trainer.model), self.version())]
 
     def evaluate(self) -> dict:
         return self.trainer.evaluate()
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        """Rank 0: save a checkpoint (Hugging Face model + training state + `extra`), atomically."""
+        """Save a checkpoint (Hugging Face model + training state + `extra`), atomically; collective, rank 0 writes."""
         save_training_state(self.trainer, path, extra)
 
     def checksum(self) -> str:
+        """One rank only: `weights_checksum` of its model (the group checksums sharded weights itself)."""
         return weights_checksum(self.trainer.accelerator.unwrap_model(self.trainer.model))
+
+    def peak_memory(self) -> dict[str, float]:
+        """Peak resident memory of this rank's process (and of its GPU), in MB."""
+        import resource
+
+        out = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if torch.cuda.is_available():
+            out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
 
     def shutdown(self) -> None:
         if dist.is_initialized():
@@ -123,6 +162,38 @@ def _token_rows(table: pa.Table) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, completion_ids) of each row with a non-empty completion."""
     nonempty = table.filter(pc.greater(pc.list_value_length(table["completion_ids"]), 0))
     return list(zip(nonempty["prompt_ids"].to_pylist(), nonempty["completion_ids"].to_pylist()))
+
+
+def _gather(refs: list[ray.ObjectRef], ranks: list[int]) -> list[Any]:
+    """Every rank's result, in rank order; the first rank to fail is raised as soon as it fails.
+
+    A rank that died is raised as Ray's own `RayActorError`, so callers that recover a
+    lost trainer still recognise it.
+    """
+    results: dict[ray.ObjectRef, Any] = {}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            results[done[0]] = ray.get(done[0])
+        except ray.exceptions.RayActorError:
+            raise
+        except ray.exceptions.RayTaskError as error:
+            rank = ranks[refs.index(done[0])]
+            raise TrainerRankError(f"trainer rank {rank} failed:\n{error}") from None
+    return [results[r] for r in refs]
+
+
+@ray.remote(num_cpus=0)
+def _gather_task(refs: list[ray.ObjectRef], ranks: list[int], first: bool = False) -> Any:
+    results = _gather(refs, ranks)
+    return results[0] if first else results
+
+
+@ray.remote(num_cpus=0)
+def _assemble_task(shards: list[ray.ObjectRef]):
+    """Full weights from the ranks' shards, in a worker of its own so no rank holds a full copy."""
+    return assemble_snapshot(ray.get(shards))
 
 
 class TrainerGroup:
@@ -146,67 +217,118 @@ class TrainerGroup:
         self.placement_group = placement_group([bundle] * ranks, strategy="PACK")
         self.ranks: list = []
         try:
-            self._start(model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
-                        tokenizer_path, trust_remote_code, tiny_overrides, checkpoint)
+            self._create_ranks(model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
+                               tokenizer_path, trust_remote_code, tiny_overrides, checkpoint)
         except BaseException:
             self.shutdown()  # a rank that failed to start leaves no rank or placement group behind
             raise
 
-    def _start(self, model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
-               tokenizer_path, trust_remote_code, tiny_overrides, checkpoint) -> None:
+    def _create_ranks(self, model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
+                      tokenizer_path, trust_remote_code, tiny_overrides, checkpoint) -> None:
         ray.get(self.placement_group.ready())
+        # Ray would give each rank only its own GPU; the group sets CUDA_VISIBLE_DEVICES itself.
+        runtime_env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if gpus_per_rank else None
         self.ranks = [
             TrainerActor.options(
                 num_cpus=cpus_per_rank,
                 num_gpus=gpus_per_rank,
                 resources={"trainer": 1} if custom_resources else None,
+                runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(i, ranks)
             for i in range(ranks)
         ]
-        address = ray.get(self.ranks[0].rendezvous_address.remote()) if ranks > 1 else None
-        self.restored: dict[str, Any] = ray.get([
-            r.setup.remote(model_path, trainer_args, address, tokenizer_path, trust_remote_code, tiny_overrides,
-                           checkpoint)
-            for r in self.ranks
-        ])[0]
+        envs = self._rank_environments(ranks)
+        self.restored: dict[str, Any] = self.call(
+            "setup", model_path, trainer_args, tokenizer_path=tokenizer_path, trust_remote_code=trust_remote_code,
+            tiny_overrides=tiny_overrides, checkpoint=checkpoint, per_rank={"env": envs},
+        )[0]
 
-    def _all(self, method: str, *args, **kwargs) -> Any:
-        """Call `method` on every rank; return rank 0's result."""
-        return ray.get([getattr(r, method).remote(*args, **kwargs) for r in self.ranks])[0]
+    def _rank_environments(self, ranks: int) -> list[dict[str, str]]:
+        """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT (and the node's GPUs) of each rank."""
+        placements = self.call("placement")
+        addr, port = self.call("rendezvous_address", on="rank0")[0]
+        envs = []
+        for rank, (node, gpus) in enumerate(placements):
+            on_node = [r for r, (n, _) in enumerate(placements) if n == node]
+            env = {"RANK": str(rank), "LOCAL_RANK": str(on_node.index(rank)), "WORLD_SIZE": str(ranks),
+                   "LOCAL_WORLD_SIZE": str(len(on_node)), "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for r in on_node for g in placements[r][1])
+                env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+            envs.append(env)
+        return envs
+
+    def call_async(self, method: str, *args, on: str = "all", per_rank: dict[str, list] | None = None,
+                   **kwargs) -> ray.ObjectRef:
+        """Start `method` on every rank (`on="all"`) or on rank 0 (`on="rank0"`).
+
+        Returns a reference to the list of results in rank order, which raises the first
+        rank's failure (with its rank and traceback) as soon as it happens. `per_rank`
+        gives keyword arguments that differ by rank (one value per rank).
+        """
+        refs, ranks = self._start(method, args, on, per_rank, kwargs)
+        return _gather_task.remote(refs, ranks)
+
+    def call(self, method: str, *args, on: str = "all", per_rank: dict[str, list] | None = None, **kwargs) -> list:
+        """`call_async`, waited for here: the list of results in rank order."""
+        return _gather(*self._start(method, args, on, per_rank, kwargs))
+
+    def _start(self, method, args, on, per_rank, kwargs) -> tuple[list[ray.ObjectRef], list[int]]:
+        if on not in ("all", "rank0"):
+            raise ValueError(f"on: expected 'all' or 'rank0', got {on!r}")
+        ranks = list(range(len(self.ranks))) if on == "all" else [0]
+        refs = [
+            getattr(self.ranks[i], method).remote(*args, **kwargs, **{k: v[i] for k, v in (per_rank or {}).items()})
+            for i in ranks
+        ]
+        return refs, ranks
 
     def step_rollouts_async(self, rollouts: list[ray.ObjectRef]) -> ray.ObjectRef:
-        """Start `step_rollouts` on every rank; returns rank 0's result reference (ranks finish together)."""
-        return [r.step_rollouts.remote(*rollouts) for r in self.ranks][0]
+        """Start `step_rollouts` on every rank; returns a reference to rank 0's statistics (any rank's error)."""
+        refs, ranks = self._start("step_rollouts", rollouts, "all", None, {})
+        return _gather_task.remote(refs, ranks, first=True)
 
     def step(self, **kwargs) -> dict:
         """Same arguments as `IterativeSFTTrainer.step`; the batch is sharded across ranks."""
-        return self._all("step", **kwargs)
+        return self.call("step", **kwargs)[0]
 
     def step_rollouts(self, rollouts: list[ray.ObjectRef]) -> dict:
         """Train on scored rollout batches, passed by reference to every rank."""
-        return ray.get(self.step_rollouts_async(rollouts))
+        return self.call("step_rollouts", *rollouts)[0]
 
     def publish(self) -> tuple[ray.ObjectRef, int]:
-        """Publish rank 0's weights; returns (snapshot ref, version)."""
-        ref = ray.get(self.ranks[0].publish.remote())[0]
-        return ref, ray.get(self.ranks[0].version.remote())
+        """Publish the full weights once; returns (snapshot ref, version).
+
+        One rank puts its weights; several put their shards and a worker of their own
+        assembles the full snapshot (the format generators load) from them.
+        """
+        refs = [r[0] for r in self.call("publish")]
+        version = self.call("version", on="rank0")[0]
+        return (refs[0] if len(refs) == 1 else _assemble_task.remote(refs)), version
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        ray.get(self.ranks[0].save.remote(path, extra))
+        self.call("save", path, extra)
 
     def evaluate(self) -> dict:
-        return self._all("evaluate")
+        return self.call("evaluate")[0]
 
     def checksum(self) -> str:
-        return ray.get(self.ranks[0].checksum.remote())
+        """`weights_checksum` of the full weights (equal to one unsharded model's)."""
+        if len(self.ranks) == 1:
+            return self.call("checksum")[0]
+        return weights_checksum(ray.get(self.publish()[0]))
+
+    def peak_memory(self) -> list[dict[str, float]]:
+        return self.call("peak_memory")
 
     def shutdown(self) -> None:
-        """Stop every rank (dead ones included) and free the placement group."""
+        """Stop every rank (dead or stuck ones included) and free the placement group."""
         try:
-            ray.get([r.shutdown.remote() for r in self.ranks], timeout=60)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass
+            ray.get([r.shutdown.remote() for r in self.ranks], timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError):
+            pass  # a rank stuck in a collective after another failed: killed below
         for r in self.ranks:
             ray.kill(r)
         remove_placement_group(self.placement_group)
+
