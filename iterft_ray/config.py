@@ -54,6 +54,8 @@ class SamplingConfig:
         # Here, not in load_config, so a SamplingConfig built in Python fails before any actor starts too.
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"sampling.engine: expected 'hf' or 'vllm', got {self.engine!r}")
+        if self.engine == "vllm" and self.temperature > 2:
+            raise ValueError(f"sampling.temperature: the vllm engine takes at most 2, got {self.temperature}")
 
 
 @dataclass

@@ -108,4 +108,6 @@ def test_unknown_engine_is_an_error_naming_the_key():
         load_config({"model": {"name_or_path": "tiny-llama"}, "sampling": {"engine": "sglang"}})
     with pytest.raises(ValueError, match=r"sampling\.engine"):
         SamplingConfig(engine="HF")
+    with pytest.raises(ValueError, match=r"sampling\.temperature: the vllm engine takes at most 2"):
+        load_config({"model": {"name_or_path": "tiny-llama"}, "sampling": {"engine": "vllm", "temperature": 2.5}})
     assert load_config({"model": {"name_or_path": "tiny-llama"}, "sampling": {"engine": "vllm"}}).sampling.engine == "vllm"
