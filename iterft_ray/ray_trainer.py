@@ -183,6 +183,8 @@ class RayIterativeSFTTrainer:
 
         `sampling` overrides fields of the SamplingConfig (num_samples, temperature, ...).
         """
+        if "engine" in sampling:
+            raise ValueError("engine: fixed when the generators start (sampling.engine), not per call")
         config = dataclasses.replace(self.sampling, **sampling)
         table = prompt_table(prompts)
         shards = _split(table, len(self.generators))

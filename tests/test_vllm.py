@@ -62,6 +62,8 @@ def test_stop_tokens_greedy_and_seeded_retry(loop, model_path):
     rl, first = loop.rl, model_path[1]
     greedy = rl.collect(rl.generate([STOP_PROMPT, "12+30="], temperature=0.0, num_samples=1)).to_pylist()
     assert len(greedy) == 2
+    with pytest.raises(ValueError, match="engine: fixed when the generators start"):
+        rl.generate([STOP_PROMPT], engine="hf")
     assert greedy[0]["completion_ids"] == [first] and greedy[0]["finished"]  # the model's second stop token
     sampled = rl.collect(rl.generate(["12+30=", "100+1=", "3+3="], seed=5, round_index=1))
     assert sampled.num_rows == 12 and sorted(sampled.column("prompt_id").to_pylist()) == [0] * 4 + [1] * 4 + [2] * 4
