@@ -47,6 +47,15 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 16
     batch_size: int = 256
+    # How generators sample: "hf" (transformers generate) or "vllm" (a vLLM engine per generator).
+    engine: str = "hf"
+
+    def __post_init__(self):
+        # Here, not in load_config, so a SamplingConfig built in Python fails before any actor starts too.
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"sampling.engine: expected 'hf' or 'vllm', got {self.engine!r}")
+        if self.engine == "vllm" and self.temperature > 2:
+            raise ValueError(f"sampling.temperature: the vllm engine takes at most 2, got {self.temperature}")
 
 
 @dataclass

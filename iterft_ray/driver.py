@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .checkpoint import META, is_checkpoint
 from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
 from .prompts import load_prompts
-from .ray_trainer import RayIterativeSFTTrainer, ScoredRollouts
+from .ray_trainer import RayIterativeSFTTrainer
 from .records import RunRecorder, first_filter_error, write_generations
 from .tasks import Task
 

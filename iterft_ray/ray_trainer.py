@@ -26,7 +26,6 @@ from .actors.filter_pool import FilterPool
 from .actors.generator import GeneratorActor
 from .actors.trainer_actor import TrainerGroup
 from .config import ResourcesConfig, SamplingConfig
-from .sampling import SamplingParams
 
 
 @dataclass
@@ -191,7 +190,7 @@ class RayIterativeSFTTrainer:
         while len(self.generators) < count:
             model, tokenizer, trust_remote_code, tiny_overrides = self._model_args
             self.generators.append(GeneratorActor.options(**options).remote(
-                model, len(self.generators), tokenizer, trust_remote_code, tiny_overrides))
+                model, len(self.generators), self.sampling, tokenizer, trust_remote_code, tiny_overrides))
         for gone in self.generators[count:]:
             ray.kill(gone)
         del self.generators[count:]
@@ -208,12 +207,14 @@ class RayIterativeSFTTrainer:
 
         `sampling` overrides fields of the SamplingConfig (num_samples, temperature, ...).
         """
-        params = SamplingParams(**{**dataclasses.asdict(self.sampling), **sampling})
+        if "engine" in sampling:
+            raise ValueError("engine: fixed when the generators start (sampling.engine), not per call")
+        config = dataclasses.replace(self.sampling, **sampling)
         table = prompt_table(prompts)
         shards = _split(table, len(self.generators))
         weights = [self.weights]
         return [
-            g.generate.remote(ray.put(shard), weights, self.version, params, seed * 1_000_003 + round_index * 1009 + i,
+            g.generate.remote(ray.put(shard), weights, self.version, config, seed * 1_000_003 + round_index * 1009 + i,
                               round_index)
             for i, (g, shard) in enumerate(zip(self.generators, shards))
             if shard.num_rows

@@ -1,30 +1,58 @@
 """Sampling completions from a model into a rollout batch (an Arrow table). No Ray here.
 
 A rollout batch has one row per sample: `sample_id`, `prompt_id`, `prompt`,
-`completion`, `prompt_ids`, `completion_ids` (the sampled tokens, EOS included when
-the model stopped), `finished`, `logprob_sum`, `weight_version`, `generator_id`, and
-every other column of the prompt table (an `answer`, say) repeated per sample.
+`completion`, `prompt_ids`, `completion_ids` (the sampled tokens, the stop token
+included when the model stopped), `finished`, `logprob_sum`, `weight_version`,
+`generator_id`, and every other column of the prompt table (an `answer`, say)
+repeated per sample. Both engines (`iterft_ray.engines`) build it with `rollout_table`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow as pa
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .config import SamplingConfig
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """What `sample_rollouts` needs to know; temperature 0 means greedy."""
+def stop_token_ids(generation_config, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion: the model's own (`generation_config.eos_token_id`, an int
+    or a list, as in Llama-3-Instruct's `<|eot_id|>` and `<|end_of_text|>`) and the tokenizer's EOS."""
+    model_eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    ids = model_eos if isinstance(model_eos, (list, tuple)) else [model_eos]
+    ids = [*ids, tokenizer.eos_token_id]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
-    num_samples: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    max_new_tokens: int = 16
-    batch_size: int = 256
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records the log-probability of each sampled token, one step behind, without keeping scores.
+
+    `generate` calls it with the final (warped) scores of step k; the token chosen from
+    them is the last of `input_ids` at step k + 1. So only one step's log-softmax is held
+    (sequences x vocab), never sequences x vocab x steps, and nothing is read back to
+    the host until the batch is done.
+    """
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs of `new_tokens` (sequences x steps). `generate` may have run one step
+        more than it returned (a deferred stop check), so only the first `steps` records count."""
+        steps = new_tokens.shape[1]
+        if len(self.steps) < steps:
+            self.steps.append(self.previous.gather(1, new_tokens[:, -1:]).squeeze(1))
+        self.previous = None
+        return torch.stack(self.steps[:steps], dim=1) if steps else new_tokens.new_zeros((len(new_tokens), 0), dtype=torch.float)
 
 
 @torch.no_grad()
@@ -32,68 +60,97 @@ def sample_rollouts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: pa.Table,
-    params: SamplingParams,
+    config: SamplingConfig,
     seed: int,
     weight_version: int,
     generator_id: int,
     round_index: int,
 ) -> pa.Table:
-    """Sample `params.num_samples` completions per prompt row, in batches of about `params.batch_size` sequences.
+    """Sample `config.num_samples` completions per prompt row with transformers `generate`,
+    in batches of about `config.batch_size` sequences.
 
     `seed` fixes the samples, so a shard that is retried after a failure yields the
     same rows. `logprob_sum` is the log-probability of the completion under the
-    distribution actually sampled from (after temperature and top-p).
+    distribution actually sampled from (after temperature, top-k and top-p): the
+    warpers are given to `generate` as logits processors, ahead of the recorder, so it
+    sees the scores the token was drawn from.
     """
-    greedy = params.temperature == 0
-    n = 1 if greedy else params.num_samples
+    greedy = config.temperature == 0
+    n = 1 if greedy else config.num_samples
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    prompts_per_batch = max(1, params.batch_size // n)
+    prompts_per_batch = max(1, config.batch_size // n)
     torch.manual_seed(seed)
     texts = prompts.column("prompt").to_pylist()
     out: dict[str, list] = {k: [] for k in ("prompt_index", "sample", "completion_ids", "finished", "logprob_sum")}
     prompt_ids_all = tokenizer(texts)["input_ids"]
-    eos = tokenizer.eos_token_id
+    stops = stop_token_ids(model.generation_config, tokenizer)
+    stop_tensor = torch.tensor(stops, device=model.device)
+    warpers = [] if greedy else [
+        TemperatureLogitsWarper(config.temperature),
+        *([TopKLogitsWarper(config.top_k)] if config.top_k else []),
+        *([TopPLogitsWarper(config.top_p)] if config.top_p < 1 else []),
+    ]
     for start in range(0, len(texts), prompts_per_batch):
         chunk = prompt_ids_all[start : start + prompts_per_batch]
         batch = tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt", padding_side="left")
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        generated = model.generate(
+        recorder = _SampledLogprobs()
+        sequences = model.generate(
             **batch,
             do_sample=not greedy,
-            temperature=params.temperature if not greedy else None,
-            top_p=params.top_p if not greedy else None,
-            top_k=params.top_k if not greedy else None,
-            max_new_tokens=params.max_new_tokens,
+            # The warpers run inside `logits_processor`, so generate adds none of its own.
+            temperature=None if greedy else 1.0,
+            top_p=None if greedy else 1.0,
+            top_k=None if greedy else 0,
+            logits_processor=[*warpers, recorder],
+            max_new_tokens=config.max_new_tokens,
             num_return_sequences=n,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-            output_scores=True,
-            return_dict_in_generate=True,
+            eos_token_id=stops,
         )
-        new_tokens = generated.sequences[:, 1:] if is_encoder_decoder else generated.sequences[:, batch["input_ids"].shape[1] :]
-        logprobs = model.compute_transition_scores(generated.sequences, generated.scores, normalize_logits=True)
-        for row in range(new_tokens.shape[0]):
-            tokens = new_tokens[row].tolist()
-            length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        new_tokens = sequences[:, 1:] if is_encoder_decoder else sequences[:, batch["input_ids"].shape[1] :]
+        logprobs = recorder.finish(new_tokens)
+        # Cut each row after its first stop token, on the device, then read the batch back once.
+        is_stop = torch.isin(new_tokens, stop_tensor)
+        finished = is_stop.any(dim=1)
+        lengths = torch.where(finished, is_stop.int().argmax(dim=1) + 1, new_tokens.shape[1])
+        kept = torch.arange(new_tokens.shape[1], device=new_tokens.device)[None, :] < lengths[:, None]
+        sums = torch.where(kept, logprobs, 0.0).sum(dim=1, dtype=torch.float64)
+        for row, (tokens, length, done, total) in enumerate(
+            zip(new_tokens.tolist(), lengths.tolist(), finished.tolist(), sums.tolist())
+        ):
             out["prompt_index"].append(start + row // n)
             out["sample"].append(row % n)
             out["completion_ids"].append(tokens[:length])
-            out["finished"].append(eos in tokens[:length])
-            out["logprob_sum"].append(float(logprobs[row, :length].float().nan_to_num(0.0, neginf=0.0).sum()))
+            out["finished"].append(done)
+            out["logprob_sum"].append(total)
+    return rollout_table(prompts, tokenizer, prompt_ids_all, out, weight_version, generator_id, round_index)
 
-    index = pa.array(out["prompt_index"], pa.int64())
+
+def rollout_table(
+    prompts: pa.Table,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids_all: list[list[int]],
+    samples: dict[str, list],
+    weight_version: int,
+    generator_id: int,
+    round_index: int,
+) -> pa.Table:
+    """The rollout batch from per-sample lists (`prompt_index`, `sample`, `completion_ids`,
+    `finished`, `logprob_sum`): the prompt rows repeated per sample, plus the sample columns."""
+    index = pa.array(samples["prompt_index"], pa.int64())
     rows = prompts.take(index)
-    completion_ids = out["completion_ids"]
-    prompt_ids = [prompt_ids_all[i] for i in out["prompt_index"]]
+    completion_ids = samples["completion_ids"]
+    prompt_ids = [prompt_ids_all[i] for i in samples["prompt_index"]]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    sample_ids = [f"r{round_index}-p{pid}-s{s}" for pid, s in zip(rows.column("prompt_id").to_pylist(), out["sample"])]
+    sample_ids = [f"r{round_index}-p{pid}-s{s}" for pid, s in zip(rows.column("prompt_id").to_pylist(), samples["sample"])]
     columns = {
         "sample_id": pa.array(sample_ids, pa.string()),
         "completion": pa.array(completions, pa.string()),
         "prompt_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
         "completion_ids": pa.array(completion_ids, pa.list_(pa.int32())),
-        "finished": pa.array(out["finished"], pa.bool_()),
-        "logprob_sum": pa.array(out["logprob_sum"], pa.float64()),
+        "finished": pa.array(samples["finished"], pa.bool_()),
+        "logprob_sum": pa.array(samples["logprob_sum"], pa.float64()),
         "weight_version": pa.array([weight_version] * len(index), pa.int64()),
         "generator_id": pa.array([generator_id] * len(index), pa.int32()),
     }

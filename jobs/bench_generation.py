@@ -44,7 +44,8 @@ from bench_common import (add_niceness_option, column, environment, init_ray_fro
                           print_environment, print_table, verdict, write_json)
 from iterft_ray.actors.generator import GeneratorActor
 from iterft_ray.cli import resolve_config
-from iterft_ray.sampling import SamplingParams, sample_rollouts
+from iterft_ray.config import SamplingConfig
+from iterft_ray.sampling import sample_rollouts
 from iterft_ray.tasks import get_task
 from iterft_ray.tiny import resolve_model_path
 from iterft_ray.trainer import load_model
@@ -67,7 +68,7 @@ class ThreadProbe:
         return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
-def bare_generate(model, batches: list[dict], params: SamplingParams, seed: int, pad_id: int, eos: int) -> int:
+def bare_generate(model, batches: list[dict], params: SamplingConfig, seed: int, pad_id: int, eos: int) -> int:
     """model.generate on pre-padded batches with sample_rollouts' arguments; returns completion tokens."""
     torch.manual_seed(seed)
     tokens = 0
@@ -108,13 +109,13 @@ def main() -> None:
     path = resolve_model_path("tiny-llama", **model_overrides)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_model(path).eval()
-    actor = GeneratorActor.options(num_cpus=args.actor_cpus).remote("tiny-llama", 0, None, False,
+    actor = GeneratorActor.options(num_cpus=args.actor_cpus).remote("tiny-llama", 0, SamplingConfig(), None, False,
                                                                    model_overrides)
     weights = publish_weights(model, 0)
 
     task = get_task("addition", digits=2, num_train=max(args.prompts, 512))
     prompts = pa.Table.from_pylist(task.train_prompts[: args.prompts])
-    params = SamplingParams(num_samples=args.num_samples, temperature=1.0, max_new_tokens=args.max_new_tokens,
+    params = SamplingConfig(num_samples=args.num_samples, temperature=1.0, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size)
     per_batch = max(1, params.batch_size // params.num_samples)
     ids = tokenizer(prompts.column("prompt").to_pylist())["input_ids"]

@@ -48,7 +48,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -65,7 +64,7 @@ from iterft_ray.cli import resolve_config
 from iterft_ray.config import load_config
 from iterft_ray.driver import IterativeLoop
 from iterft_ray.filters import RolloutScorer
-from iterft_ray.sampling import SamplingParams, sample_rollouts
+from iterft_ray.sampling import sample_rollouts
 from iterft_ray.tasks import get_task
 from iterft_ray.tiny import resolve_model_path
 from iterft_ray.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
@@ -117,7 +116,7 @@ class InProcessRounds:
             output_dir=os.path.join(out, "trainer"), report_to="none", seed=cfg.loop.seed, **cfg.trainer),
             processing_class=self.tokenizer)
         self.scorer = RolloutScorer(cfg.filters, cfg.loop.filter_timeout_s)  # its processes live as a FilterActor's do
-        self.params = SamplingParams(**asdict(cfg.sampling))
+        self.params = cfg.sampling
         self.round_index = 0
 
     def round(self, prompts: pa.Table) -> dict:

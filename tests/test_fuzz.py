@@ -364,6 +364,8 @@ def valid_value(key: str, tp) -> st.SearchStrategy:
         base = st.just("addition")
     elif key == "sampling.top_p":
         base = st.floats(0.01, 1.0)
+    elif key == "sampling.engine":
+        base = st.sampled_from(["hf", "vllm"])
     elif origin is dict:
         base = st.dictionaries(st.text(max_size=4), st.integers(0, 9), max_size=2)
     elif origin is list:

@@ -12,7 +12,6 @@ import matplotlib.image
 import pyarrow.parquet as pq
 import pytest
 import ray
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray.cli import main

@@ -3,40 +3,37 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow as pa
 import ray
-import torch
-from transformers import AutoTokenizer
 
-from ..sampling import SamplingParams, sample_rollouts
+from ..config import SamplingConfig
+from ..engines import create_engine
 from ..tiny import resolve_model_path
-from ..trainer import load_model
-from ..weights import WeightSnapshot, load_snapshot, weights_checksum
+from ..weights import WeightSnapshot
 
 
 @ray.remote
 class GeneratorActor:
-    """Holds one model replica; loads a weight snapshot only when its version is newer than the one it has."""
+    """Holds one engine (`sampling.engine`: hf or vllm); loads a weight snapshot only when its version is newer
+    than the one it has."""
 
-    def __init__(self, model_path: str, generator_id: int, tokenizer_path: str | None = None,
+    def __init__(self, model_path: str, generator_id: int, sampling: SamplingConfig, tokenizer_path: str | None = None,
                  trust_remote_code: bool = False, tiny_overrides: dict | None = None):
         self.generator_id = generator_id
         model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_path, trust_remote_code=trust_remote_code).to(device).eval()
+        self.engine = create_engine(model_path, tokenizer_path, trust_remote_code, sampling)
         self.version = -1  # the weights on disk; the first snapshot always loads
         self.loads = 0
+        self.load_seconds: float | None = None
 
     def generate(
         self,
         prompts: pa.Table,
         weights: list[ray.ObjectRef],
         version: int,
-        params: SamplingParams,
+        sampling: SamplingConfig,
         seed: int,
         round_index: int,
     ) -> pa.Table:
@@ -46,10 +43,7 @@ class GeneratorActor:
         it unless this replica is behind.
         """
         self.sync(weights, version)
-        return sample_rollouts(
-            self.model, self.tokenizer, prompts, params, seed=seed, weight_version=self.version,
-            generator_id=self.generator_id, round_index=round_index,
-        )
+        return self.engine.sample(prompts, sampling, seed, self.version, self.generator_id, round_index)
 
     def sync(self, weights: list[ray.ObjectRef], version: int, force: bool = False) -> int:
         """Load snapshot `version` if it is newer than the replica's (or `force`); return the version held.
@@ -58,17 +52,21 @@ class GeneratorActor:
         """
         if force or version > self.version:
             snapshot: WeightSnapshot = ray.get(weights[0])
-            load_snapshot(self.model, snapshot)
+            start = time.perf_counter()
+            self.engine.load(snapshot)
+            self.load_seconds = time.perf_counter() - start
             self.version = snapshot.version
             self.loads += 1
         return self.version
 
     def info(self) -> dict:
-        """Version, number of snapshot loads, weight checksum and node: for tests and status lines."""
+        """Version, number of snapshot loads, the last load's seconds, weight checksum and node: for tests and
+        status lines."""
         return {
             "version": self.version,
             "loads": self.loads,
-            "checksum": weights_checksum(self.model),
+            "load_seconds": self.load_seconds,
+            "checksum": self.engine.checksum(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }

@@ -1,0 +1,34 @@
+"""The transformers engine: `generate` on a model replica, weights copied into its parameters."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+from transformers import AutoTokenizer
+
+from ..config import SamplingConfig
+from ..sampling import sample_rollouts
+from ..trainer import load_model
+from ..weights import WeightSnapshot, load_snapshot, weights_checksum
+
+
+class HFEngine:
+    """A model replica on the GPU when there is one; the CPU default."""
+
+    def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool):
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(model_path, trust_remote_code=trust_remote_code).to(device).eval()
+
+    def load(self, snapshot: WeightSnapshot) -> None:
+        load_snapshot(self.model, snapshot)
+
+    def sample(self, prompts: pa.Table, config: SamplingConfig, seed: int, weight_version: int,
+               generator_id: int, round_index: int) -> pa.Table:
+        return sample_rollouts(self.model, self.tokenizer, prompts, config, seed, weight_version, generator_id,
+                               round_index)
+
+    def checksum(self) -> str:
+        return weights_checksum(self.model)

@@ -1,0 +1,115 @@
+"""The vLLM engine: a `vllm.LLM` in the generator's own process, weights reloaded in place per version.
+
+The engine core runs in the generator's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), not
+in a process vLLM spawns, for two reasons: a snapshot's arrays (Ray shared memory) reach
+the engine's parameters with one copy and no serialisation, and killing a generator
+kills its engine with it (Ray's restart then starts a clean one; no orphan holds the
+memory). New weights go through the worker's `reload_weights`, which runs the model's
+own `load_weights` and then its post-load processing (the CPU backend repacks its
+linear weights there, which is why a bare `load_weights` after start-up fails on CPU).
+The worker method is named through `worker_extension_cls`, so no function is pickled
+and `VLLM_ALLOW_INSECURE_SERIALIZATION` is not needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from ..config import SamplingConfig
+from ..sampling import rollout_table, stop_token_ids
+from ..weights import WeightSnapshot, _from_array, weights_checksum
+
+# On CPU: no torch.compile (start-up 12 s instead of ~60 s on 2 cores for a tiny Llama) and a
+# fixed KV cache (vLLM would otherwise size it from free RAM, taking most of the machine).
+_CPU_OPTIONS = {"compilation_config": {"mode": 0}, "kv_cache_memory_bytes": 1 << 30}
+
+
+class SnapshotLoader:
+    """Worker extension: mixed into vLLM's worker class, so `collective_rpc("load_weights_in_place")` reaches it."""
+
+    def load_weights_in_place(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        self.reload_weights(weights_iterator=iter(weights))
+
+
+class VLLMEngine:
+    """One `vllm.LLM` per generator, started once and never restarted for a new weight version."""
+
+    def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+        dtype = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).dtype
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # a model saved without generation_config.json
+            generation_config = None
+        self.stops = stop_token_ids(generation_config, self.tokenizer)
+        self.llm = LLM(
+            model_path,
+            tokenizer=tokenizer_path or model_path,
+            trust_remote_code=trust_remote_code,
+            # The checkpoint's dtype, so the sampled log-probs match the trainer's model.
+            dtype=str(dtype).removeprefix("torch.") if dtype is not None else "auto",
+            seed=0,
+            # Log-probs after temperature / top-k / top-p, like the hf engine's `logprob_sum`.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{__name__}.SnapshotLoader",
+            **({} if torch.cuda.is_available() else _CPU_OPTIONS),
+        )
+        self._checksum: str | None = None
+        self._snapshot: WeightSnapshot | None = None
+
+    def load(self, snapshot: WeightSnapshot) -> None:
+        """Reload the engine's weights in place from `snapshot` (tied names included, the model skips them)."""
+        names = {**{n: n for n in snapshot.arrays}, **snapshot.aliases}
+        weights = [(name, _from_array(snapshot.arrays[src], snapshot.dtypes[src])) for name, src in names.items()]
+        self.llm.collective_rpc("load_weights_in_place", args=(weights,))
+        self._snapshot, self._checksum = snapshot, None
+
+    def sample(self, prompts: pa.Table, config: SamplingConfig, seed: int, weight_version: int,
+               generator_id: int, round_index: int) -> pa.Table:
+        """Sample `config.num_samples` completions per prompt row; request i of the shard gets seed
+        `seed`-derived and fixed, so a retried shard yields the same rows."""
+        from vllm import SamplingParams, TokensPrompt
+
+        greedy = config.temperature == 0
+        n = 1 if greedy else config.num_samples
+        prompt_ids_all = self.tokenizer(prompts.column("prompt").to_pylist())["input_ids"]
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids_all]
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                top_k=config.top_k,
+                max_tokens=config.max_new_tokens,
+                seed=(seed * 1_000_003 + i) % (1 << 63),
+                stop_token_ids=self.stops,
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,  # completions are decoded once, like the hf engine's
+            )
+            for i in range(len(requests))
+        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples: dict[str, list] = {k: [] for k in ("prompt_index", "sample", "completion_ids", "finished", "logprob_sum")}
+        for i, output in enumerate(outputs):
+            for s, completion in enumerate(output.outputs):
+                tokens = list(completion.token_ids)
+                samples["prompt_index"].append(i)
+                samples["sample"].append(s)
+                samples["completion_ids"].append(tokens)
+                samples["finished"].append(completion.finish_reason == "stop")
+                samples["logprob_sum"].append(sum(step[t].logprob for step, t in zip(completion.logprobs, tokens)))
+        return rollout_table(prompts, self.tokenizer, prompt_ids_all, samples, weight_version, generator_id, round_index)
+
+    def checksum(self) -> str | None:
+        """`weights_checksum` of the snapshot last loaded (vLLM fuses and repacks its own parameters,
+        so they cannot be hashed under the trainer's names); None before the first load."""
+        if self._checksum is None and self._snapshot is not None:
+            self._checksum = weights_checksum(self._snapshot)
+        return self._checksum
