@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -185,7 +186,8 @@ class IterativeLoop:
         if self.chat_tokenizer is not None:  # the prompts as sampling sees them: the same template's tokens
             pairs = [chat_example_ids(self.chat_tokenizer, e["prompt"], e["completion"], self.config.data.system_prompt)
                      for e in self.task.warmup_examples]
-            batch = {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}
+            batch = {"input_ids": [torch.tensor(ids) for ids, _ in pairs],
+                     "labels": [torch.tensor(labels) for _, labels in pairs]}
         else:
             batch = {"texts": [e["prompt"] for e in self.task.warmup_examples],
                      "texts_labels": [e["completion"] + (self.rl.eos_token or "") for e in self.task.warmup_examples]}
