@@ -35,6 +35,15 @@ class DataConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
     prompts_file: str | None = None
     prompt_column: str = "prompt"
+    # Format prompts with the tokenizer's chat template: each prompt a user message (a `messages`
+    # column of a prompts file is used as given), the assistant's turn opened.
+    chat_template: bool = False
+    # A system message ahead of each prompt's user message (chat_template only).
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("data.system_prompt: a system message needs a chat template; set data.chat_template: true")
 
 
 @dataclass

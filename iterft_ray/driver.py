@@ -21,12 +21,13 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+import torch
 import yaml
 from tqdm.auto import tqdm
 
 from .checkpoint import META, is_checkpoint
 from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
-from .prompts import load_prompts
+from .prompts import chat_example_ids, load_chat_tokenizer, load_prompts, with_chat_template
 from .ray_trainer import RayIterativeSFTTrainer
 from .records import RunRecorder, first_filter_error, write_generations
 from .tasks import Task
@@ -56,6 +57,9 @@ class IterativeLoop:
         c = self.config
         start = check_start(c, resume, overwrite)
         self.prompts, self.heldout, self.task = start.prompts, start.heldout, start.task
+        self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
+        if self.chat_tokenizer is not None and self.heldout is not None:
+            self.heldout = with_chat_template(self.heldout, self.chat_tokenizer, c.data.system_prompt)
         self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
             c.model.name_or_path,
@@ -179,10 +183,16 @@ class IterativeLoop:
         passes = self.config.loop.warmup_passes
         if not passes or self.task is None or not self.task.warmup_examples:
             return None
-        prompts = [e["prompt"] for e in self.task.warmup_examples]
-        completions = [e["completion"] + (self.rl.eos_token or "") for e in self.task.warmup_examples]
+        if self.chat_tokenizer is not None:  # the prompts as sampling sees them: the same template's tokens
+            pairs = [chat_example_ids(self.chat_tokenizer, e["prompt"], e["completion"], self.config.data.system_prompt)
+                     for e in self.task.warmup_examples]
+            batch = {"input_ids": [torch.tensor(ids) for ids, _ in pairs],
+                     "labels": [torch.tensor(labels) for _, labels in pairs]}
+        else:
+            batch = {"texts": [e["prompt"] for e in self.task.warmup_examples],
+                     "texts_labels": [e["completion"] + (self.rl.eos_token or "") for e in self.task.warmup_examples]}
         for _ in _bar(range(passes), "warm-up"):
-            stats = self.rl.step(texts=prompts, texts_labels=completions)
+            stats = self.rl.step(**batch)
         self.rl.sync_weights()
         self._rounds_at_version[self.rl.version] = 0
         print(f"warm-up: {passes} passes, {stats['global_step']} updates, loss {stats['loss']:.3f}", flush=True)
@@ -207,7 +217,10 @@ class IterativeLoop:
                 self._pending.append((ahead, self._generate(ahead)))
 
     def _generate(self, r: int) -> list[ray.ObjectRef]:
-        return self.rl.generate(self._round_prompts(r), seed=self.config.loop.seed, round_index=r)
+        prompts = self._round_prompts(r)
+        if self.chat_tokenizer is not None:
+            prompts = with_chat_template(prompts, self.chat_tokenizer, self.config.data.system_prompt)
+        return self.rl.generate(prompts, seed=self.config.loop.seed, round_index=r)
 
     def _round_prompts(self, r: int) -> pa.Table:
         """Round r's prompts: consecutive windows over a seeded shuffle of the train prompts, per epoch."""
@@ -302,6 +315,7 @@ class RunStart:
     checkpoint: Path | None = None  # resume from it
     rounds_done: int = 0
     overwrite: bool = False
+    chat_tokenizer: Any = None  # the run's tokenizer, when data.chat_template is on
 
     @property
     def complete(self) -> bool:
@@ -333,10 +347,12 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
                          "give one")
     prompts, heldout, task = _load_prompts(config)
     check_model_sources(config.model)
+    chat_tokenizer = load_chat_tokenizer(config.model) if config.data.chat_template else None
     out = Path(config.loop.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
-    start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite)
+    start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite,
+                     chat_tokenizer=chat_tokenizer)
     if resume:
         _check_resume(config, start)
     elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
@@ -360,9 +376,13 @@ def _load_prompts(config: RunConfig) -> tuple[pa.Table, pa.Table | None, Task | 
         if not Path(data.prompts_file).is_file():
             raise ValueError(f"data.prompts_file: no such file {data.prompts_file}")
         try:
-            return load_prompts(data)
+            prompts, heldout, task = load_prompts(data)
         except ValueError as e:
             raise ValueError(f"data.prompts_file: {e}") from None
+        if "messages" in prompts.column_names and not data.chat_template:
+            raise ValueError(f"data.prompts_file: {data.prompts_file} has a 'messages' column, which needs the "
+                             "tokenizer's chat template; set data.chat_template: true")
+        return prompts, heldout, task
     try:
         prompts, heldout, task = load_prompts(data)
     except ValueError as e:  # the task's own message says which option

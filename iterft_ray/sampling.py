@@ -17,6 +17,14 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 from .config import SamplingConfig
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: pa.Table) -> list[list[int]]:
+    """The tokens to sample from: the table's `prompt_ids` when it has them (a chat template's tokens,
+    made by `iterft_ray.prompts.with_chat_template`, used unchanged), else `tokenizer(prompt)`."""
+    if "prompt_ids" in prompts.column_names:
+        return prompts.column("prompt_ids").to_pylist()
+    return tokenizer(prompts.column("prompt").to_pylist())["input_ids"]
+
+
 def stop_token_ids(generation_config, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokens that end a completion: the model's own (`generation_config.eos_token_id`, an int
     or a list, as in Llama-3-Instruct's `<|eot_id|>` and `<|end_of_text|>`) and the tokenizer's EOS."""
@@ -80,9 +88,8 @@ def sample_rollouts(
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     prompts_per_batch = max(1, config.batch_size // n)
     torch.manual_seed(seed)
-    texts = prompts.column("prompt").to_pylist()
     out: dict[str, list] = {k: [] for k in ("prompt_index", "sample", "completion_ids", "finished", "logprob_sum")}
-    prompt_ids_all = tokenizer(texts)["input_ids"]
+    prompt_ids_all = prompt_token_ids(tokenizer, prompts)
     stops = stop_token_ids(model.generation_config, tokenizer)
     stop_tensor = torch.tensor(stops, device=model.device)
     warpers = [] if greedy else [
@@ -90,7 +97,7 @@ def sample_rollouts(
         *([TopKLogitsWarper(config.top_k)] if config.top_k else []),
         *([TopPLogitsWarper(config.top_p)] if config.top_p < 1 else []),
     ]
-    for start in range(0, len(texts), prompts_per_batch):
+    for start in range(0, len(prompt_ids_all), prompts_per_batch):
         chunk = prompt_ids_all[start : start + prompts_per_batch]
         batch = tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt", padding_side="left")
         batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -140,6 +147,8 @@ def rollout_table(
     `finished`, `logprob_sum`): the prompt rows repeated per sample, plus the sample columns."""
     index = pa.array(samples["prompt_index"], pa.int64())
     rows = prompts.take(index)
+    if "prompt_ids" in rows.column_names:  # given by the caller; the column below holds the same ids
+        rows = rows.drop_columns(["prompt_ids"])
     completion_ids = samples["completion_ids"]
     prompt_ids = [prompt_ids_all[i] for i in samples["prompt_index"]]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)

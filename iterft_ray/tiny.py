@@ -22,6 +22,17 @@ from transformers import (
 )
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# A ChatML-style template (as Qwen's), BOS first as Llama's templates do: the BOS a plain
+# `tokenizer(text)` would add is in the template's text, so the templated text must not get another.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # Small enough to train on 2 CPU cores; every value can be overridden per call.
 TINY_CONFIGS: dict[str, dict] = {
@@ -48,11 +59,13 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def build_tokenizer(seq2seq: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(seq2seq: bool = False, chat_template: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with no merges: every byte is one token, so any text encodes.
 
     Causal models get a BOS in front (Llama's convention); seq2seq models get an EOS at
-    the end (T5's convention). Pad is its own token.
+    the end (T5's convention). Pad is its own token. `chat_template=True` adds
+    `CHAT_TEMPLATE` and its `<|im_start|>` / `<|im_end|>` as special tokens, like an
+    instruct model's tokenizer.
     """
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = [PAD, BOS, EOS, UNK]
@@ -68,7 +81,7 @@ def build_tokenizer(seq2seq: bool = False) -> PreTrainedTokenizerFast:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
         )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -76,18 +89,28 @@ def build_tokenizer(seq2seq: bool = False) -> PreTrainedTokenizerFast:
         unk_token=UNK,
         padding_side="right",
     )
+    if chat_template:
+        tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
-def build_tiny_model(name: str, out_dir: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+def build_tiny_model(
+    name: str, out_dir: str | os.PathLike, seed: int = 0, chat_template: bool = False, **overrides
+) -> Path:
     """Build tiny model `name` (a key of TINY_CONFIGS) with its tokenizer and save both to `out_dir`.
 
     `overrides` replace config values, e.g. `hidden_size=128, num_hidden_layers=3`.
+    `chat_template=True` (causal models) gives the tokenizer `CHAT_TEMPLATE` and the model
+    two stop tokens, `<|im_end|>` and `</s>`, as an instruct model's generation config has.
     Returns the directory, ready for `from_pretrained`.
     """
     if name not in TINY_CONFIGS:
         raise ValueError(f"name: expected one of {sorted(TINY_CONFIGS)}, got {name!r}")
     seq2seq = name == "tiny-t5"
-    tokenizer = build_tokenizer(seq2seq=seq2seq)
+    if chat_template and seq2seq:
+        raise ValueError("chat_template: only for causal tiny models, not tiny-t5")
+    tokenizer = build_tokenizer(seq2seq=seq2seq, chat_template=chat_template)
     settings = dict(TINY_CONFIGS[name])
     model_type = settings.pop("model_type")
     settings.update(
@@ -105,7 +128,9 @@ def build_tiny_model(name: str, out_dir: str | os.PathLike, seed: int = 0, **ove
     model = auto_cls.from_config(config)
     # Tiny models sample from a generation config that has no max_length surprises.
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = (
+        [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id] if chat_template else tokenizer.eos_token_id
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from ..config import SamplingConfig
-from ..sampling import rollout_table, stop_token_ids
+from ..sampling import prompt_token_ids, rollout_table, stop_token_ids
 from ..weights import WeightSnapshot, _from_array, weights_checksum
 
 # On CPU: no torch.compile (start-up 12 s instead of ~60 s on 2 cores for a tiny Llama) and a
@@ -79,7 +79,8 @@ class VLLMEngine:
 
         greedy = config.temperature == 0
         n = 1 if greedy else config.num_samples
-        prompt_ids_all = self.tokenizer(prompts.column("prompt").to_pylist())["input_ids"]
+        # Token ids, not text: vLLM samples from exactly these (a chat template's, say) without re-tokenizing.
+        prompt_ids_all = prompt_token_ids(self.tokenizer, prompts)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids_all]
         params = [
             SamplingParams(
