@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import ray
 import torch
 import torch.distributed as dist
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
 from ..batching import IGNORE_INDEX, examples_from_tensors
 from ..checkpoint import load_training_state, save_training_state
@@ -91,14 +91,10 @@ class TrainerActor:
             timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
-        model = load_model(model_path, trust_remote_code=trust_remote_code)
-        peft_config = None
-        if lora is not None and checkpoint is not None:
-            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
-        elif lora is not None:
-            peft_config = lora.peft_config(bool(getattr(model.config, "is_encoder_decoder", False)))
         self.trainer = IterativeSFTTrainer(
-            model, IterativeSFTConfig(**trainer_args), processing_class=tokenizer, peft_config=peft_config,
+            _model_to_train(load_model(model_path, trust_remote_code=trust_remote_code), lora, checkpoint),
+            IterativeSFTConfig(**trainer_args),
+            processing_class=tokenizer,
         )
         return load_training_state(self.trainer, checkpoint) if checkpoint is not None else {}
 
@@ -172,6 +168,19 @@ class TrainerActor:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint: str | None):
+    """`model`, or with `lora` a PeftModel over it: a new adapter, or the one saved in `checkpoint`.
+
+    A module-level function, not inlined in `setup`: Ray pickles actor methods by value,
+    and `model.config` there would make cloudpickle try to ship `torch.distributed.config`.
+    """
+    if lora is None:
+        return model
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    return get_peft_model(model, lora.peft_config(bool(getattr(model.config, "is_encoder_decoder", False))))
 
 
 def _token_rows(table: pa.Table) -> list[tuple[list[int], list[int]]]:
