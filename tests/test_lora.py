@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from iterft_ray.checkpoint import load_training_state, save_training_state
 from iterft_ray.cli import run
 from iterft_ray.config import LoraConfig, load_config
+from iterft_ray.engines.hf import HFEngine
 from iterft_ray.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
-from iterft_ray.weights import adapter_parameters
+from iterft_ray.weights import adapter_parameters, publish_adapter
 
 
 def _config(**sections):
@@ -70,7 +71,7 @@ def test_only_the_adapter_trains_and_a_trainer_restored_from_its_checkpoint_step
     for t in (trainer, restored):  # Adam moments restored too: the next update is the same
         t.step(texts=["4+4=8", "9+1=10"])
     ours, theirs = adapter_parameters(trainer.model), adapter_parameters(restored.model)
-    assert max(float((ours[n] - theirs[n]).abs().max()) for n in ours) == 0.0
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
 # ---------------------------------------------------------------- `iterft run` with model.lora
@@ -114,9 +115,35 @@ def _check_round_sampled_with(run_dir, round_number, checkpoint, base_path):
     assert _worst_logprob_error(AutoModelForCausalLM.from_pretrained(base_path).eval(), rows) > 2e-2
 
 
-def test_lora_run_checkpoints_adapters_syncs_adapter_bytes_only_and_resumes(local_ray, llama_path, tmp_path):
+def test_a_version_moves_the_adapter_only_and_an_hf_replica_computes_base_plus_adapter(local_ray, llama_path,
+                                                                                          tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    args = IterativeSFTConfig(output_dir=str(tmp_path / "out"), report_to="none", learning_rate=1e-2)
+    trainer = IterativeSFTTrainer(load_model(llama_path), args, processing_class=tokenizer,
+                                  peft_config=LoraConfig(r=4).peft_config())
+    engine = HFEngine(llama_path, None, False)
+    for version in (1, 2):  # the second version is copied into the adapter the first one added
+        trainer.step(texts=["1+1=2", "2+3=5", "7+8=15"])
+        snapshot = ray.get(publish_adapter(trainer.model, version))
+        engine.load(snapshot)
+    save_training_state(trainer, tmp_path / "ckpt")
+
+    with safe_open(str(tmp_path / "ckpt" / "adapter_model.safetensors"), "pt") as f:
+        saved = {name: f.get_tensor(name) for name in f.keys()}
+    assert snapshot.adapter_config is not None and len(snapshot.arrays) == len(saved)
+    assert snapshot.nbytes == sum(t.numel() * t.element_size() for t in saved.values())
+    base = AutoModelForCausalLM.from_pretrained(llama_path)
+    assert snapshot.nbytes < 0.1 * sum(p.numel() * p.element_size() for p in base.parameters())
+
+    adapted = PeftModel.from_pretrained(base, tmp_path / "ckpt").eval()
+    ids = torch.tensor([tokenizer("12+30=42")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(engine.model(ids).logits, adapted(ids).logits)
+
+
+def test_lora_run_checkpoints_adapters_samples_with_the_adapter_it_claims_and_resumes(local_ray, llama_path, tmp_path):
     out = tmp_path / "run"
-    loop, _ = run("tiny", _overrides(llama_path, out, rounds=2))
+    run("tiny", _overrides(llama_path, out, rounds=2))
     checkpoints = [out / "checkpoints" / f"round-{r:04d}" for r in (1, 2)]
     for checkpoint in checkpoints:
         files = {p.name for p in checkpoint.iterdir()}
@@ -127,17 +154,8 @@ def test_lora_run_checkpoints_adapters_syncs_adapter_bytes_only_and_resumes(loca
     # Round 2 sampled with the adapter checkpointed after round 1, on the unchanged base.
     _check_round_sampled_with(out, 2, checkpoints[0], llama_path)
 
-    # What a version moves: the adapter's weights (the ones in the checkpoint's adapter file), no base weight.
-    snapshot = ray.get(loop.rl.weights)
-    assert snapshot.adapter_config is not None and snapshot.version == _checkpoint_version(checkpoints[1])
-    with safe_open(str(checkpoints[1] / "adapter_model.safetensors"), "pt") as f:
-        saved = {name: f.get_tensor(name) for name in f.keys()}
-    assert snapshot.nbytes == sum(t.numel() * t.element_size() for t in saved.values())
-    base_bytes = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(llama_path).parameters())
-    assert snapshot.nbytes < 0.1 * base_bytes
-
     # Resume: the trainer comes back from the round-2 adapter (and its optimizer state) and round 3 samples with it.
-    loop, stats = run("tiny", _overrides(llama_path, out, rounds=3), resume=True)
+    _, stats = run("tiny", _overrides(llama_path, out, rounds=3), resume=True)
     assert [s["round"] for s in stats] == [3]
     _check_round_sampled_with(out, 3, checkpoints[1], llama_path)
     assert _checkpoint_version(out / "checkpoints" / "round-0003") > _checkpoint_version(checkpoints[1])
