@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,27 +33,34 @@ TENSORS, META = "training_state.safetensors", "training_state.json"
 def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None = None) -> Path | None:
     """Write model, tokenizer, optimizer, scheduler, RNG and `extra` (JSON) to `path`, atomically.
 
+    A LoRA trainer (a PeftModel) writes its adapter in PEFT format instead of the model,
+    loadable with `PeftModel.from_pretrained(base, path)`.
+
     With sharded ranks every rank calls it: the full model and optimizer state are
     gathered (to rank 0's CPU, one tensor at a time) and rank 0 writes; the files are the
     same as one rank's, so a checkpoint loads with `from_pretrained` and resumes with any
     number of ranks. Returns the path on the rank that wrote it, else None.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=trainer.sharded)
-    model_state = get_model_state_dict(trainer.model, options=options)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = isinstance(model, PeftModel)
+    model_state = None if adapter else get_model_state_dict(trainer.model, options=options)
     optimizer = get_optimizer_state_dict(trainer.model, _torch_optimizer(trainer), options=options)
     if trainer.sharded and dist.get_rank() != 0:
         return None
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    # A gathered state dict holds tied parameters (embeddings and LM head) twice; keep
-    # the first name, as save_pretrained does for a live model.
-    first: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if first.setdefault(id(param), name) != name:
-            model_state.pop(name, None)
-    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+    if adapter:  # the base never changes: the adapter alone, as adapter_config.json + adapter_model.safetensors
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        # A gathered state dict holds tied parameters (embeddings and LM head) twice; keep
+        # the first name, as save_pretrained does for a live model.
+        first: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(param), name) != name:
+                model_state.pop(name, None)
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     if trainer.sharded:  # the class FSDP2 made (FSDPLlamaForCausalLM) is no architecture a loader knows
         model.config.architectures = [_unsharded_class(model).__name__]
         model.config.save_pretrained(tmp)
@@ -91,7 +99,7 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
 
 
 def load_training_state(trainer, path: str | Path) -> dict[str, Any]:
-    """Restore optimizer, scheduler, update counter and RNG from `path` (the model was loaded from it).
+    """Restore optimizer, scheduler, update counter and RNG from `path` (the model, or adapter, was loaded from it).
 
     With sharded ranks every rank calls it and keeps its shard of the optimizer state.
     Returns the `extra` dict saved with it.

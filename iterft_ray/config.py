@@ -17,6 +17,36 @@ import yaml
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA adapter (peft) trained instead of the full model: only its weights train, save and sync.
+
+    `alpha` scales the adapter's update by alpha / r, as in peft's `LoraConfig(lora_alpha=...)`.
+    `target_modules` names the linear layers that get an adapter (suffixes of module names, or
+    "all-linear" alone).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self):
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout: expected a number in [0, 1), got {self.dropout}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"model.lora.target_modules: expected a non-empty list of module names, "
+                             f"got {self.target_modules!r}")
+
+    def peft_config(self, is_encoder_decoder: bool = False):
+        """The same adapter as peft's `LoraConfig`."""
+        import peft
+
+        modules = "all-linear" if self.target_modules == ["all-linear"] else list(self.target_modules)
+        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=modules,
+                               task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
+
+
+@dataclass
 class ModelConfig:
     """Which model to train: a local path, a hub name, or a built-in tiny name (`tiny-llama`)."""
 
@@ -25,6 +55,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Config overrides for built-in tiny models only (e.g. hidden_size: 128).
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
+    # Train a LoRA adapter on the model instead of the model itself (null: full fine-tuning).
+    lora: LoraConfig | None = None
 
 
 @dataclass
@@ -121,7 +153,7 @@ class RunConfig:
 
 
 _POSITIVE = {
-    "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size", "resources.trainer_ranks",
+    "model.lora.r", "model.lora.alpha", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size", "resources.trainer_ranks",
     "resources.num_generators", "resources.filter_pool_size", "loop.rounds", "loop.prompts_per_round",
     "loop.max_staleness", "loop.eval_every", "loop.save_every", "loop.filter_timeout_s", "loop.max_filter_error_rate",
 }
@@ -156,8 +188,6 @@ def _join(where: str, key: str) -> str:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -165,6 +195,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return None
         tp = next(t for t in options if t is not type(None))
         origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
     if tp is Any:
         return value
     if origin is dict:
@@ -239,7 +271,20 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     if not 0 < config.sampling.top_p <= 1:
         raise ValueError(f"sampling.top_p: expected a number in (0, 1], got {config.sampling.top_p}")
     _check_filters(config.filters)
+    _check_lora(config)
     return config
+
+
+def _check_lora(config: RunConfig) -> None:
+    """What a LoRA run cannot do yet, refused at load rather than in an actor."""
+    if config.model.lora is None:
+        return
+    if config.sampling.engine == "vllm":
+        raise ValueError("model.lora, sampling.engine: a LoRA adapter is synced to hf generators only; "
+                         "use sampling.engine: hf with model.lora")
+    if config.resources.trainer_ranks > 1:
+        raise ValueError(f"model.lora, resources.trainer_ranks: a LoRA adapter trains on one rank; "
+                         f"set resources.trainer_ranks: 1 (got {config.resources.trainer_ranks})")
 
 
 def resolve_input_paths(data: Any, base: Path) -> Any:

@@ -72,6 +72,7 @@ class IterativeLoop:
             trust_remote_code=c.model.trust_remote_code,
             tiny_overrides=c.model.tiny_overrides,
             checkpoint=str(start.checkpoint) if start.checkpoint else None,
+            lora=c.model.lora,
         )
         try:
             start.prepare_directory(c)

@@ -25,7 +25,7 @@ import ray
 from .actors.filter_pool import FilterPool
 from .actors.generator import GeneratorActor
 from .actors.trainer_actor import TrainerGroup
-from .config import ResourcesConfig, SamplingConfig
+from .config import LoraConfig, ResourcesConfig, SamplingConfig
 
 
 @dataclass
@@ -136,10 +136,17 @@ class RayIterativeSFTTrainer:
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
         checkpoint: str | None = None,
+        lora: LoraConfig | None = None,
     ):
         self.resources = resources or ResourcesConfig()
-        init_ray(self.resources)
         self.sampling = sampling or SamplingConfig()
+        if lora is not None and self.sampling.engine != "hf":
+            raise ValueError("model.lora, sampling.engine: a LoRA adapter is synced to hf generators only")
+        if lora is not None and self.resources.trainer_ranks > 1:
+            raise ValueError(f"model.lora, resources.trainer_ranks: a LoRA adapter trains on one rank; "
+                             f"got {self.resources.trainer_ranks}")
+        self.lora = lora
+        init_ray(self.resources)
         self._trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
         self._model_args = (model, tokenizer, trust_remote_code, tiny_overrides)
         # Generators and filters are asked for first: creating the trainer waits for its
@@ -166,7 +173,7 @@ class RayIterativeSFTTrainer:
         res = self.resources
         return TrainerGroup(
             self._model_args[0], self._trainer_args, res.trainer_ranks, res.trainer_cpus, res.trainer_gpus,
-            res.custom_resources, *self._model_args[1:], checkpoint=checkpoint,
+            res.custom_resources, *self._model_args[1:], checkpoint=checkpoint, lora=self.lora,
         )
 
     def restore_trainer(self, checkpoint: str) -> dict[str, Any]:

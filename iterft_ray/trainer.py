@@ -9,6 +9,8 @@ sequence dimension (not the batch), trains EOS when pad == eos, keeps a constant
 learning rate when there is no `max_steps`, and counts optimizer updates in
 `global_step`.
 
+With `peft_config` (or a `PeftModel`) only a LoRA adapter trains, on one rank.
+
 Nothing here knows about Ray. When `torch.distributed` is initialised with more than
 one rank (a rank group made by the Ray trainer actor), the model is sharded with
 FSDP2 (`fully_shard` per decoder layer and the root): each rank holds 1/N of the
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils.memory import clear_device_cache
+from peft import PeftModel, get_peft_model
 from transformers.integrations.liger import apply_liger_kernel
 from transformers.utils import is_liger_kernel_available
 from transformers import (
@@ -132,6 +135,7 @@ class IterativeSFTTrainer(Trainer):
         optimize_device_cache: bool | None = None,
         processing_class: PreTrainedTokenizerBase | None = None,
         callbacks: list | None = None,
+        peft_config: Any = None,
     ):
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("tokenizer, processing_class: give one of them (they are the same argument)")
@@ -139,8 +143,14 @@ class IterativeSFTTrainer(Trainer):
         if isinstance(model, str):
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model)
             model = load_model(model)
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(f"model: expected a PreTrainedModel or a path/name string, got {type(model).__name__}")
+        if not isinstance(model, (PreTrainedModel, PeftModel)):
+            raise TypeError(f"model: expected a PreTrainedModel, a PeftModel or a path/name string, "
+                            f"got {type(model).__name__}")
+        if peft_config is not None:
+            if isinstance(model, PeftModel):
+                raise ValueError("peft_config: the model is already a PeftModel; give one or the other")
+            # As TRL's SFTTrainer: the base is frozen and only the adapter trains.
+            model = get_peft_model(model, peft_config)
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(
                 f"tokenizer (or processing_class): expected a PreTrainedTokenizerBase, got {type(tokenizer).__name__}"
@@ -186,6 +196,8 @@ class IterativeSFTTrainer(Trainer):
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.to(torch.float32)
         self.sharded = _world_size() > 1
+        if self.sharded and isinstance(model, PeftModel):
+            raise ValueError("peft_config: a LoRA adapter trains on one rank (FSDP2 over a PeftModel is not supported)")
         if self.sharded:
             if torch.cuda.is_available():  # FSDP2 shards onto the rank's own device (set by the rank group)
                 self.model.to(torch.device("cuda", torch.cuda.current_device()))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
@@ -55,6 +56,9 @@ class WeightSnapshot:
     arrays: dict[str, np.ndarray]
     dtypes: dict[str, str]
     aliases: dict[str, str] = field(default_factory=dict)
+    # A LoRA adapter's snapshot (`publish_adapter`) holds only the adapter's weights, and
+    # here its peft config, so a replica of the base model can add the same adapter.
+    adapter_config: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -78,13 +82,15 @@ def _from_array(array: np.ndarray, dtype_name: str) -> torch.Tensor:
     return t if t.dtype == dtype else t.view(dtype)
 
 
-def _snapshot(model: torch.nn.Module, version: int, copy: bool, local: bool = False) -> WeightSnapshot:
-    """`local`: take a sharded (DTensor) entry's local shard, as `publish_shard` does."""
+def _snapshot(model: torch.nn.Module, version: int, copy: bool, local: bool = False,
+              state: dict[str, torch.Tensor] | None = None) -> WeightSnapshot:
+    """`local`: take a sharded (DTensor) entry's local shard, as `publish_shard` does. `state`: these
+    entries only (default: the model's whole state_dict)."""
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         t = t.detach()
         if local and isinstance(t, DTensor):
             t = t.to_local()
@@ -119,6 +125,26 @@ def publish_weights(model: torch.nn.Module, version: int) -> ray.ObjectRef:
     cannot change the published version and no intermediate copy is made.
     """
     return ray.put(_snapshot(model, version, copy=False))
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of a PEFT model (its adapter's weights), by state_dict name.
+
+    The names keep peft's adapter name (`...q_proj.lora_A.default.weight`), so they are
+    the same in any replica that added the same adapter.
+    """
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def publish_adapter(model: torch.nn.Module, version: int) -> ray.ObjectRef:
+    """Put version `version` of a PEFT model's adapter (its weights and config) into the object store.
+
+    Only the adapter moves: the base weights never change, and a generator holds them already.
+    """
+    config = model.peft_config[model.active_adapter]
+    snapshot = _snapshot(model, version, copy=False, state=adapter_parameters(model))
+    snapshot.adapter_config = config
+    return ray.put(snapshot)
 
 
 @dataclass
@@ -164,9 +190,10 @@ def load_snapshot(model: torch.nn.Module, snapshot: WeightSnapshot) -> None:
     The model may be on any device; each tensor is copied once, straight from the
     (possibly shared, read-only) array into the parameter, casting if the model's
     dtype differs. Tied parameters are filled through whichever name was stored.
-    Every state_dict entry of the model must be in the snapshot, with the same shape.
+    Every state_dict entry of the model must be in the snapshot, with the same shape; of a
+    PEFT model that added the snapshot's adapter, every adapter parameter.
     """
-    state = model.state_dict()
+    state = model.state_dict() if snapshot.adapter_config is None else adapter_parameters(model)
     missing = [n for n in state if n not in snapshot.arrays and n not in snapshot.aliases]
     unexpected = [n for n in (*snapshot.arrays, *snapshot.aliases) if n not in state]
     if missing or unexpected:

@@ -26,15 +26,17 @@ import pyarrow.compute as pc
 import ray
 import torch
 import torch.distributed as dist
+from peft import PeftModel, get_peft_model
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
 from ..batching import IGNORE_INDEX, examples_from_tensors
 from ..checkpoint import load_training_state, save_training_state
+from ..config import LoraConfig
 from ..tiny import resolve_model_path
 from ..trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
-from ..weights import assemble_snapshot, publish_shard, publish_weights, weights_checksum
+from ..weights import assemble_snapshot, publish_adapter, publish_shard, publish_weights, weights_checksum
 
 
 class TrainerRankError(RuntimeError):
@@ -63,8 +65,12 @@ class TrainerActor:
 
     def setup(self, model_path: str, trainer_args: dict[str, Any], env: dict[str, str],
               tokenizer_path: str | None = None, trust_remote_code: bool = False,
-              tiny_overrides: dict | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+              tiny_overrides: dict | None = None, checkpoint: str | None = None,
+              lora: LoraConfig | None = None) -> dict[str, Any]:
         """Join the process group (if several ranks) and build the trainer, from `checkpoint` if given.
+
+        With `lora` the model at `model_path` is the frozen base and a checkpoint holds only
+        the adapter, so a restore loads the base from `model_path` and the adapter from it.
 
         `env` is the distributed environment of this rank; it is set before torch touches
         a device, so CUDA_VISIBLE_DEVICES (all GPUs of this node's ranks, in local-rank
@@ -73,7 +79,9 @@ class TrainerActor:
         """
         os.environ.update(env)
         if checkpoint is not None:
-            model_path = tokenizer_path = checkpoint
+            tokenizer_path = checkpoint
+        if checkpoint is not None and lora is None:
+            model_path = checkpoint
         else:
             model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
         if self.world_size > 1:
@@ -84,7 +92,7 @@ class TrainerActor:
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
         self.trainer = IterativeSFTTrainer(
-            load_model(model_path, trust_remote_code=trust_remote_code),
+            _model_to_train(load_model(model_path, trust_remote_code=trust_remote_code), lora, checkpoint),
             IterativeSFTConfig(**trainer_args),
             processing_class=tokenizer,
         )
@@ -125,13 +133,17 @@ class TrainerActor:
         return self.trainer.state.global_step
 
     def publish(self) -> list[ray.ObjectRef]:
-        """Put this rank's weights in the object store once: all of them on one rank, its shard on several.
+        """Put this rank's weights in the object store once: all of them on one rank, its shard on several,
+        the adapter only when a LoRA adapter trains.
 
         Returns [ref] (wrapped so it stays a reference).
         """
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if isinstance(model, PeftModel):
+            return [publish_adapter(model, self.version())]
         if self.trainer.sharded:
             return [publish_shard(self.trainer.model, self.version())]
-        return [publish_weights(self.trainer.accelerator.unwrap_model(self.trainer.model), self.version())]
+        return [publish_weights(model, self.version())]
 
     def evaluate(self) -> dict:
         return self.trainer.evaluate()
@@ -156,6 +168,19 @@ class TrainerActor:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint: str | None):
+    """`model`, or with `lora` a PeftModel over it: a new adapter, or the one saved in `checkpoint`.
+
+    A module-level function, not inlined in `setup`: Ray pickles actor methods by value,
+    and `model.config` there would make cloudpickle try to ship `torch.distributed.config`.
+    """
+    if lora is None:
+        return model
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    return get_peft_model(model, lora.peft_config(bool(getattr(model.config, "is_encoder_decoder", False))))
 
 
 def _token_rows(table: pa.Table) -> list[tuple[list[int], list[int]]]:
@@ -211,6 +236,7 @@ class TrainerGroup:
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
         checkpoint: str | None = None,
+        lora: LoraConfig | None = None,
     ):
         bundle = {"CPU": cpus_per_rank, "GPU": gpus_per_rank, "trainer": 1 if custom_resources else 0}
         bundle = {k: v for k, v in bundle.items() if v}
@@ -218,13 +244,13 @@ class TrainerGroup:
         self.ranks: list = []
         try:
             self._create_ranks(model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
-                               tokenizer_path, trust_remote_code, tiny_overrides, checkpoint)
+                               tokenizer_path, trust_remote_code, tiny_overrides, checkpoint, lora)
         except BaseException:
             self.shutdown()  # a rank that failed to start leaves no rank or placement group behind
             raise
 
     def _create_ranks(self, model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
-                      tokenizer_path, trust_remote_code, tiny_overrides, checkpoint) -> None:
+                      tokenizer_path, trust_remote_code, tiny_overrides, checkpoint, lora) -> None:
         ray.get(self.placement_group.ready())
         # Ray would give each rank only its own GPU; the group sets CUDA_VISIBLE_DEVICES itself.
         runtime_env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if gpus_per_rank else None
@@ -241,7 +267,7 @@ class TrainerGroup:
         envs = self._rank_environments(ranks)
         self.restored: dict[str, Any] = self.call(
             "setup", model_path, trainer_args, tokenizer_path=tokenizer_path, trust_remote_code=trust_remote_code,
-            tiny_overrides=tiny_overrides, checkpoint=checkpoint, per_rank={"env": envs},
+            tiny_overrides=tiny_overrides, checkpoint=checkpoint, lora=lora, per_rank={"env": envs},
         )[0]
 
     def _rank_environments(self, ranks: int) -> list[dict[str, str]]:

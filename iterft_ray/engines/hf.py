@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pyarrow as pa
 import torch
+from peft import PeftModel, get_peft_model
 from transformers import AutoTokenizer
 
 from ..config import SamplingConfig
@@ -23,6 +26,14 @@ class HFEngine:
         self.model = load_model(model_path, trust_remote_code=trust_remote_code).to(device).eval()
 
     def load(self, snapshot: WeightSnapshot) -> None:
+        """Copy a snapshot in; an adapter snapshot into the adapter only, added to the replica on the first one.
+
+        The adapter stays separate from the base (not merged into it): the replica then
+        computes exactly base + adapter as the trainer and `PeftModel.from_pretrained` do,
+        and a new version replaces the adapter's weights with no unmerge drifting the base.
+        """
+        if snapshot.adapter_config is not None and not isinstance(self.model, PeftModel):
+            self.model = get_peft_model(self.model, copy.deepcopy(snapshot.adapter_config)).eval()
         load_snapshot(self.model, snapshot)
 
     def sample(self, prompts: pa.Table, config: SamplingConfig, seed: int, weight_version: int,

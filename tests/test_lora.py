@@ -1,0 +1,161 @@
+"""LoRA (`model.lora`): only a PEFT adapter trains, is checkpointed in PEFT format, and is synced; generators
+sample with base + the adapter version they claim; a run resumes from an adapter checkpoint."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from iterft_ray.checkpoint import load_training_state, save_training_state
+from iterft_ray.cli import run
+from iterft_ray.config import LoraConfig, load_config
+from iterft_ray.engines.hf import HFEngine
+from iterft_ray.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.weights import adapter_parameters, publish_adapter
+
+
+def _config(**sections):
+    data = {"model": {"name_or_path": "tiny-llama", "lora": {"r": 4}}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return data
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"model": {"lora": {"r": 0}}}, "model.lora.r: expected a positive number"),
+    ({"model": {"lora": {"alpha": "big"}}}, "model.lora.alpha: expected float"),
+    ({"model": {"lora": {"dropout": 1.0}}}, r"model.lora.dropout: expected a number in \[0, 1\)"),
+    ({"model": {"lora": {"target_modules": []}}}, "model.lora.target_modules: expected a non-empty list"),
+    ({"model": {"lora": {"rank": 4}}}, "model.lora.rank: unknown key"),
+    ({"model": {"lora": [4]}}, "model.lora: expected a mapping"),
+    ({"sampling": {"engine": "vllm"}}, "model.lora, sampling.engine:"),
+    ({"resources": {"trainer_ranks": 2}}, "model.lora, resources.trainer_ranks:"),
+])
+def test_bad_lora_settings_name_the_key(sections, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        load_config(_config(**sections))
+
+
+def test_lora_config_loads_and_round_trips():
+    config = load_config(_config(model={"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}))
+    assert config.model.lora == LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    assert load_config(config.to_dict()).model.lora == config.model.lora
+    assert load_config({"model": {"name_or_path": "tiny-llama"}}).model.lora is None
+
+
+def test_only_the_adapter_trains_and_a_trainer_restored_from_its_checkpoint_steps_the_same(llama_path, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    args = IterativeSFTConfig(output_dir=str(tmp_path / "out"), report_to="none", learning_rate=1e-2,
+                              optim="adamw_torch")
+    trainer = IterativeSFTTrainer(load_model(llama_path), args, processing_class=tokenizer,
+                                  peft_config=LoraConfig(r=4).peft_config())
+    base_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    trainer.step(texts=["1+1=2", "2+3=5", "7+8=15"])
+    assert all(torch.equal(p, base_before[n]) for n, p in trainer.model.named_parameters() if "lora_" not in n)
+    assert set(adapter_parameters(trainer.model)) == {n for n, _ in trainer.model.named_parameters() if "lora_" in n}
+
+    save_training_state(trainer, tmp_path / "ckpt", {"round_index": 1})
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+
+    restored = IterativeSFTTrainer(
+        PeftModel.from_pretrained(load_model(llama_path), tmp_path / "ckpt", is_trainable=True), args,
+        processing_class=tokenizer)
+    assert load_training_state(restored, tmp_path / "ckpt") == {"round_index": 1}
+    assert restored.state.global_step == trainer.state.global_step == 1
+    for t in (trainer, restored):  # Adam moments restored too: the next update is the same
+        t.step(texts=["4+4=8", "9+1=10"])
+    ours, theirs = adapter_parameters(trainer.model), adapter_parameters(restored.model)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+# ---------------------------------------------------------------- `iterft run` with model.lora
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _overrides(model_path, out, rounds):
+    return [f"model.name_or_path={model_path}", "model.lora={r: 4, alpha: 16}", f"loop.output_dir={out}",
+            f"loop.rounds={rounds}", "loop.save_every=1", "trainer.learning_rate=0.02", "trainer.optim=adamw_torch",
+            "filters=[{name: length_bounds, min_chars: 1}]"]  # a random tiny model gets no sum right
+
+
+def _checkpoint_version(path) -> int:
+    return json.loads((path / "training_state.json").read_text())["global_step"]
+
+
+def _worst_logprob_error(model, rows) -> float:
+    """Largest mean per-token difference between a row's `logprob_sum` and `model`'s (temperature 1)."""
+    worst = 0.0
+    for row in rows:
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(row["prompt_ids"]) - 1 : -1]
+        expected = torch.log_softmax(logits.double(), -1).gather(1, ids[0, len(row["prompt_ids"]):, None]).sum()
+        worst = max(worst, abs(row["logprob_sum"] - float(expected)) / len(row["completion_ids"]))
+    return worst
+
+
+def _check_round_sampled_with(run_dir, round_number, checkpoint, base_path):
+    rows = pq.read_table(run_dir / "rounds" / f"{round_number:04d}" / "generations.parquet").to_pylist()
+    assert {r["weight_version"] for r in rows} == {_checkpoint_version(checkpoint)}
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), checkpoint).eval()
+    assert _worst_logprob_error(adapted, rows) < 2e-3
+    # The adapter matters: the base alone gives other log-probs.
+    assert _worst_logprob_error(AutoModelForCausalLM.from_pretrained(base_path).eval(), rows) > 2e-2
+
+
+def test_a_version_moves_the_adapter_only_and_an_hf_replica_computes_base_plus_adapter(local_ray, llama_path,
+                                                                                          tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    args = IterativeSFTConfig(output_dir=str(tmp_path / "out"), report_to="none", learning_rate=1e-2)
+    trainer = IterativeSFTTrainer(load_model(llama_path), args, processing_class=tokenizer,
+                                  peft_config=LoraConfig(r=4).peft_config())
+    engine = HFEngine(llama_path, None, False)
+    for version in (1, 2):  # the second version is copied into the adapter the first one added
+        trainer.step(texts=["1+1=2", "2+3=5", "7+8=15"])
+        snapshot = ray.get(publish_adapter(trainer.model, version))
+        engine.load(snapshot)
+    save_training_state(trainer, tmp_path / "ckpt")
+
+    with safe_open(str(tmp_path / "ckpt" / "adapter_model.safetensors"), "pt") as f:
+        saved = {name: f.get_tensor(name) for name in f.keys()}
+    assert snapshot.adapter_config is not None and len(snapshot.arrays) == len(saved)
+    assert snapshot.nbytes == sum(t.numel() * t.element_size() for t in saved.values())
+    base = AutoModelForCausalLM.from_pretrained(llama_path)
+    assert snapshot.nbytes < 0.1 * sum(p.numel() * p.element_size() for p in base.parameters())
+
+    adapted = PeftModel.from_pretrained(base, tmp_path / "ckpt").eval()
+    ids = torch.tensor([tokenizer("12+30=42")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(engine.model(ids).logits, adapted(ids).logits)
+
+
+def test_lora_run_checkpoints_adapters_samples_with_the_adapter_it_claims_and_resumes(local_ray, llama_path, tmp_path):
+    out = tmp_path / "run"
+    run("tiny", _overrides(llama_path, out, rounds=2))
+    checkpoints = [out / "checkpoints" / f"round-{r:04d}" for r in (1, 2)]
+    for checkpoint in checkpoints:
+        files = {p.name for p in checkpoint.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files, files
+        assert "model.safetensors" not in files
+    assert _checkpoint_version(checkpoints[1]) > _checkpoint_version(checkpoints[0])
+
+    # Round 2 sampled with the adapter checkpointed after round 1, on the unchanged base.
+    _check_round_sampled_with(out, 2, checkpoints[0], llama_path)
+
+    # Resume: the trainer comes back from the round-2 adapter (and its optimizer state) and round 3 samples with it.
+    _, stats = run("tiny", _overrides(llama_path, out, rounds=3), resume=True)
+    assert [s["round"] for s in stats] == [3]
+    _check_round_sampled_with(out, 3, checkpoints[1], llama_path)
+    assert _checkpoint_version(out / "checkpoints" / "round-0003") > _checkpoint_version(checkpoints[1])
