@@ -277,11 +277,14 @@ class TrainerGroup:
         envs = []
         for rank, (node, gpus) in enumerate(placements):
             on_node = [r for r, (n, _) in enumerate(placements) if n == node]
+            # One rank gets no distributed variables: with them accelerate would start a
+            # process group, whose store listens on every interface, for nothing.
             env = {"RANK": str(rank), "LOCAL_RANK": str(on_node.index(rank)), "WORLD_SIZE": str(ranks),
-                   "LOCAL_WORLD_SIZE": str(len(on_node)), "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+                   "LOCAL_WORLD_SIZE": str(len(on_node)), "MASTER_ADDR": addr, "MASTER_PORT": str(port)} if ranks > 1 else {}
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for r in on_node for g in placements[r][1])
-                env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+                if ranks > 1:
+                    env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
             envs.append(env)
         return envs
 
