@@ -91,7 +91,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     started_ray = not ray.is_initialized()
     init_ray(run_config.resources, address)
     try:
-        loop = IterativeLoop(run_config, resume=resume, overwrite=overwrite)
+        loop = IterativeLoop(run_config, start=start)
         try:
             stats = loop.run()
         except FilterErrorsError as e:

@@ -29,7 +29,7 @@ from .checkpoint import META, is_checkpoint
 from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
 from .prompts import chat_example_ids, load_chat_tokenizer, load_prompts, with_chat_template
 from .ray_trainer import RayIterativeSFTTrainer
-from .records import RunRecorder, first_filter_error, write_generations
+from .records import RunRecorder, write_generations
 from .tasks import Task
 
 RUN_RECORD = "run.json"
@@ -46,16 +46,18 @@ class FilterErrorsError(RuntimeError):
 class IterativeLoop:
     """Runs the rounds of one config; `.round()` for notebooks, `.run()` for all of them."""
 
-    def __init__(self, config: RunConfig | str | Path | dict, resume: bool = False, overwrite: bool = False):
+    def __init__(self, config: RunConfig | str | Path | dict, resume: bool = False, overwrite: bool = False,
+                 start: RunStart | None = None):
         """`resume=True` continues the run in `loop.output_dir` from its newest checkpoint; `overwrite=True`
         deletes the run there and starts afresh. Without either, a directory that holds a run is refused.
 
         Everything a user can get wrong is checked (`check_start`) before any actor starts, and a
-        start that fails leaves no actor behind and nothing written.
+        start that fails leaves no actor behind and nothing written. `start` is that check's
+        result when the caller has already made it (the CLI does, before it starts Ray).
         """
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         c = self.config
-        start = check_start(c, resume, overwrite)
+        start = start if start is not None else check_start(c, resume, overwrite)
         self.prompts, self.heldout, self.task = start.prompts, start.heldout, start.task
         self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
         if self.chat_tokenizer is not None and self.heldout is not None:
@@ -106,9 +108,8 @@ class IterativeLoop:
         generations = self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet"
         written = write_generations(generations, scored.tables)
         if summary["filter_errors"]:
-            ray.get(written)
-            summary["first_filter_error"] = _one_line(first_filter_error(generations))
-            self._stop_on_filter_errors(r, summary, generations)
+            summary["first_filter_error"] = _one_line(summary["first_filter_error"])
+            self._stop_on_filter_errors(r, summary, generations, written)
         train = _wait_all([self.rl.step_async(scored)], f"round {r + 1} train")[0]
         t["trained"] = time.perf_counter()
         if c.loop.async_mode:
@@ -256,10 +257,12 @@ class IterativeLoop:
         })
         return target
 
-    def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: Path) -> None:
+    def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: Path,
+                               written: ray.ObjectRef) -> None:
         """A round whose rows mostly fail in a filter is a broken filter, not a bad model: stop and say so."""
         errors, rows, limit = summary["filter_errors"], summary["rows"], self.config.loop.max_filter_error_rate
         if errors / rows >= limit:
+            ray.get(written)  # the file the message points to
             raise FilterErrorsError(
                 f"round {r + 1}: {errors} of {rows} rows failed in the filters ({errors / rows:.0%}, "
                 f"loop.max_filter_error_rate is {limit:g}); first error: {summary['first_filter_error']} "

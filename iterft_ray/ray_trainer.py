@@ -36,7 +36,7 @@ class ScoredRollouts:
     summaries: list[ray.ObjectRef]
 
     def summary(self) -> dict[str, Any]:
-        """Totals over the batches: rows, accepted, accept_rate, reward_mean, errors, weight_versions."""
+        """Totals over the batches: rows, accepted, accept_rate, reward_mean, errors (and the first), weight_versions."""
         parts = ray.get(self.summaries)
         rows = sum(p["rows"] for p in parts)
         accepted = sum(p["accepted"] for p in parts)
@@ -50,6 +50,7 @@ class ScoredRollouts:
             "accept_rate": accepted / rows if rows else 0.0,
             "reward_mean": sum(p["score_sum"] for p in parts) / rows if rows else 0.0,
             "filter_errors": sum(p["errors"] for p in parts),
+            "first_filter_error": next((p["first_error"] for p in parts if p["first_error"] is not None), None),
             "weight_versions": versions,
         }
 

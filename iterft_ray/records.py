@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -30,12 +29,6 @@ def _write_parquet(path: str, *tables: pa.Table) -> int:
     pq.write_table(table, tmp)
     tmp.replace(target)
     return table.num_rows
-
-
-def first_filter_error(path: Path) -> str | None:
-    """The first filter error of a written round, read back from its Parquet file (one column, on the driver's disk)."""
-    errors = pc.drop_null(pq.read_table(path, columns=["filter_error"])["filter_error"])
-    return errors[0].as_py() if len(errors) else None
 
 
 def write_generations(path: Path, tables: list[ray.ObjectRef]) -> ray.ObjectRef:

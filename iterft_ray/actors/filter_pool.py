@@ -14,13 +14,15 @@ from ..filters import RolloutScorer
 
 
 def summarize(scored: pa.Table) -> dict[str, Any]:
-    """Counts a driver needs from a scored batch: rows, accepted, score sum, errors, weight versions."""
+    """Counts a driver needs from a scored batch: rows, accepted, score sum, errors (and the first), weight versions."""
     versions = pc.value_counts(scored["weight_version"]).to_pylist() if scored.num_rows else []
+    errors = pc.drop_null(scored["filter_error"])
     return {
         "rows": scored.num_rows,
         "accepted": int(pc.sum(scored["accepted"]).as_py() or 0),
         "score_sum": float(pc.sum(scored["score"]).as_py() or 0.0),
-        "errors": scored.num_rows - scored["filter_error"].null_count,
+        "errors": len(errors),
+        "first_error": errors[0].as_py() if len(errors) else None,
         "weight_versions": {int(v["values"]): int(v["counts"]) for v in versions},
     }
 
