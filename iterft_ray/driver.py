@@ -110,7 +110,7 @@ class IterativeLoop:
         if summary["filter_errors"]:
             summary["first_filter_error"] = _one_line(summary["first_filter_error"])
             self._stop_on_filter_errors(r, summary, generations, written)
-        train = _wait_all([self.rl.step_async(scored)], f"round {r + 1} train")[0]
+        train = self.rl.step(scored)
         t["trained"] = time.perf_counter()
         if c.loop.async_mode:
             self.rl.publish_weights()

@@ -238,13 +238,14 @@ class RayIterativeSFTTrainer:
         if rollouts is not None:
             if kwargs:
                 raise ValueError("rollouts: give rollouts or step() arguments, not both")
-            return ray.get(self.step_async(rollouts))
+            return self.trainer.gather(self.step_async(rollouts))[0]
         return self.trainer.step(**kwargs)
 
-    def step_async(self, rollouts: ScoredRollouts | list[ray.ObjectRef]) -> ray.ObjectRef:
-        """Start training on scored rollouts; returns a reference to the statistics."""
+    def step_async(self, rollouts: ScoredRollouts | list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Start training on scored rollouts, passed by reference to every rank; returns one reference
+        per rank (`trainer.gather(refs)[0]` is the statistics, and raises any rank's failure)."""
         tables = rollouts.tables if isinstance(rollouts, ScoredRollouts) else list(rollouts)
-        return self.trainer.step_rollouts_async(tables)
+        return self.trainer.call_async("step_rollouts", *tables)
 
     def sync_weights(self) -> int:
         """Publish the trainer's weights once and have every generator load them; returns the version."""

@@ -103,7 +103,7 @@ def test_a_failing_rank_is_raised_with_its_rank_while_the_others_wait_in_a_colle
             two.call("__ray_call__", rank1_fails_rank0_waits)
         # The asynchronous form (how the driver starts a round's training) raises the same way.
         with pytest.raises(TrainerRankError, match=r"(?s)trainer rank 1 failed.*ValueError: broken on rank 1"):
-            ray.get(two.call_async("__ray_call__", rank1_fails_rank0_waits))
+            two.gather(two.call_async("__ray_call__", rank1_fails_rank0_waits))
     finally:
         two.shutdown()
 

@@ -189,7 +189,7 @@ def _token_rows(table: pa.Table) -> list[tuple[list[int], list[int]]]:
     return list(zip(nonempty["prompt_ids"].to_pylist(), nonempty["completion_ids"].to_pylist()))
 
 
-def _gather(refs: list[ray.ObjectRef], ranks: list[int]) -> list[Any]:
+def _gather(refs: list[ray.ObjectRef]) -> list[Any]:
     """Every rank's result, in rank order; the first rank to fail is raised as soon as it fails.
 
     A rank that died is raised as Ray's own `RayActorError`, so callers that recover a
@@ -204,15 +204,9 @@ def _gather(refs: list[ray.ObjectRef], ranks: list[int]) -> list[Any]:
         except ray.exceptions.RayActorError:
             raise
         except ray.exceptions.RayTaskError as error:
-            rank = ranks[refs.index(done[0])]
+            rank = refs.index(done[0])
             raise TrainerRankError(f"trainer rank {rank} failed:\n{error}") from None
     return [results[r] for r in refs]
-
-
-@ray.remote(num_cpus=0)
-def _gather_task(refs: list[ray.ObjectRef], ranks: list[int], first: bool = False) -> Any:
-    results = _gather(refs, ranks)
-    return results[0] if first else results
 
 
 @ray.remote(num_cpus=0)
@@ -289,34 +283,32 @@ class TrainerGroup:
         return envs
 
     def call_async(self, method: str, *args, on: str = "all", per_rank: dict[str, list] | None = None,
-                   **kwargs) -> ray.ObjectRef:
+                   **kwargs) -> list[ray.ObjectRef]:
         """Start `method` on every rank (`on="all"`) or on rank 0 (`on="rank0"`).
 
-        Returns a reference to the list of results in rank order, which raises the first
-        rank's failure (with its rank and traceback) as soon as it happens. `per_rank`
-        gives keyword arguments that differ by rank (one value per rank).
+        Returns one reference per called rank, in rank order; `gather` waits for them.
+        `per_rank` gives keyword arguments that differ by rank (one value per rank).
         """
-        refs, ranks = self._start(method, args, on, per_rank, kwargs)
-        return _gather_task.remote(refs, ranks)
-
-    def call(self, method: str, *args, on: str = "all", per_rank: dict[str, list] | None = None, **kwargs) -> list:
-        """`call_async`, waited for here: the list of results in rank order."""
-        return _gather(*self._start(method, args, on, per_rank, kwargs))
-
-    def _start(self, method, args, on, per_rank, kwargs) -> tuple[list[ray.ObjectRef], list[int]]:
         if on not in ("all", "rank0"):
             raise ValueError(f"on: expected 'all' or 'rank0', got {on!r}")
-        ranks = list(range(len(self.ranks))) if on == "all" else [0]
-        refs = [
+        ranks = range(len(self.ranks)) if on == "all" else [0]
+        return [
             getattr(self.ranks[i], method).remote(*args, **kwargs, **{k: v[i] for k, v in (per_rank or {}).items()})
             for i in ranks
         ]
-        return refs, ranks
 
-    def step_rollouts_async(self, rollouts: list[ray.ObjectRef]) -> ray.ObjectRef:
-        """Start `step_rollouts` on every rank; returns a reference to rank 0's statistics (any rank's error)."""
-        refs, ranks = self._start("step_rollouts", rollouts, "all", None, {})
-        return _gather_task.remote(refs, ranks, first=True)
+    @staticmethod
+    def gather(refs: list[ray.ObjectRef]) -> list[Any]:
+        """The results of `call_async`, in rank order; the first rank's failure (with its rank and
+        traceback) is raised as soon as it happens, not when the other ranks give up waiting for it.
+
+        The wait is the caller's: a Ray task doing it would start a worker process per call.
+        """
+        return _gather(refs)
+
+    def call(self, method: str, *args, on: str = "all", per_rank: dict[str, list] | None = None, **kwargs) -> list:
+        """`call_async`, waited for here: the list of results in rank order."""
+        return _gather(self.call_async(method, *args, on=on, per_rank=per_rank, **kwargs))
 
     def step(self, **kwargs) -> dict:
         """Same arguments as `IterativeSFTTrainer.step`; the batch is sharded across ranks."""
