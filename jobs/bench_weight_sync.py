@@ -1,200 +1,148 @@
-"""Benchmark: weight sync through the object store against one in-memory copy.
+"""Benchmark: a weight version's sync (publish + load into 2 generators) against one copy of the weights.
 
-    python jobs/bench_weight_sync.py [--json out.json] [--reps 3]
+    python jobs/bench_weight_sync.py [--json out.json] [--reps 7] [--generators 2]
     ray job submit --working-dir . -- python jobs/bench_weight_sync.py --json out.json
 
-Builds a Llama-style model from config (no download, fp32, >= 100M parameters) and
-times, in the same process, after one warm-up round:
+Builds a Llama-style model (no download, fp32, ~134M parameters, 0.54 GB, lm_head
+untied so every parameter is stored), saves it once to a temporary directory, and
+starts real `GeneratorActor`s (hf engine) from it. Then, in this process, interleaved
+repetition by repetition after untimed warm-up repetitions:
 
-  (a) baseline: one in-memory copy of the weights, two ways:
-      clone  - clone every state_dict tensor into fresh memory (what a snapshot costs)
-      copy   - copy every state_dict tensor into a preallocated replica model
-  (b) sync: `publish_weights` (snapshot + one ray.put) then `load_snapshot` in two
-      generator actors on this node, from the start of the publish until both loads
-      have finished. Split into put-only and get+load-only.
+  floor - one copy of the weights into already allocated memory: every state_dict
+          tensor `copy_`-ed into a replica model whose pages are already faulted in.
+  sync  - what the loop does for a new version with one trainer rank: `publish_weights`
+          (the trainer's `publish`) and every generator's `sync` of that version, from
+          the start of the publish until the last generator has loaded it. Between
+          repetitions the model changes (one parameter moves), so every repetition is
+          a new version and every generator really loads it.
 
-The ratio (b)/(a) is reported against both baselines; the target is <= 2.0. The data
-path of (b) is two full memcpys in sequence (model -> shared memory, then shared
-memory -> each replica, the two replicas in parallel) against one for (a), so 2.0 is
-what a perfect implementation would measure on a machine with a core per replica.
+It prints both, the publish (put) and the loads after it separately, and the ratio
+`ratio vs preallocated copy: X` = median sync / median floor (target <= 1.5), with the
+per-repetition ratios' range. Two checks keep it honest: after the last repetition a
+generator's weights are checksummed against the model's, and each repetition times one
+read of every weight inside a generator right after the load and once more after that:
+a load that defers its cost (page faults on first touch) shows as a first read slower
+than the second.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import ray
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from iterft_ray.weights import load_snapshot, publish_weights, snapshot_from_model
+from iterft_ray.actors.generator import GeneratorActor
+from iterft_ray.config import SamplingConfig
+from iterft_ray.tiny import build_tiny_model
+from iterft_ray.trainer import load_model
+from iterft_ray.weights import publish_weights, snapshot_from_model, weights_checksum
 
-# ~134M parameters, 0.54 GB in fp32; lm_head untied so every parameter is stored.
-MODEL_CONFIG = dict(
-    vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_key_value_heads=12,
-    tie_word_embeddings=False,
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import (  # noqa: E402
+    column, environment, init_ray, interleave, parser, print_environment, print_table, verdict, write_json,
 )
 
-
-def build_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**MODEL_CONFIG)).eval()
-
-
-@ray.remote(num_cpus=1)
-class BenchGenerator:
-    """Stands in for a GeneratorActor: holds a replica model and loads snapshots into it."""
-
-    def __init__(self):
-        self.model = build_model()
-
-    def load(self, refs: list[ray.ObjectRef]) -> dict:
-        start = time.perf_counter()
-        snapshot = ray.get(refs[0])  # nested ref so the get is timed here
-        got = time.perf_counter()
-        load_snapshot(self.model, snapshot)
-        done = time.perf_counter()
-        return {"get_s": got - start, "load_s": done - got}
+# ~134M parameters, 0.54 GB in fp32; lm_head untied so every parameter is stored.
+MODEL_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                    num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=False)
+TARGET = 1.5
 
 
-def clone_state_dict(model: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def copy_into(dst: dict, model: torch.nn.Module) -> None:
+def copy_into(dst: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     with torch.no_grad():
-        for k, v in model.state_dict().items():
-            dst[k].copy_(v)
+        for name, t in model.state_dict().items():
+            dst[name].copy_(t)
 
 
-def sync_round(model: torch.nn.Module, generators: list, version: int) -> dict:
+def read_weights(actor) -> float:
+    """Seconds for one read of every weight of the generator's model (run inside the actor)."""
     start = time.perf_counter()
-    ref = publish_weights(model, version)
-    put_done = time.perf_counter()
-    inside = ray.get([g.load.remote([ref]) for g in generators])
-    done = time.perf_counter()
-    del ref
-    return {
-        "sync_s": done - start,
-        "put_s": put_done - start,
-        "get_load_s": done - put_done,
-        "actor_get_s": max(r["get_s"] for r in inside),
-        "actor_load_s": max(r["load_s"] for r in inside),
-    }
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
+    with torch.no_grad():
+        for p in actor.engine.model.state_dict().values():
+            p.sum()
     return time.perf_counter() - start
 
 
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "all": values}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", help="write the figures to this file")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (default 3)")
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed rounds first (default 2: the first puts also fault in "
-                             "fresh shared-memory pages, a one-off cost per store region)")
-    parser.add_argument("--generators", type=int, default=2)
-    parser.add_argument("--object-store-gb", type=float, default=2.0,
-                        help="object store size when starting a local Ray (default 2)")
-    parser.add_argument("--preallocate-store", action="store_true",
-                        help="have Ray fault in all object store memory at start")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch threads in this process (default 1: on a 2-core machine "
-                             "two threads made the baseline copy 5-8x slower, and each "
-                             "generator actor runs one thread)")
-    args = parser.parse_args()
-    if args.reps < 1 or args.warmup < 0:
-        parser.error("--reps must be >= 1 and --warmup >= 0")
+    p = parser(__doc__, reps=7, warmup=2)
+    p.add_argument("--generators", type=int, default=2)
+    p.add_argument("--object-store-gb", type=float, default=3.0,
+                   help="object store size of a local Ray (default 3: a few versions in flight)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads here (default 1, as each generator actor has one CPU)")
+    args = p.parse_args()
+    if args.reps < 1 or args.warmup < 0 or args.generators < 1:
+        p.error("--reps and --generators must be >= 1 and --warmup >= 0")
     torch.set_num_threads(args.torch_threads)
+    nice = init_ray(num_cpus=max(os.cpu_count() or 1, args.generators),
+                    object_store_memory=int(args.object_store_gb * 2**30))
 
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: use the cluster as it is
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.generators),
-                 object_store_memory=int(args.object_store_gb * 2**30),
-                 include_dashboard=False,
-                 _system_config={"preallocate_plasma_memory": args.preallocate_store})
-
-    model = build_model()
-    n_params = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory(prefix="bench_weight_sync_") as tmp:
+        path = str(build_tiny_model("tiny-llama", tmp, **MODEL_CONFIG))
+        model = load_model(path).eval()
+        generators = [GeneratorActor.options(num_cpus=1).remote(path, i, SamplingConfig(engine="hf"))
+                      for i in range(args.generators)]
+        ray.get([g.__ray_ready__.remote() for g in generators])
+    n_params = sum(t.numel() for t in model.state_dict().values())
     nbytes = snapshot_from_model(model, 0).nbytes
-    generators = [BenchGenerator.remote() for _ in range(args.generators)]
-    replica = clone_state_dict(build_model())
+    replica = {name: t.clone() for name, t in model.state_dict().items()}
+    probe = next(iter(model.parameters()))
+    version = 0
 
-    rows: dict[str, list[float]] = {k: [] for k in (
-        "clone", "copy", "sync", "put", "get_load", "actor_get", "actor_load")}
-    for rep in range(args.warmup + args.reps):
-        clone_s = timed(lambda: clone_state_dict(model))
-        copy_s = timed(lambda: copy_into(replica, model))
-        sync = sync_round(model, generators, version=rep)
-        if rep < args.warmup:
-            continue
-        rows["clone"].append(clone_s)
-        rows["copy"].append(copy_s)
-        for k in ("sync", "put", "get_load", "actor_get", "actor_load"):
-            rows[k].append(sync[f"{k}_s"])
+    def floor() -> None:
+        copy_into(replica, model)
 
-    figures = {k: summary(v) for k, v in rows.items()}
-    ratio_clone = figures["sync"]["median"] / figures["clone"]["median"]
-    ratio_copy = figures["sync"]["median"] / figures["copy"]["median"]
-    labels = {
-        "clone": "(a) clone state_dict to fresh memory",
-        "copy": "(a) copy into preallocated replica",
-        "sync": f"(b) publish + load in {args.generators} actors",
-        "put": "    put only (snapshot + ray.put)",
-        "get_load": "    get+load only (wall, after put)",
-        "actor_get": "    ray.get inside actor (slowest)",
-        "actor_load": "    load_snapshot inside actor (slowest)",
-    }
-    print(f"\nmodel: Llama {n_params / 1e6:.0f}M params fp32, {nbytes / 1e9:.3f} GB; "
-          f"{args.reps} reps after {args.warmup} warm-up; torch threads "
-          f"{torch.get_num_threads()}; {os.cpu_count()} CPUs; load average "
-          f"{os.getloadavg()[0]:.1f}")
-    print(f"{'':42s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'GB/s':>7s}")
-    for key, label in labels.items():
-        f = figures[key]
-        gbps = nbytes / 1e9 / f["median"] if f["median"] > 0 else float("inf")
-        print(f"{label:42s} {f['median']:9.3f} {f['min']:8.3f} {f['max']:8.3f} {gbps:7.2f}")
-    print(f"ratio (b)/(a clone) = {ratio_clone:.2f}   ratio (b)/(a copy) = {ratio_copy:.2f}   "
-          f"target <= 2.0")
+    def sync() -> dict:
+        nonlocal version
+        with torch.no_grad():  # "training": the next version differs from this one
+            probe.add_(1e-3)
+        version += 1
+        start = time.perf_counter()
+        ref = publish_weights(model, version)
+        put = time.perf_counter()
+        held = ray.get([g.sync.remote([ref], version) for g in generators])
+        done = time.perf_counter()
+        assert held == [version] * len(generators), held
+        reads = [ray.get(g.__ray_call__.remote(read_weights)) for g in generators]
+        again = [ray.get(g.__ray_call__.remote(read_weights)) for g in generators]
+        return {"sync_s": done - start, "put_s": put - start, "loads_s": done - put,
+                "first_read_s": max(reads), "second_read_s": max(again)}
 
-    if args.json:
-        result = {
-            "model": {"config": MODEL_CONFIG, "n_params": n_params, "bytes": nbytes},
-            "reps": args.reps,
-            "warmup": args.warmup,
-            "torch_threads": args.torch_threads,
-            "preallocate_store": args.preallocate_store,
-            "load_average": os.getloadavg()[0],
-            "generators": args.generators,
-            "cpus": os.cpu_count(),
-            "seconds": figures,
-            "gb_per_s": {k: nbytes / 1e9 / f["median"] for k, f in figures.items()
-                         if f["median"] > 0},
-            "ratio_sync_over_clone": ratio_clone,
-            "ratio_sync_over_copy": ratio_copy,
-            "target_ratio": 2.0,
-        }
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {args.json}")
+    print(f"model: Llama {n_params / 1e6:.0f}M params fp32, {nbytes / 1e9:.3f} GB; {args.generators} generators "
+          f"(hf engine); {args.reps} reps after {args.warmup} warm-up; torch threads here {torch.get_num_threads()}")
+    print_environment(environment())
+    rows = interleave({"floor": floor, "sync": sync}, args.reps, args.warmup)
+
+    # The measured path loaded exactly the model's last version into every generator.
+    loaded = ray.get(generators[0].info.remote())["checksum"]
+    assert loaded == weights_checksum(model), "a generator's weights differ from the published version"
+    print("checked: generator 0 holds exactly the last published weights")
+
+    floor_s, sync_s = column(rows["floor"], "s"), column(rows["sync"], "sync_s")
+    table = print_table(f"{nbytes / 1e9:.3f} GB per version, seconds", [
+        ("floor: copy into preallocated memory", floor_s, "s"),
+        ("sync: publish + load into the generators", sync_s, "s"),
+        ("  publish (snapshot + ray.put)", column(rows["sync"], "put_s"), "s"),
+        ("  generators' sync, after the publish", column(rows["sync"], "loads_s"), "s"),
+        ("check: first read of the weights after a load", column(rows["sync"], "first_read_s"), "s"),
+        ("check: second read", column(rows["sync"], "second_read_s"), "s"),
+        ("floor GB/s", [nbytes / 1e9 / s for s in floor_s], "GB/s"),
+        ("sync GB/s", [nbytes / 1e9 / s for s in sync_s], "GB/s"),
+    ])
+    per_rep = [s / f for s, f in zip(sync_s, floor_s)]
+    ratio = statistics.median(sync_s) / statistics.median(floor_s)
+    print(f"\nratio vs preallocated copy: {ratio:.2f}")
+    result = verdict("sync / floor", ratio, TARGET, per_rep=per_rep)
+    write_json(args.json, {"model": {"config": MODEL_CONFIG, "n_params": n_params, "bytes": nbytes},
+                           "generators": args.generators, "reps": args.reps, "warmup": args.warmup,
+                           "environment": environment(), "niceness": nice, "seconds": table,
+                           "ratio_vs_preallocated_copy": result})
     ray.shutdown()
 
 

@@ -47,7 +47,7 @@ def perturbed(model, seed=1):
 
 def plasma_backed(array: np.ndarray) -> bool:
     base = array
-    while isinstance(base, np.ndarray) and base.base is not None:
+    while getattr(base, "base", None) is not None:  # views, and the holder of an as_strided view
         base = base.base
     return type(base).__module__ == "ray._raylet"
 
@@ -162,3 +162,54 @@ def test_load_rejects_a_snapshot_of_another_architecture(tiny_paths, tmp_path):
     wider = load(build_tiny_model("tiny-llama", tmp_path / "wide", hidden_size=128))
     with pytest.raises(ValueError, match="shape"):
         load_snapshot(wider, llama_snapshot)
+
+
+def test_an_hf_replica_on_cpu_samples_from_the_shared_snapshot_itself(llama_path, local_ray):
+    """The hf engine's load copies nothing on CPU: its weights are the snapshot's shared arrays, kept alive
+    (and unwritten) while it uses them, and the next version re-points them."""
+    from iterft_ray.config import SamplingConfig
+    from iterft_ray.engines.hf import HFEngine
+    from iterft_ray.ray_trainer import prompt_table
+
+    torch.set_num_threads(1)
+    model = perturbed(load(llama_path))
+    engine = HFEngine(llama_path, None, False)
+    for version in (1, 2):
+        ref = publish_weights(model, version)
+        snapshot = ray.get(ref)
+        engine.load(snapshot)
+        shared = {a.ctypes.data for a in snapshot.arrays.values()}
+        assert all(t.data_ptr() in shared for t in engine.model.state_dict().values())
+        # Tied in the replica too: lm_head is still the embedding.
+        assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
+        assert weights_checksum(engine.model) == weights_checksum(model)
+        expected = logits(model)
+
+        # The driver lets go of the version and the store is filled with other objects of the same size:
+        # the replica's weights hold their object, so nothing may be written over them.
+        nbytes = snapshot.nbytes
+        del ref, snapshot
+        others = [ray.put(np.full(nbytes, 7, np.uint8)) for _ in range(3)]
+        assert torch.equal(logits(engine.model), expected)
+        del others
+        perturbed(model, seed=version + 1)
+
+    # Sampling reads the shared weights and never writes them.
+    before = weights_checksum(engine.model)
+    rows = engine.sample(prompt_table(["12+30=", "7+5="]), SamplingConfig(num_samples=2, max_new_tokens=4),
+                         seed=0, weight_version=2, generator_id=0, round_index=1)
+    assert rows.num_rows == 4
+    assert weights_checksum(engine.model) == before
+
+
+def test_share_copies_where_it_cannot_share(llama_path, local_ray):
+    """A replica of another dtype cannot point at the snapshot: it gets a cast copy in its own parameters."""
+    model = perturbed(load(llama_path))
+    generator = load(llama_path, torch.bfloat16)
+    own = {name: t.data_ptr() for name, t in generator.state_dict().items()}
+    snapshot = ray.get(publish_weights(model, version=1))
+
+    load_snapshot(generator, snapshot, share=True)
+
+    assert {name: t.data_ptr() for name, t in generator.state_dict().items()} == own
+    assert torch.equal(generator.model.norm.weight, model.model.norm.weight.bfloat16())

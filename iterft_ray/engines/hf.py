@@ -31,10 +31,15 @@ class HFEngine:
         The adapter stays separate from the base (not merged into it): the replica then
         computes exactly base + adapter as the trainer and `PeftModel.from_pretrained` do,
         and a new version replaces the adapter's weights with no unmerge drifting the base.
+
+        On CPU the replica's weights become the snapshot's shared arrays (`share=True`):
+        the trainer's publish is then the only copy a version costs, and N generators on a
+        node hold one copy of the weights between them, not N. On a GPU they are copied in
+        place into the existing parameters.
         """
         if snapshot.adapter_config is not None and not isinstance(self.model, PeftModel):
             self.model = get_peft_model(self.model, copy.deepcopy(snapshot.adapter_config)).eval()
-        load_snapshot(self.model, snapshot)
+        load_snapshot(self.model, snapshot, share=True)
 
     def sample(self, prompts: pa.Table, config: SamplingConfig, seed: int, weight_version: int,
                generator_id: int, round_index: int) -> pa.Table:
