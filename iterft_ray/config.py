@@ -114,6 +114,20 @@ class ResourcesConfig:
     # On a cluster made from cluster/*.yaml, actors also ask for the `trainer`,
     # `generator` and `filter` resources so they land on their node types.
     custom_resources: bool = False
+    # How a new weight version reaches the generators: "object_store" (one `ray.put`; a generator on
+    # another node pulls the whole snapshot), "broadcast" (the trainer broadcasts it in buckets over a
+    # torch.distributed group with the generators: Gloo on CPU, NCCL when all have GPUs), or "auto":
+    # broadcast when a generator is on another node than the trainer, and the trainer is one rank.
+    weight_transport: str = "auto"
+
+    def __post_init__(self):
+        if self.weight_transport not in ("auto", "object_store", "broadcast"):
+            raise ValueError(f"resources.weight_transport: expected 'auto', 'object_store' or 'broadcast', "
+                             f"got {self.weight_transport!r}")
+        if self.weight_transport == "broadcast" and self.trainer_ranks != 1:
+            raise ValueError(f"resources.weight_transport: 'broadcast' sends from a trainer of one rank (a sharded "
+                             f"trainer's ranks hold parts only); got resources.trainer_ranks: {self.trainer_ranks}. "
+                             f"Use 'object_store' or 'auto'")
 
 
 @dataclass

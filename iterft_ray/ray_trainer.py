@@ -166,6 +166,8 @@ class RayIterativeSFTTrainer:
             self.trainer = self._new_trainer(checkpoint)
             self.weights, self.version = self.trainer.publish()
             self.eos_token: str | None = self.trainer.call("eos_token", on="rank0")[0]
+            self.weight_transport = self._weight_transport()
+            self._form_weight_group()
         except BaseException:
             self.shutdown()  # a failed start leaves no actor behind
             raise
@@ -185,8 +187,35 @@ class RayIterativeSFTTrainer:
         self.trainer.shutdown()
         self.trainer = self._new_trainer(checkpoint)
         self.weights, self.version = self.trainer.publish()
+        self._form_weight_group()
         ray.get([g.sync.remote([self.weights], self.version, True) for g in self.generators])
         return self.trainer.restored
+
+    def _weight_transport(self) -> str:
+        """`resources.weight_transport` resolved: "auto" is "broadcast" when a generator runs on another node
+        than the trainer (of one rank), else "object_store"."""
+        transport = self.resources.weight_transport
+        if transport != "auto":
+            return transport
+        if self.resources.trainer_ranks != 1:
+            return "object_store"
+        trainer_node = self.trainer.call("placement", on="rank0")[0][0]
+        nodes = ray.get([g.node_id.remote() for g in self.generators])
+        return "broadcast" if any(node != trainer_node for node in nodes) else "object_store"
+
+    def _form_weight_group(self) -> None:
+        """With the broadcast transport: (re)form the `WeightGroup` of the trainer's rank 0 and every generator."""
+        if self.weight_transport != "broadcast" or not self.generators:
+            return
+        rank0, size = self.trainer.ranks[0], len(self.generators) + 1
+        res = self.resources
+        backend = "nccl" if res.trainer_gpus > 0 and res.generator_gpus > 0 else "gloo"
+        address, layout = self.trainer.gather([rank0.open_weight_group.remote(size)])[0]
+        layout_ref = ray.put(layout)
+        joins = [rank0.join_weight_group.remote(address, size, backend)]
+        joins += [g.join_weight_group.remote(address, i + 1, size, backend, layout_ref)
+                  for i, g in enumerate(self.generators)]
+        ray.get(joins)
 
     def scale_generators(self, count: int) -> None:
         """Grow or shrink the generator pool; new generators load the current weights before they sample."""
@@ -195,6 +224,7 @@ class RayIterativeSFTTrainer:
         # A generator that dies is restarted by Ray and its unfinished call retried: sampling is
         # seeded per call, so the retry yields the same rows, no sample lost or doubled.
         options.update(max_restarts=-1, max_task_retries=-1)
+        changed = count != len(self.generators)
         while len(self.generators) < count:
             model, tokenizer, trust_remote_code, tiny_overrides = self._model_args
             self.generators.append(GeneratorActor.options(**options).remote(
@@ -202,6 +232,9 @@ class RayIterativeSFTTrainer:
         for gone in self.generators[count:]:
             ray.kill(gone)
         del self.generators[count:]
+        if changed and self.trainer is not None:  # not while starting: __init__ forms the group
+            self.weight_transport = self._weight_transport()
+            self._form_weight_group()
 
     def generate(
         self,
@@ -257,7 +290,28 @@ class RayIterativeSFTTrainer:
         """Put the trainer's current weights in the object store (generators load them on their next call)."""
         if self.trainer.call("version", on="rank0")[0] != self.version:
             self.weights, self.version = self.trainer.publish()
+            if self.weight_transport == "broadcast":
+                self._broadcast_weights()
         return self.version
+
+    def _broadcast_weights(self) -> None:
+        """Broadcast the current version from the trainer's rank 0 to every generator (the broadcast transport).
+
+        The snapshot is in the object store as well (put on the trainer's node, pulled by nobody), so a
+        generator that missed a broadcast still loads the version it is asked for. A generator that Ray
+        restarted since the group formed has no place in it: the group is formed again and the broadcast
+        tried once more.
+        """
+        for attempt in (1, 2):
+            refs = [self.trainer.ranks[0].broadcast_weights.remote()]
+            refs += [g.receive_weights.remote(self.version) for g in self.generators]
+            try:
+                ray.get(refs)
+                return
+            except ray.exceptions.RayTaskError:
+                if attempt == 2:
+                    raise
+                self._form_weight_group()
 
     def collect(self, refs: ScoredRollouts | list[ray.ObjectRef]) -> pa.Table:
         """Fetch rollout batches into one table, for looking at them in a notebook."""

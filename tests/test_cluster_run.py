@@ -7,7 +7,8 @@
 - Weight sync across nodes: on a two-node `ray.cluster_utils.Cluster` (token auth on,
   loopback), a generator on the second node samples with the trainer's weights, which
   reach it through the object store; a generator added between steps loads the current
-  weights before it samples.
+  weights before it samples. With the default `resources.weight_transport: auto` the
+  trainer broadcasts each version to the generators over a Gloo group instead.
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def test_generator_on_another_node_samples_with_the_trainers_weights(two_nodes, 
 
     rt = RayIterativeSFTTrainer(
         "tiny-llama", {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "t")},
-        resources=ResourcesConfig(num_generators=1, filter_pool_size=1, custom_resources=True),
+        resources=ResourcesConfig(num_generators=1, filter_pool_size=1, custom_resources=True,
+                                  weight_transport="object_store"),
         sampling=SamplingConfig(num_samples=2, max_new_tokens=4),
     )
     try:
@@ -261,6 +263,36 @@ def test_generator_on_another_node_samples_with_the_trainers_weights(two_nodes, 
         assert [i["checksum"] for i in infos] == [rt.trainer.checksum()] * 2
         assert [i["version"] for i in infos] == [current, current]
         assert infos[1]["loads"] == 1
+        assert _listening_addresses() <= {"127.0.0.1", "::ffff:127.0.0.1"}
+    finally:
+        rt.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_across_nodes_the_trainer_broadcasts_each_version_to_the_generators(two_nodes, tmp_path):
+    head, worker = two_nodes["head"], two_nodes["worker"]
+    rt = RayIterativeSFTTrainer(
+        "tiny-llama", {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "t")},
+        resources=ResourcesConfig(num_generators=2, filter_pool_size=1, custom_resources=True),
+        sampling=SamplingConfig(num_samples=2, max_new_tokens=4),
+    )
+    try:
+        assert _actor_node(rt.trainer.ranks[0]) == head
+        assert {_actor_node(g) for g in rt.generators} == {worker}
+        assert rt.weight_transport == "broadcast"  # auto: the generators are on another node
+
+        for _ in range(2):  # the second version goes through the same group
+            rt.step(texts=TEXTS)
+            version = rt.sync_weights()
+            trained = rt.trainer.checksum()
+            infos = ray.get([g.info.remote() for g in rt.generators])
+            assert [(i["version"], i["loaded_from"], i["checksum"]) for i in infos] == [
+                (version, "broadcast", trained)] * 2
+        # The snapshot stayed on the trainer's node: nothing pulled it through the object store.
+        assert ray.experimental.get_object_locations([rt.weights])[rt.weights]["node_ids"] == [head]
+        rows = rt.collect(rt.generate(PROMPTS, round_index=1))
+        assert set(rows["weight_version"].to_pylist()) == {version}
+        # The group's store and Gloo listen on the nodes' (loopback) address only.
         assert _listening_addresses() <= {"127.0.0.1", "::ffff:127.0.0.1"}
     finally:
         rt.shutdown()

@@ -11,13 +11,17 @@ import ray
 from ..config import SamplingConfig
 from ..engines import create_engine
 from ..tiny import resolve_model_path
-from ..weights import WeightSnapshot
+from ..weights import WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, WeightSnapshot, receive_weights
 
 
-@ray.remote
+# "weights": joining the trainer's `WeightGroup` and receiving a broadcast run on a thread of their own,
+# so a version arrives while the generator samples with the previous one (async mode); only the
+# actor's own thread (generate, sync) loads a version into the engine.
+@ray.remote(concurrency_groups={"weights": 1})
 class GeneratorActor:
     """Holds one engine (`sampling.engine`: hf or vllm); loads a weight snapshot only when its version is newer
-    than the one it has."""
+    than the one it has: the one broadcast to it (`receive_weights`) if that is the version asked for, else
+    the one in the object store."""
 
     def __init__(self, model_path: str, generator_id: int, sampling: SamplingConfig, tokenizer_path: str | None = None,
                  trust_remote_code: bool = False, tiny_overrides: dict | None = None):
@@ -27,6 +31,10 @@ class GeneratorActor:
         self.version = -1  # the weights on disk; the first snapshot always loads
         self.loads = 0
         self.load_seconds: float | None = None
+        self.loaded_from: str | None = None  # "broadcast" or "object_store": where the last version came from
+        self.weight_group: WeightGroup | None = None
+        self.weight_layout: WeightLayout | None = None
+        self.received: WeightSnapshot | None = None
 
     def generate(
         self,
@@ -51,13 +59,35 @@ class GeneratorActor:
         `force` is for a trainer restored from a checkpoint, whose versions restart below ours.
         """
         if force or version > self.version:
-            snapshot: WeightSnapshot = ray.get(weights[0])
+            received, self.received = self.received, None
+            if received is not None and received.version == version:
+                snapshot, self.loaded_from = received, "broadcast"
+            else:
+                snapshot, self.loaded_from = ray.get(weights[0]), "object_store"
             start = time.perf_counter()
             self.engine.load(snapshot)
             self.load_seconds = time.perf_counter() - start
             self.version = snapshot.version
             self.loads += 1
         return self.version
+
+    @ray.method(concurrency_group="weights")
+    def join_weight_group(self, address: tuple[str, int], rank: int, size: int, backend: str,
+                          layout: WeightLayout) -> None:
+        """Join the trainer's `WeightGroup` as member `rank`, while the trainer's rank 0 and the other
+        generators join it."""
+        self.weight_group, self.weight_layout, self.received = None, layout, None
+        self.weight_group = WeightGroup(address, rank, size, backend, WEIGHT_GROUP_TIMEOUT)
+
+    @ray.method(concurrency_group="weights")
+    def receive_weights(self, version: int) -> None:
+        """Receive version `version` from the trainer's broadcast; the next `sync` to it loads it."""
+        if self.weight_group is None:  # restarted by Ray since the group formed
+            raise RuntimeError(f"generator {self.generator_id} is in no weight group")
+        self.received = receive_weights(self.weight_group, self.weight_layout, version)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def info(self) -> dict:
         """Version, number of snapshot loads, the last load's seconds, weight checksum and node: for tests and
@@ -66,6 +96,7 @@ class GeneratorActor:
             "version": self.version,
             "loads": self.loads,
             "load_seconds": self.load_seconds,
+            "loaded_from": self.loaded_from,
             "checksum": self.engine.checksum(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),

@@ -36,7 +36,10 @@ from ..checkpoint import load_training_state, save_training_state
 from ..config import LoraConfig
 from ..tiny import resolve_model_path
 from ..trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
-from ..weights import assemble_snapshot, publish_adapter, publish_shard, publish_weights, weights_checksum
+from ..weights import (
+    WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, assemble_snapshot, broadcast_weights, open_weight_group_store,
+    publish_adapter, publish_shard, publish_weights, weight_layout, weights_checksum,
+)
 
 
 class TrainerRankError(RuntimeError):
@@ -144,6 +147,26 @@ class TrainerActor:
         if self.trainer.sharded:
             return [publish_shard(self.trainer.model, self.version())]
         return [publish_weights(model, self.version())]
+
+    def open_weight_group(self, size: int) -> tuple[tuple[str, int], WeightLayout]:
+        """Rank 0: serve the store where a `WeightGroup` of `size` members (this rank and the generators)
+        meets; returns its address and the layout every version it broadcasts will have."""
+        self._weight_store, address = open_weight_group_store(size, WEIGHT_GROUP_TIMEOUT)
+        self.weight_layout = weight_layout(self._published_model())
+        return address, self.weight_layout
+
+    def join_weight_group(self, address: tuple[str, int], size: int, backend: str) -> None:
+        """Rank 0: join the `WeightGroup` as its rank 0, while the generators join it."""
+        self.weight_group = WeightGroup(address, 0, size, backend, WEIGHT_GROUP_TIMEOUT, store=self._weight_store)
+
+    def broadcast_weights(self) -> int:
+        """Rank 0: broadcast the current weights to the `WeightGroup` (the generators call `receive_weights`
+        at the same time); returns the version sent."""
+        broadcast_weights(self.weight_group, self._published_model(), self.weight_layout)
+        return self.version()
+
+    def _published_model(self) -> torch.nn.Module:
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
 
     def evaluate(self) -> dict:
         return self.trainer.evaluate()
