@@ -101,18 +101,21 @@ def _joined(dtype: np.dtype, shape: tuple[int, ...], pieces: list[np.ndarray]) -
     object (what `ray.get` returns), else a copy (pieces from an ordinary unpickle lie anywhere)."""
     if not pieces:
         return np.empty(shape, dtype)
-    start = pieces[0].ctypes.data
-    in_store = all(_in_object_store(p) for p in pieces)
-    back_to_back = all(p.ctypes.data == start + i * _PIECE_BYTES for i, p in enumerate(pieces))
     if len(pieces) == 1:
         flat = pieces[0]
-    elif in_store and back_to_back:
+    elif _in_object_store(pieces[0]) and _back_to_back(pieces):
         # One object's memory; the first piece keeps all of it mapped (Ray's buffer of a piece holds the object).
         flat = np.lib.stride_tricks.as_strided(pieces[0], shape=(sum(p.nbytes for p in pieces),), strides=(1,),
                                                writeable=False)
     else:
         flat = np.concatenate(pieces)
     return flat.view(dtype).reshape(shape)
+
+
+def _back_to_back(pieces: list[np.ndarray]) -> bool:
+    """Whether each piece starts where the one before it ends (pieces of one unpickle: one object's buffers)."""
+    start = pieces[0].__array_interface__["data"][0]
+    return all(p.__array_interface__["data"][0] == start + i * _PIECE_BYTES for i, p in enumerate(pieces))
 
 
 def _in_object_store(array: np.ndarray) -> bool:
@@ -138,15 +141,21 @@ def _to_array(t: torch.Tensor) -> np.ndarray:
 
 def _from_array(array: np.ndarray | torch.Tensor, dtype_name: str) -> torch.Tensor:
     """A CPU tensor over `array` (no copy), with the dtype the snapshot recorded (a tensor, from an NCCL
-    broadcast, as it is)."""
+    broadcast, as it is). Call it inside `_reading_shared_arrays()`."""
     if isinstance(array, torch.Tensor):
         return array
-    with warnings.catch_warnings():
-        # Arrays from ray.get are read-only shared memory; the tensor is only read from.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        t = torch.from_numpy(array)
+    t = torch.from_numpy(array)
     dtype = getattr(torch, dtype_name)
     return t if t.dtype == dtype else t.view(dtype)
+
+
+@contextlib.contextmanager
+def _reading_shared_arrays():
+    """Silences torch's warning for tensors over read-only arrays (from `ray.get`: shared memory, never
+    written through them), once for a whole load rather than per tensor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        yield
 
 
 def _stored_entries(state: dict[str, torch.Tensor], local: bool = False
@@ -297,7 +306,7 @@ def load_snapshot(model: torch.nn.Module, snapshot: WeightSnapshot, share: bool 
             raise ValueError(f"{name}: snapshot shape {tuple(array.shape)}, "
                              f"model shape {tuple(dst.shape)}")
     done: set[int] = set()
-    with torch.no_grad():
+    with torch.no_grad(), _reading_shared_arrays():
         for name, dst in state.items():
             if id(dst) in done:  # tied in this model too (the same Parameter): already filled
                 continue

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from ..config import SamplingConfig
 from ..sampling import prompt_token_ids, rollout_table, stop_token_ids
-from ..weights import WeightSnapshot, _from_array, weights_checksum
+from ..weights import WeightSnapshot, _from_array, _reading_shared_arrays, weights_checksum
 
 # On CPU: no torch.compile (start-up 12 s instead of ~60 s on 2 cores for a tiny Llama) and a
 # fixed KV cache (vLLM would otherwise size it from free RAM, taking most of the machine).
@@ -67,7 +67,8 @@ class VLLMEngine:
     def load(self, snapshot: WeightSnapshot) -> None:
         """Reload the engine's weights in place from `snapshot` (tied names included, the model skips them)."""
         names = {**{n: n for n in snapshot.arrays}, **snapshot.aliases}
-        weights = [(name, _from_array(snapshot.arrays[src], snapshot.dtypes[src])) for name, src in names.items()]
+        with _reading_shared_arrays():
+            weights = [(name, _from_array(snapshot.arrays[src], snapshot.dtypes[src])) for name, src in names.items()]
         self.llm.collective_rpc("load_weights_in_place", args=(weights,))
         self._snapshot, self._checksum = snapshot, None
 
