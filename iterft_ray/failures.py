@@ -172,13 +172,13 @@ def last_error(error: BaseException, limit: int = 500) -> str:
 
 def describe_actor(actor_id: str | None, name: str) -> str:
     """`generator 0 (GeneratorActor, node 1a2b3c4d at 10.0.0.5, pid 4242, DEAD after 3 restarts)`, as the GCS
-    has it; an actor no node has taken yet says so."""
+    has it; an actor not running anywhere yet says so."""
     info = ray._private.state.actors(actor_id=actor_id) if actor_id else {}
     if not info:
         return name
-    node = info["Address"]["NodeID"]
-    where = (f"node {node[:8]} at {info['Address']['IPAddress']}, pid {info['Pid']}"
-             if node and node.strip("f0") else "not placed on any node")
+    # An actor waiting for resources may already have a node picked, but no process (pid 0) yet.
+    where = (f"node {info['Address']['NodeID'][:8]} at {info['Address']['IPAddress']}, pid {info['Pid']}"
+             if info["Pid"] else "no process on any node yet")
     restarts = info["NumRestarts"]
     state = f"{info['State']} after {restarts} restart{'s' * (restarts != 1)}" if restarts else info["State"]
     return f"{name} ({info['ActorClassName']}, {where}, {state})"
@@ -304,14 +304,17 @@ def wait_started(actors: list[tuple[str, ray.actor.ActorHandle, dict[str, float]
     raised as `ActorFailedError`; one still waiting for a node at the deadline as
     `PlacementError`, with what the run asks for and what the cluster has (in all, and free).
     """
-    ready = {a.__ray_ready__.remote(): (name, bundle) for name, a, bundle in actors}
     try:
-        wait_for(list(ready), deadline, "start", roster, fetch=True)
+        wait_for([a.__ray_ready__.remote() for _, a, _ in actors], deadline, "start", roster, fetch=True)
     except RoundTimeoutError:
-        _, pending = ray.wait(list(ready), num_returns=len(ready), timeout=0, fetch_local=False)
-        waiting = [f"{describe_actor(_producer(r), ready[r][0])} asking for {format_resources(ready[r][1])}"
-                   for r in pending]
-        raise placement_timeout(deadline, waiting, requests) from None
+        raise placement_timeout(deadline, not_started(actors), requests) from None
+
+
+def not_started(actors: list[tuple[str, ray.actor.ActorHandle, dict[str, float]]]) -> list[str]:
+    """Each of `actors` (name, handle, request) whose constructor has not run, described with its request."""
+    ready = {a.__ray_ready__.remote(): (name, bundle) for name, a, bundle in actors}
+    _, pending = ray.wait(list(ready), num_returns=len(ready), timeout=1.0, fetch_local=False)
+    return [f"{describe_actor(_producer(r), ready[r][0])} asking for {format_resources(ready[r][1])}" for r in pending]
 
 
 def placement_timeout(deadline: Deadline, waiting: list[str], requests: list[ActorRequest]) -> PlacementError:

@@ -27,7 +27,7 @@ from .actors.generator import GeneratorActor
 from .actors.trainer_actor import TrainerGroup
 from .config import LoraConfig, ResourcesConfig, SamplingConfig
 from .failures import (ActorRoster, Deadline, actor_options, actor_requests, check_cluster_fits, format_resources,
-                       placement_timeout, round_timeout, total_request, wait_for, wait_started)
+                       not_started, placement_timeout, round_timeout, total_request, wait_for, wait_started)
 
 
 @dataclass
@@ -187,17 +187,20 @@ class RayIterativeSFTTrainer:
                 placement_timeout_s=start.remaining(),
             )
         except ray.exceptions.GetTimeoutError:
-            bundle = self._requests["trainer rank"].bundle
-            waiting = [f"trainer ranks 0..{res.trainer_ranks - 1} (one placement group) asking for "
-                       f"{format_resources(bundle)} each"]
-            raise placement_timeout(start, waiting, list(self._requests.values())) from None
+            bundle = format_resources(self._requests["trainer rank"].bundle)
+            waiting = [f"trainer ranks 0..{res.trainer_ranks - 1} (one placement group) asking for {bundle} each"]
+            raise placement_timeout(start, waiting + not_started(self._other_actors()),
+                                    list(self._requests.values())) from None
+
+    def _other_actors(self) -> list[tuple[str, Any, dict[str, float]]]:
+        """(name, handle, request) of every generator and filter actor."""
+        actors = [(f"generator {i}", g, self._requests["generator"].bundle) for i, g in enumerate(self.generators)]
+        pool = self.filter_pool.actors if self.filter_pool is not None else []
+        return actors + [(f"filter actor {i}", a, self._requests["filter actor"].bundle) for i, a in enumerate(pool)]
 
     def _wait_started(self, start: Deadline) -> None:
         """Every generator and filter actor placed and constructed, by the `start` deadline."""
-        actors = [(f"generator {i}", g, self._requests["generator"].bundle) for i, g in enumerate(self.generators)]
-        actors += [(f"filter actor {i}", a, self._requests["filter actor"].bundle)
-                   for i, a in enumerate(self.filter_pool.actors)]
-        wait_started(actors, start, self.actor_roster(), list(self._requests.values()))
+        wait_started(self._other_actors(), start, self.actor_roster(), list(self._requests.values()))
 
     def _restartable(self, bundle: dict[str, float]) -> dict[str, Any]:
         """Actor options: `bundle`, and restarts and retries within the run's limits.
