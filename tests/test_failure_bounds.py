@@ -67,11 +67,11 @@ def config(tmp_path, selector=None, **overrides):
     return cfg
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_a_filter_actor_that_dies_on_every_call_ends_the_run_naming_it(local_ray, tmp_path):
     loop = IterativeLoop(config(tmp_path, "crashing"))
     try:
-        with pytest.raises(ActorFailedError) as failed:  # not a RayActorError: run() does not take it for the trainer
+        with pytest.raises(ActorFailedError) as failed:
             loop.round()
     finally:
         loop.shutdown()
@@ -84,9 +84,11 @@ def test_a_filter_actor_that_dies_on_every_call_ends_the_run_naming_it(local_ray
             in message), message
     assert "last error: The actor died unexpectedly" in message, message
     assert not (tmp_path / "run" / "rounds").exists()  # round 1 recorded nothing
+    # Not a RayActorError, which `run()` would take for a lost trainer and try to restore.
+    assert not isinstance(failed.value, ray.exceptions.RayActorError)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_a_hung_round_ends_at_its_timeout_naming_the_actor_it_waits_for(local_ray, tmp_path):
     loop = IterativeLoop(config(tmp_path, "hanging", loop__round_timeout_s=3.0))
     try:
