@@ -20,7 +20,8 @@ class UserError(Exception):
 
 
 class RunFailed(Exception):
-    """A run stopped for a reason the user must see (a broken filter): one line, exit status 1."""
+    """A run stopped for a reason the user must see (a broken filter, an actor that keeps dying, a round past
+    its timeout, actors the cluster cannot hold): one line, exit status 1."""
 
 
 def resolve_config(name_or_path: str) -> Path:
@@ -77,6 +78,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
 
     from .config import load_config
     from .driver import FilterErrorsError, IterativeLoop, check_start
+    from .failures import ActorFailedError, PlacementError, RoundTimeoutError
     from .ray_trainer import init_ray
 
     try:
@@ -90,14 +92,15 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
         return None
     started_ray = not ray.is_initialized()
     init_ray(run_config.resources, address)
+    stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError)
     try:
         loop = IterativeLoop(run_config, start=start)
         try:
             stats = loop.run()
-        except FilterErrorsError as e:
-            raise RunFailed(str(e)) from e
         finally:
             loop.shutdown()
+    except stopped as e:
+        raise RunFailed(str(e)) from e
     finally:
         if started_ray:
             ray.shutdown()

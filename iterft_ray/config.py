@@ -114,6 +114,16 @@ class ResourcesConfig:
     # On a cluster made from cluster/*.yaml, actors also ask for the `trainer`,
     # `generator` and `filter` resources so they land on their node types.
     custom_resources: bool = False
+    # A generator or filter actor that dies is restarted at most this many times, and a call
+    # it was running retried at most max_task_retries times; past either, the run stops and
+    # names the actor, its node and its last error. Bounded so that an actor that dies on
+    # every call (out of memory loading a snapshot, a selector that crashes) ends the run.
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    # Seconds for every actor of the run to be placed and started; past it the run stops
+    # and names what it asked for and what the cluster has (an autoscaling cluster gets
+    # this long to add nodes).
+    start_timeout_s: float = 600.0
 
 
 @dataclass
@@ -133,6 +143,9 @@ class LoopConfig:
     warmup_passes: int = 0
     # A round in which at least this share of rows failed in a filter stops the run.
     max_filter_error_rate: float = 1.0
+    # A round (generate, filter, train, sync, held-out check; not the checkpoint save) not
+    # done in this many seconds stops the run, naming the actors it still waits for.
+    round_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -156,10 +169,12 @@ _POSITIVE = {
     "model.lora.r", "model.lora.alpha", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size", "resources.trainer_ranks",
     "resources.num_generators", "resources.filter_pool_size", "loop.rounds", "loop.prompts_per_round",
     "loop.max_staleness", "loop.eval_every", "loop.save_every", "loop.filter_timeout_s", "loop.max_filter_error_rate",
+    "loop.round_timeout_s", "resources.start_timeout_s",
 }
 _NON_NEGATIVE = {
     "sampling.temperature", "sampling.top_k", "resources.trainer_cpus", "resources.trainer_gpus", "resources.generator_cpus",
-    "resources.generator_gpus", "resources.filter_cpus", "loop.warmup_passes",
+    "resources.generator_gpus", "resources.filter_cpus", "loop.warmup_passes", "resources.max_restarts",
+    "resources.max_task_retries",
 }
 
 
@@ -241,7 +256,9 @@ def _yaml_float(text: str) -> float | str:
 
 # What may differ between a run's saved config.yaml and the config that resumes it: how
 # long it goes on and how often it evaluates and saves, never what it trains on or how.
-CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "loop.output_dir")
+CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "loop.output_dir",
+                        "loop.round_timeout_s", "resources.max_restarts", "resources.max_task_retries",
+                        "resources.start_timeout_s")
 
 
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import META, is_checkpoint
 from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
+from .failures import Deadline, wait_for
 from .prompts import chat_example_ids, load_chat_tokenizer, load_prompts, with_chat_template
-from .ray_trainer import RayIterativeSFTTrainer
+from .ray_trainer import RayIterativeSFTTrainer, combine_summaries
 from .records import RunRecorder, write_generations
 from .tasks import Task
 
@@ -95,33 +96,39 @@ class IterativeLoop:
     # ---------------------------------------------------------------- a round
 
     def round(self) -> dict[str, Any]:
-        """Run one round and return its statistics (also appended to metrics.jsonl)."""
+        """Run one round and return its statistics (also appended to metrics.jsonl).
+
+        The driver fetches only the filters' summaries and the step's statistics; the round
+        stops with `RoundTimeoutError` past `loop.round_timeout_s`, and with `ActorFailedError`
+        when a generator or filter actor dies past its restart limits.
+        """
         r, c, t = self.round_index, self.config, {"start": time.perf_counter()}
+        deadline = self._round_deadline()
         rollouts = self._rollouts_for(r)
         scored = self.rl.filter(rollouts)
         self._prefetch(r)
-        _wait_all(rollouts, f"round {r + 1} generate")
+        self._wait(rollouts, f"round {r + 1} generate", deadline)
         t["generated"] = time.perf_counter()
-        _wait_all(scored.summaries, f"round {r + 1} filter")
-        summary = scored.summary()
+        summary = combine_summaries(self._wait(scored.summaries, f"round {r + 1} filter", deadline, fetch=True))
         t["filtered"] = time.perf_counter()
         generations = self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet"
         written = write_generations(generations, scored.tables)
         if summary["filter_errors"]:
             summary["first_filter_error"] = _one_line(summary["first_filter_error"])
             self._stop_on_filter_errors(r, summary, generations, written)
-        train = self.rl.step(scored)
+        train = self.rl.step(scored, deadline=deadline)
         t["trained"] = time.perf_counter()
         if c.loop.async_mode:
-            self.rl.publish_weights()
+            self.rl.publish_weights(train["version"])
         else:
-            self.rl.sync_weights()
+            self.rl.sync_weights(train["version"], deadline)
         t["synced"] = time.perf_counter()
         self.round_index += 1
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
         last = self.round_index == c.loop.rounds
-        heldout = self.heldout_accuracy() if self.heldout is not None and (self._due(c.loop.eval_every) or last) else None
-        ray.get(written)
+        due = self.heldout is not None and (self._due(c.loop.eval_every) or last)
+        heldout = self.heldout_accuracy(deadline) if due else None
+        self._wait([written], f"round {r + 1} write", deadline, fetch=True)
         stats = self._round_stats(r, summary, train, heldout, t)
         self.recorder.record(stats)
         print(_summary_line(stats), flush=True)
@@ -240,11 +247,15 @@ class IterativeLoop:
         self.rl.scale_generators(count)
         self.config.resources.num_generators = count
 
-    def heldout_accuracy(self) -> float:
-        """Greedy accuracy on the task's held-out prompts with the current weights (never trained on)."""
+    def heldout_accuracy(self, deadline: Deadline | None = None) -> float:
+        """Greedy accuracy on the task's held-out prompts with the current weights (never trained on).
+
+        Bounded by `deadline` (the round's), else by a `loop.round_timeout_s` of its own.
+        """
         rollouts = self.rl.generate(self.heldout, temperature=0.0, num_samples=1, round_index=-1)
         scored = self.rl.filter(rollouts, [{"name": "exact_answer", "task": self.task.name}])
-        return scored.summary()["accept_rate"]
+        parts = self._wait(scored.summaries, "held-out check", deadline or self._round_deadline(), fetch=True)
+        return combine_summaries(parts)["accept_rate"]
 
     def save_checkpoint(self) -> Path:
         """Checkpoint under checkpoints/round-NNNN: Hugging Face model + training state + loop state."""
@@ -271,6 +282,17 @@ class IterativeLoop:
 
     def _due(self, every: int) -> bool:
         return self.round_index % every == 0
+
+    def _round_deadline(self) -> Deadline:
+        return Deadline.after(self.config.loop.round_timeout_s, "loop.round_timeout_s")
+
+    def _wait(self, refs: list[ray.ObjectRef], desc: str, deadline: Deadline, fetch: bool = False) -> list[Any] | None:
+        """`wait_for` with a progress bar that ticks as each call completes (values only with `fetch`)."""
+        bar = _bar(None, desc, total=len(refs))
+        try:
+            return wait_for(refs, deadline, desc, self.rl.actor_roster(), fetch, on_done=bar.update)
+        finally:
+            bar.close()
 
     def _round_stats(self, r, summary, train, heldout, t) -> dict[str, Any]:
         versions = summary["weight_versions"]
@@ -460,16 +482,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def _bar(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
-
-
-def _wait_all(refs: list[ray.ObjectRef], desc: str) -> list[Any]:
-    """Wait for references with a progress bar that ticks as each one completes; returns their values."""
-    pending, bar = list(refs), _bar(None, desc, total=len(refs))
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
-        bar.update(len(done))
-    bar.close()
-    return ray.get(list(refs))
 
 
 def _permutation(n: int, seed: int) -> list[int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -189,16 +190,21 @@ def _token_rows(table: pa.Table) -> list[tuple[list[int], list[int]]]:
     return list(zip(nonempty["prompt_ids"].to_pylist(), nonempty["completion_ids"].to_pylist()))
 
 
-def _gather(refs: list[ray.ObjectRef]) -> list[Any]:
+def _gather(refs: list[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
     """Every rank's result, in rank order; the first rank to fail is raised as soon as it fails.
 
     A rank that died is raised as Ray's own `RayActorError`, so callers that recover a
-    lost trainer still recognise it.
+    lost trainer still recognise it. Ranks not done within `timeout_s` raise `GetTimeoutError`.
     """
     results: dict[ray.ObjectRef, Any] = {}
     pending = list(refs)
+    end = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        timeout = None if end is None else max(0.0, end - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        if not done:
+            raise ray.exceptions.GetTimeoutError(f"trainer ranks {[refs.index(p) for p in pending]} not done within "
+                                                 f"{timeout_s:g} s")
         try:
             results[done[0]] = ray.get(done[0])
         except ray.exceptions.RayActorError:
@@ -231,12 +237,15 @@ class TrainerGroup:
         tiny_overrides: dict | None = None,
         checkpoint: str | None = None,
         lora: LoraConfig | None = None,
+        placement_timeout_s: float | None = None,
     ):
+        """`placement_timeout_s`: how long to wait for the ranks' placement group (GetTimeoutError past it)."""
         bundle = {"CPU": cpus_per_rank, "GPU": gpus_per_rank, "trainer": 1 if custom_resources else 0}
         bundle = {k: v for k, v in bundle.items() if v}
         self.placement_group = placement_group([bundle] * ranks, strategy="PACK")
         self.ranks: list = []
         try:
+            ray.get(self.placement_group.ready(), timeout=placement_timeout_s)
             self._create_ranks(model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
                                tokenizer_path, trust_remote_code, tiny_overrides, checkpoint, lora)
         except BaseException:
@@ -245,7 +254,6 @@ class TrainerGroup:
 
     def _create_ranks(self, model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
                       tokenizer_path, trust_remote_code, tiny_overrides, checkpoint, lora) -> None:
-        ray.get(self.placement_group.ready())
         # Ray would give each rank only its own GPU; the group sets CUDA_VISIBLE_DEVICES itself.
         runtime_env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if gpus_per_rank else None
         self.ranks = [
@@ -298,13 +306,14 @@ class TrainerGroup:
         ]
 
     @staticmethod
-    def gather(refs: list[ray.ObjectRef]) -> list[Any]:
+    def gather(refs: list[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
         """The results of `call_async`, in rank order; the first rank's failure (with its rank and
         traceback) is raised as soon as it happens, not when the other ranks give up waiting for it.
+        Past `timeout_s`, `GetTimeoutError`.
 
         The wait is the caller's: a Ray task doing it would start a worker process per call.
         """
-        return _gather(refs)
+        return _gather(refs, timeout_s)
 
     def call(self, method: str, *args, on: str = "all", per_rank: dict[str, list] | None = None, **kwargs) -> list:
         """`call_async`, waited for here: the list of results in rank order."""
@@ -318,14 +327,15 @@ class TrainerGroup:
         """Train on scored rollout batches, passed by reference to every rank."""
         return self.call("step_rollouts", *rollouts)[0]
 
-    def publish(self) -> tuple[ray.ObjectRef, int]:
+    def publish(self, version: int | None = None) -> tuple[ray.ObjectRef, int]:
         """Publish the full weights once; returns (snapshot ref, version).
 
         One rank puts its weights; several put their shards and a worker of their own
-        assembles the full snapshot (the format generators load) from them.
+        assembles the full snapshot (the format generators load) from them. `version` is the
+        ranks' current version when the caller knows it (else they are asked).
         """
         refs = [r[0] for r in self.call("publish")]
-        version = self.call("version", on="rank0")[0]
+        version = self.call("version", on="rank0")[0] if version is None else version
         return (refs[0] if len(refs) == 1 else _assemble_task.remote(refs)), version
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
