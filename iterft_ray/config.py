@@ -282,9 +282,6 @@ def _check_lora(config: RunConfig) -> None:
     if config.sampling.engine == "vllm":
         raise ValueError("model.lora, sampling.engine: a LoRA adapter is synced to hf generators only; "
                          "use sampling.engine: hf with model.lora")
-    if config.resources.trainer_ranks > 1:
-        raise ValueError(f"model.lora, resources.trainer_ranks: a LoRA adapter trains on one rank; "
-                         f"set resources.trainer_ranks: 1 (got {config.resources.trainer_ranks})")
 
 
 def resolve_input_paths(data: Any, base: Path) -> Any:

@@ -143,9 +143,6 @@ class RayIterativeSFTTrainer:
         self.sampling = sampling or SamplingConfig()
         if lora is not None and self.sampling.engine != "hf":
             raise ValueError("model.lora, sampling.engine: a LoRA adapter is synced to hf generators only")
-        if lora is not None and self.resources.trainer_ranks > 1:
-            raise ValueError(f"model.lora, resources.trainer_ranks: a LoRA adapter trains on one rank; "
-                             f"got {self.resources.trainer_ranks}")
         self.lora = lora
         init_ray(self.resources)
         self._trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}

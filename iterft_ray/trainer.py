@@ -9,7 +9,8 @@ sequence dimension (not the batch), trains EOS when pad == eos, keeps a constant
 learning rate when there is no `max_steps`, and counts optimizer updates in
 `global_step`.
 
-With `peft_config` (or a `PeftModel`) only a LoRA adapter trains, on one rank.
+With `peft_config` (or a `PeftModel`) only a LoRA adapter trains; on several ranks the
+PEFT model is sharded like a full one (the frozen base included, so it is not replicated).
 
 Nothing here knows about Ray. When `torch.distributed` is initialised with more than
 one rank (a rank group made by the Ray trainer actor), the model is sharded with
@@ -196,8 +197,6 @@ class IterativeSFTTrainer(Trainer):
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.to(torch.float32)
         self.sharded = _world_size() > 1
-        if self.sharded and isinstance(model, PeftModel):
-            raise ValueError("peft_config: a LoRA adapter trains on one rank (FSDP2 over a PeftModel is not supported)")
         if self.sharded:
             if torch.cuda.is_available():  # FSDP2 shards onto the rank's own device (set by the rank group)
                 self.model.to(torch.device("cuda", torch.cuda.current_device()))
