@@ -35,7 +35,8 @@ def _config(**sections):
     ({"model": {"lora": {"target_modules": []}}}, "model.lora.target_modules: expected a non-empty list"),
     ({"model": {"lora": {"rank": 4}}}, "model.lora.rank: unknown key"),
     ({"model": {"lora": [4]}}, "model.lora: expected a mapping"),
-    ({"sampling": {"engine": "vllm"}}, "model.lora, sampling.engine:"),
+    ({"model": {"lora": {"r": 1024}}, "sampling": {"engine": "vllm"}},
+     "model.lora.r: sampling.engine: vllm serves adapters of rank up to 512"),
 ])
 def test_bad_lora_settings_name_the_key(sections, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -48,6 +49,7 @@ def test_lora_config_loads_and_round_trips():
     assert load_config(config.to_dict()).model.lora == config.model.lora
     assert load_config({"model": {"name_or_path": "tiny-llama"}}).model.lora is None
     assert load_config(_config(resources={"trainer_ranks": 2})).resources.trainer_ranks == 2  # LoRA on N ranks
+    assert load_config(_config(sampling={"engine": "vllm"})).sampling.engine == "vllm"  # and on vLLM
 
 
 def test_only_the_adapter_trains_and_a_trainer_restored_from_its_checkpoint_steps_the_same(llama_path, tmp_path):
@@ -233,3 +235,19 @@ def test_two_lora_ranks_make_the_same_adapter_update_as_one_rank_and_checkpoint_
         _assert_close(_adapter(resumed)[0], ours)  # momentum restored into the shards, not fresh
     finally:
         resumed.shutdown()
+
+
+# ---------------------------------------------------------------- LoRA on the vLLM engine
+
+
+def test_vllm_generators_serve_the_base_plus_the_adapter_version_they_claim_trained_on_two_ranks(local_ray, tmp_path):
+    out = tmp_path / "run"
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 2}  # vLLM's CPU attention needs head_dim 32
+    run("tiny", _overrides("tiny-llama", out, rounds=2) + [
+        "model.tiny_overrides={num_attention_heads: 2, num_key_value_heads: 2}", "sampling.engine=vllm",
+        "resources.trainer_ranks=2", "trainer.per_device_train_batch_size=16"])
+    checkpoint = out / "checkpoints" / "round-0001"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    # Round 1 sampled with version 0 (lora_B is zero: the base), round 2 with the adapter checkpointed after
+    # round 1: the engine's second adapter, added under a new id (a reused id would serve the first).
+    _check_round_sampled_with(out, 2, checkpoint, resolve_model_path("tiny-llama", **heads))
