@@ -12,7 +12,7 @@ and `VLLM_ALLOW_INSECURE_SERIALIZATION` is not needed.
 
 With `model.lora` the engine serves the base at `model_path` with vLLM's LoRA support
 (`enable_lora`) and an adapter snapshot never touches the base: it is written in PEFT format
-to a directory of this process (node-local, a few MB), added to the engine under a new
+to a temporary directory on the node (a few MB, removed once vLLM has read it), added under a new
 `LoRARequest` id (vLLM caches adapters by id, so reusing one would serve the old weights),
 the previous one removed, and every request of later rounds names it.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 
 import pyarrow as pa
@@ -75,7 +74,7 @@ class VLLMEngine:
         self._checksum: str | None = None
         self._snapshot: WeightSnapshot | None = None
         self._adapter = None  # the LoRARequest of the adapter version loaded last
-        self._adapter_dir = tempfile.mkdtemp(prefix="iterft-lora-") if lora is not None else None
+        self._serves_lora = lora is not None
 
     def load(self, snapshot: WeightSnapshot) -> None:
         """Reload the engine's weights in place from `snapshot` (tied names included, the model skips them)."""
@@ -137,20 +136,17 @@ class VLLMEngine:
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
-        if self._adapter_dir is None:
+        if not self._serves_lora:
             raise ValueError("an adapter snapshot reached a vLLM engine started without model.lora")
         lora_id = (self._adapter.lora_int_id if self._adapter is not None else 0) + 1
-        path = os.path.join(self._adapter_dir, f"adapter-{lora_id}")
-        snapshot.adapter_config.save_pretrained(path)
-        tensors = {_peft_file_name(name): _from_array(array, snapshot.dtypes[name]).contiguous()
-                   for name, array in snapshot.arrays.items()}
-        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-        request = LoRARequest(f"v{snapshot.version}-{lora_id}", lora_id, path)
-        try:
-            if not self.llm.llm_engine.add_lora(request):  # read into the engine now, so the files can go
+        with tempfile.TemporaryDirectory(prefix="iterft-lora-") as path:  # read into the engine now, then gone
+            snapshot.adapter_config.save_pretrained(path)
+            tensors = {_peft_file_name(name): _from_array(array, snapshot.dtypes[name]).contiguous()
+                       for name, array in snapshot.arrays.items()}
+            save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+            request = LoRARequest(f"v{snapshot.version}-{lora_id}", lora_id, path)
+            if not self.llm.llm_engine.add_lora(request):
                 raise RuntimeError(f"vLLM did not add adapter version {snapshot.version}")
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
         if self._adapter is not None:
             self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
         self._adapter = request
