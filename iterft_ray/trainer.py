@@ -147,11 +147,8 @@ class IterativeSFTTrainer(Trainer):
         if not isinstance(model, (PreTrainedModel, PeftModel)):
             raise TypeError(f"model: expected a PreTrainedModel, a PeftModel or a path/name string, "
                             f"got {type(model).__name__}")
-        if peft_config is not None:
-            if isinstance(model, PeftModel):
-                raise ValueError("peft_config: the model is already a PeftModel; give one or the other")
-            # As TRL's SFTTrainer: the base is frozen and only the adapter trains.
-            model = get_peft_model(model, peft_config)
+        if peft_config is not None and isinstance(model, PeftModel):
+            raise ValueError("peft_config: the model is already a PeftModel; give one or the other")
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(
                 f"tokenizer (or processing_class): expected a PreTrainedTokenizerBase, got {type(tokenizer).__name__}"
@@ -177,6 +174,11 @@ class IterativeSFTTrainer(Trainer):
         if optimize_device_cache is None:
             optimize_device_cache = args.optimize_device_cache if from_args else False
         self.optimize_device_cache = optimize_device_cache
+        if peft_config is not None:
+            # As TRL's SFTTrainer: the base is frozen and only the adapter trains. Seeded: sharded
+            # ranks must start from the same adapter (FSDP2 broadcasts nothing).
+            torch.manual_seed(args.seed)
+            model = get_peft_model(model, peft_config)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.tokenizer = tokenizer
 
