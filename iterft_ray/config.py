@@ -280,7 +280,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
 
 
 def _check_lora(config: RunConfig) -> None:
-    """What a LoRA run cannot do yet, refused at load rather than in an actor."""
+    """What a LoRA run cannot do, refused at load rather than in an actor."""
     if config.model.lora is None:
         return
     if config.sampling.engine == "vllm" and config.model.lora.r > VLLM_MAX_LORA_RANK:
