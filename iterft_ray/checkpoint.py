@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .weights import full_adapter_state
+
 TENSORS, META = "training_state.safetensors", "training_state.json"
 
 
@@ -34,7 +36,7 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
     """Write model, tokenizer, optimizer, scheduler, RNG and `extra` (JSON) to `path`, atomically.
 
     A LoRA trainer (a PeftModel) writes its adapter in PEFT format instead of the model,
-    loadable with `PeftModel.from_pretrained(base, path)`.
+    loadable with `PeftModel.from_pretrained(base, path)`; sharded, the adapter is gathered whole.
 
     With sharded ranks every rank calls it: the full model and optimizer state are
     gathered (to rank 0's CPU, one tensor at a time) and rank 0 writes; the files are the
@@ -44,7 +46,8 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
     options = StateDictOptions(full_state_dict=True, cpu_offload=trainer.sharded)
     model = trainer.accelerator.unwrap_model(trainer.model)
     adapter = isinstance(model, PeftModel)
-    model_state = None if adapter else get_model_state_dict(trainer.model, options=options)
+    # A LoRA adapter is gathered alone (small); the frozen base never changes and is not saved.
+    model_state = full_adapter_state(model) if adapter else get_model_state_dict(trainer.model, options=options)
     optimizer = get_optimizer_state_dict(trainer.model, _torch_optimizer(trainer), options=options)
     if trainer.sharded and dist.get_rank() != 0:
         return None
@@ -52,7 +55,8 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter:  # the base never changes: the adapter alone, as adapter_config.json + adapter_model.safetensors
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict={k: v.detach().cpu() for k, v in model_state.items()},
+                              safe_serialization=True)
     else:
         # A gathered state dict holds tied parameters (embeddings and LM head) twice; keep
         # the first name, as save_pretrained does for a live model.
@@ -61,7 +65,7 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
             if first.setdefault(id(param), name) != name:
                 model_state.pop(name, None)
         model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-    if trainer.sharded:  # the class FSDP2 made (FSDPLlamaForCausalLM) is no architecture a loader knows
+    if trainer.sharded and not adapter:  # the class FSDP2 made (FSDPLlamaForCausalLM) is no architecture a loader knows
         model.config.architectures = [_unsharded_class(model).__name__]
         model.config.save_pretrained(tmp)
     trainer.tokenizer.save_pretrained(tmp)

@@ -16,6 +16,10 @@ from typing import Any
 import yaml
 
 
+# The largest adapter rank vLLM serves (`max_lora_rank`).
+VLLM_MAX_LORA_RANK = 512
+
+
 @dataclass
 class LoraConfig:
     """A LoRA adapter (peft) trained instead of the full model: only its weights train, save and sync.
@@ -293,15 +297,12 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
 
 
 def _check_lora(config: RunConfig) -> None:
-    """What a LoRA run cannot do yet, refused at load rather than in an actor."""
+    """What a LoRA run cannot do, refused at load rather than in an actor."""
     if config.model.lora is None:
         return
-    if config.sampling.engine == "vllm":
-        raise ValueError("model.lora, sampling.engine: a LoRA adapter is synced to hf generators only; "
-                         "use sampling.engine: hf with model.lora")
-    if config.resources.trainer_ranks > 1:
-        raise ValueError(f"model.lora, resources.trainer_ranks: a LoRA adapter trains on one rank; "
-                         f"set resources.trainer_ranks: 1 (got {config.resources.trainer_ranks})")
+    if config.sampling.engine == "vllm" and config.model.lora.r > VLLM_MAX_LORA_RANK:
+        raise ValueError(f"model.lora.r: sampling.engine: vllm serves adapters of rank up to {VLLM_MAX_LORA_RANK}, "
+                         f"got {config.model.lora.r}")
 
 
 def resolve_input_paths(data: Any, base: Path) -> Any:

@@ -25,7 +25,7 @@ import ray
 from .actors.filter_pool import FilterPool
 from .actors.generator import GeneratorActor
 from .actors.trainer_actor import TrainerGroup
-from .config import LoraConfig, ResourcesConfig, SamplingConfig
+from .config import VLLM_MAX_LORA_RANK, LoraConfig, ResourcesConfig, SamplingConfig
 from .failures import (ActorRoster, Deadline, actor_options, actor_requests, check_cluster_fits, format_resources,
                        not_started, placement_timeout, round_timeout, total_request, wait_for, wait_started)
 
@@ -146,11 +146,9 @@ class RayIterativeSFTTrainer:
     ):
         self.resources = resources or ResourcesConfig()
         self.sampling = sampling or SamplingConfig()
-        if lora is not None and self.sampling.engine != "hf":
-            raise ValueError("model.lora, sampling.engine: a LoRA adapter is synced to hf generators only")
-        if lora is not None and self.resources.trainer_ranks > 1:
-            raise ValueError(f"model.lora, resources.trainer_ranks: a LoRA adapter trains on one rank; "
-                             f"got {self.resources.trainer_ranks}")
+        if lora is not None and self.sampling.engine == "vllm" and lora.r > VLLM_MAX_LORA_RANK:
+            raise ValueError(f"model.lora.r: sampling.engine: vllm serves adapters of rank up to "
+                             f"{VLLM_MAX_LORA_RANK}, got {lora.r}")
         self.lora = lora
         init_ray(self.resources)
         self._requests = {q.role: q for q in actor_requests(self.resources)}
@@ -238,7 +236,7 @@ class RayIterativeSFTTrainer:
         while len(self.generators) < count:
             model, tokenizer, trust_remote_code, tiny_overrides = self._model_args
             self.generators.append(GeneratorActor.options(**options).remote(
-                model, len(self.generators), self.sampling, tokenizer, trust_remote_code, tiny_overrides))
+                model, len(self.generators), self.sampling, tokenizer, trust_remote_code, tiny_overrides, self.lora))
         for gone in self.generators[count:]:
             ray.kill(gone)
         del self.generators[count:]

@@ -92,9 +92,10 @@ class TrainerActor:
             timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+        args = IterativeSFTConfig(**trainer_args)
         self.trainer = IterativeSFTTrainer(
-            _model_to_train(load_model(model_path, trust_remote_code=trust_remote_code), lora, checkpoint),
-            IterativeSFTConfig(**trainer_args),
+            _model_to_train(load_model(model_path, trust_remote_code=trust_remote_code), lora, checkpoint, args.seed),
+            args,
             processing_class=tokenizer,
         )
         return load_training_state(self.trainer, checkpoint) if checkpoint is not None else {}
@@ -140,8 +141,8 @@ class TrainerActor:
         Returns [ref] (wrapped so it stays a reference).
         """
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        if isinstance(model, PeftModel):
-            return [publish_adapter(model, self.version())]
+        if isinstance(model, PeftModel):  # gathered whole from the shards; rank 0 puts it
+            return [publish_adapter(model, self.version(), put=self.rank == 0)]
         if self.trainer.sharded:
             return [publish_shard(self.trainer.model, self.version())]
         return [publish_weights(model, self.version())]
@@ -171,8 +172,11 @@ class TrainerActor:
             dist.destroy_process_group()
 
 
-def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint: str | None):
+def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint: str | None, seed: int):
     """`model`, or with `lora` a PeftModel over it: a new adapter, or the one saved in `checkpoint`.
+
+    A new adapter is initialised from `seed` (`trainer.seed`): FSDP2 shards what each rank
+    holds and broadcasts nothing, so every rank must draw the same initial weights.
 
     A module-level function, not inlined in `setup`: Ray pickles actor methods by value,
     and `model.config` there would make cloudpickle try to ship `torch.distributed.config`.
@@ -181,6 +185,7 @@ def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint:
         return model
     if checkpoint is not None:
         return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    torch.manual_seed(seed)
     return get_peft_model(model, lora.peft_config(bool(getattr(model.config, "is_encoder_decoder", False))))
 
 
@@ -243,6 +248,7 @@ class TrainerGroup:
         bundle = {"CPU": cpus_per_rank, "GPU": gpus_per_rank, "trainer": 1 if custom_resources else 0}
         bundle = {k: v for k, v in bundle.items() if v}
         self.placement_group = placement_group([bundle] * ranks, strategy="PACK")
+        self.lora = lora
         self.ranks: list = []
         try:
             ray.get(self.placement_group.ready(), timeout=placement_timeout_s)
@@ -336,6 +342,8 @@ class TrainerGroup:
         """
         refs = [r[0] for r in self.call("publish")]
         version = self.call("version", on="rank0")[0] if version is None else version
+        if self.lora is not None:  # a LoRA adapter: whole on rank 0, small, no assembly
+            return refs[0], version
         return (refs[0] if len(refs) == 1 else _assemble_task.remote(refs)), version
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
@@ -345,7 +353,8 @@ class TrainerGroup:
         return self.call("evaluate")[0]
 
     def checksum(self) -> str:
-        """`weights_checksum` of the full weights (equal to one unsharded model's)."""
+        """`weights_checksum` of the full weights (equal to one unsharded model's); of sharded LoRA ranks,
+        of the adapter alone (what they publish)."""
         if len(self.ranks) == 1:
             return self.call("checksum")[0]
         return weights_checksum(ray.get(self.publish()[0]))
