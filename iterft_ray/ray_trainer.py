@@ -26,6 +26,7 @@ from .actors.filter_pool import FilterPool
 from .actors.generator import GeneratorActor
 from .actors.trainer_actor import TrainerGroup
 from .config import LoraConfig, ResourcesConfig, SamplingConfig
+from .storage import StoragePath
 
 
 @dataclass
@@ -136,7 +137,7 @@ class RayIterativeSFTTrainer:
         filter_timeout_s: float = 10.0,
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
-        checkpoint: str | None = None,
+        checkpoint: StoragePath | str | None = None,
         lora: LoraConfig | None = None,
     ):
         self.resources = resources or ResourcesConfig()
@@ -170,14 +171,14 @@ class RayIterativeSFTTrainer:
             self.shutdown()  # a failed start leaves no actor behind
             raise
 
-    def _new_trainer(self, checkpoint: str | None) -> TrainerGroup:
+    def _new_trainer(self, checkpoint: StoragePath | str | None) -> TrainerGroup:
         res = self.resources
         return TrainerGroup(
             self._model_args[0], self._trainer_args, res.trainer_ranks, res.trainer_cpus, res.trainer_gpus,
             res.custom_resources, *self._model_args[1:], checkpoint=checkpoint, lora=self.lora,
         )
 
-    def restore_trainer(self, checkpoint: str) -> dict[str, Any]:
+    def restore_trainer(self, checkpoint: StoragePath | str) -> dict[str, Any]:
         """Replace the trainer (dead or alive) by one restored from `checkpoint`; generators reload its weights.
 
         Returns the `extra` state saved with the checkpoint.
