@@ -159,7 +159,7 @@ class StoragePath:
         local_dir = Path(local_dir)
         self.delete()
         local = pafs.LocalFileSystem()
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != last):
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file() and p != local_dir / last):
             pafs.copy_files(str(path), f"{self._path}/{path.relative_to(local_dir).as_posix()}",
                             source_filesystem=local, destination_filesystem=self._fs)
         pafs.copy_files(str(local_dir / last), f"{self._path}/{last}",

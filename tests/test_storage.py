@@ -226,3 +226,20 @@ def test_dead_trainer_is_restored_from_the_bucket(s3_ray):
         assert loop.rl.trainer.checksum() == trained and loop.round_index == 1
     finally:
         loop.shutdown()
+
+
+def test_cluster_configs_point_runs_at_a_bucket_and_give_its_writers_credentials():
+    """The shipped cluster setup writes to a bucket, and the nodes that write (the head's driver and the
+    trainer) get credentials: the AWS trainer nodes an instance profile, the KubeRay pods the Secret."""
+    root = Path(__file__).resolve().parents[1]
+    job = yaml.safe_load((root / "jobs" / "configs" / "cluster_gpu.yaml").read_text())
+    assert job["loop"]["output_dir"].startswith("s3://")
+    aws = yaml.safe_load((root / "cluster" / "aws.yaml").read_text())
+    assert "IamInstanceProfile" in aws["available_node_types"]["trainer"]["node_config"]  # the head gets Ray's own
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        spec = yaml.safe_load((root / "cluster" / "kuberay" / name).read_text())["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        groups = {"head": spec["headGroupSpec"], **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+        for group in ("head", "trainer"):
+            container = groups[group]["template"]["spec"]["containers"][0]
+            assert {"secretRef": {"name": "iterft-storage", "optional": True}} in container["envFrom"], (name, group)
