@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load as load_safetensors
 
 from iterft_ray.cli import main
-from iterft_ray.driver import IterativeLoop
+from iterft_ray.driver import IterativeLoop, latest_checkpoint
 from iterft_ray.storage import StoragePath
 from ray_head import free_port
 
@@ -155,7 +155,7 @@ def tiny_config(out: str, rounds: int = 3) -> dict:
         "sampling": {"num_samples": 2, "max_new_tokens": 4},
         "trainer": {"learning_rate": 3e-3, "per_device_train_batch_size": 8, "optim": "adamw_torch"},
         "resources": {"num_generators": 1, "filter_pool_size": 1},
-        "loop": {"rounds": rounds, "prompts_per_round": 12, "save_every": 1, "eval_every": 2, "warmup_passes": 1,
+        "loop": {"rounds": rounds, "prompts_per_round": 12, "save_every": 1, "eval_every": 1, "warmup_passes": 1,
                  "output_dir": out},
     }
 
@@ -178,7 +178,9 @@ def s3_ray(s3_server):
             ray.shutdown()
 
 
-def test_run_in_s3_stopped_and_resumed_ends_like_the_local_run(s3_ray, tmp_path, monkeypatch):
+def test_run_in_s3_recovers_its_trainer_stops_resumes_and_ends_like_the_local_run(s3_ray, tmp_path, monkeypatch):
+    """Rounds 1-2 in the bucket with the trainer killed after round 1 (recovered from the bucket), a stop,
+    leftovers of a round 3 cut short, then --resume: the same weights, metrics and samples as a local run."""
     s3 = s3_ray
     monkeypatch.chdir(tmp_path)  # a URI run must leave nothing in the working directory
     local_dir = tmp_path / "local-run"
@@ -188,7 +190,16 @@ def test_run_in_s3_stopped_and_resumed_ends_like_the_local_run(s3_ray, tmp_path,
     config.write_text(yaml.safe_dump(tiny_config(f"s3://{BUCKET}/resumed")))
     files_before = set(tmp_path.rglob("*"))
 
-    assert main(["run", str(config), "--set", "loop.rounds=2"]) == 0  # stops after round 2
+    loop = IterativeLoop(tiny_config(f"s3://{BUCKET}/resumed"))
+    try:
+        loop.config.loop.rounds = 1  # every round is evaluated and saved, so the last one is like any other
+        loop.run()
+        ray.kill(loop.rl.trainer.ranks[0])
+        loop.config.loop.rounds = 2
+        assert [s["round"] for s in loop.run()] == [2]  # round 2 found the trainer dead and ran again
+        assert str(latest_checkpoint(loop.out)) == f"s3://{BUCKET}/resumed/checkpoints/round-0002"
+    finally:
+        loop.shutdown()  # a stop after round 2
     # What a driver killed during round 3 leaves: its generations, and a checkpoint cut short in its upload.
     (StoragePath(f"s3://{BUCKET}/resumed/rounds/0003/generations.parquet")).write_bytes(b"partial")
     (StoragePath(f"s3://{BUCKET}/resumed/checkpoints/round-0003/model.safetensors")).write_bytes(b"partial")
@@ -202,7 +213,9 @@ def test_run_in_s3_stopped_and_resumed_ends_like_the_local_run(s3_ray, tmp_path,
         assert {f"checkpoints/round-{r:04d}/{p.relative_to(checkpoint)}" for p in checkpoint.rglob("*") if p.is_file()} \
             == {n for n in names if n.startswith(f"checkpoints/round-{r:04d}/")}
     assert {"config.yaml", "run.json", "metrics.jsonl", "plot.png"} <= names
-    assert len([n for n in names if n.startswith("tensorboard/events.out.tfevents.")]) == 2  # one per start
+    assert main(["plot", f"s3://{BUCKET}/resumed"]) == 0  # `iterft plot` reads and draws in the bucket too
+    # One event file per writer: the first start, the rewind of the recovery (purge_step), the resume.
+    assert len([n for n in names if n.startswith("tensorboard/events.out.tfevents.")]) == 3
     assert not any(n.endswith(".tmp") for n in names)
 
     a = load_safetensors((local_dir / "checkpoints" / "round-0003" / "model.safetensors").read_bytes())
@@ -213,19 +226,6 @@ def test_run_in_s3_stopped_and_resumed_ends_like_the_local_run(s3_ray, tmp_path,
         x = pq.read_table(local_dir / "rounds" / f"{r:04d}" / "generations.parquet")
         y = pq.read_table(io.BytesIO(read_object(s3, f"resumed/rounds/{r:04d}/generations.parquet")))
         assert x.equals(y), r
-
-
-def test_dead_trainer_is_restored_from_the_bucket(s3_ray):
-    """Trainer recovery finds the newest checkpoint in the bucket and the new trainer downloads it."""
-    loop = IterativeLoop(tiny_config(f"s3://{BUCKET}/recovered", rounds=2))
-    try:
-        loop.round()  # checkpoints/round-0001, in the bucket only
-        trained = loop.rl.trainer.checksum()
-        ray.kill(loop.rl.trainer.ranks[0])
-        assert str(loop.recover_trainer()) == f"s3://{BUCKET}/recovered/checkpoints/round-0001"
-        assert loop.rl.trainer.checksum() == trained and loop.round_index == 1
-    finally:
-        loop.shutdown()
 
 
 def test_cluster_configs_point_runs_at_a_bucket_and_give_its_writers_credentials():
