@@ -5,7 +5,9 @@ read through, so a trainer on one node and a driver on another see the same chec
 when `loop.output_dir` is a bucket. Credentials and the endpoint come from the store's
 standard environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, ...) of the process that touches the
-store, never from the config: a pickled `StoragePath` carries its location only.
+store, never from the config: a pickled `StoragePath` carries its location only. (pyarrow's S3
+reads AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_S3 itself; tests/test_storage.py gives the
+endpoint no other way.)
 
 Writes are whole files and atomic where the store allows: on local disk a temp file
 renamed over the target; in an object store one object written from a complete buffer,
