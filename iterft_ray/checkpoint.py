@@ -4,7 +4,8 @@ A checkpoint directory holds the model and tokenizer (`save_pretrained`), and
 `training_state.safetensors` + `training_state.json` with what a resumed run needs to
 continue bit for bit: optimizer moments, scheduler position, update counter and the
 RNG states. `save_training_state` writes into a temp directory and renames it, so a
-crash while saving leaves the previous checkpoint as it was.
+crash while saving leaves the previous checkpoint as it was; `save_checkpoint` does the
+same into a run's storage, which may be an object store (see `storage.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .storage import StoragePath
 from .weights import full_adapter_state
 
 TENSORS, META = "training_state.safetensors", "training_state.json"
@@ -143,8 +146,29 @@ def _unsharded_class(model: torch.nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def is_checkpoint(path: Path) -> bool:
+def save_checkpoint(trainer, location: StoragePath | str | Path, extra: dict[str, Any] | None = None) -> None:
+    """`save_training_state` to a local path or a store; every rank of a sharded trainer calls it.
+
+    For a store the checkpoint is written to a temp directory on this node and uploaded
+    with training_state.json last, the mark `is_checkpoint` looks for: a crash while
+    uploading leaves no checkpoint rather than a broken one, and nothing assumes that
+    this node's disk is the one the driver reads.
+    """
+    target = StoragePath.of(location)
+    if target.is_local:
+        save_training_state(trainer, target, extra)
+        return
+    with tempfile.TemporaryDirectory(prefix="iterft-checkpoint-") as tmp:
+        written = save_training_state(trainer, Path(tmp) / target.name, extra)
+        if written is not None:
+            target.upload_directory(written, last=META)
+
+
+def is_checkpoint(path: StoragePath | Path) -> bool:
+    """A complete checkpoint: the training state is there (written last, locally by rename, in a store last)."""
+    path = StoragePath.of(path)
     return (path / META).is_file() and (path / TENSORS).is_file()
+
 
 
 def _listify(value: Any) -> Any:

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a config (a YAML path or a built-in name)")
     p_run.add_argument("config")
     p_demo = sub.add_parser("demo", help="expert iteration on addition with a tiny model, checked")
-    p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl")
+    p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl (a path or a URI)")
     p_plot.add_argument("run_dir")
     for p in (p_run, p_demo):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loop.rounds=2")
@@ -175,7 +175,7 @@ def _command(args: argparse.Namespace) -> int:
 
     try:
         path, names = plot_metrics(args.run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no run there, or a URI pyarrow.fs cannot open
         raise UserError(str(e)) from e
     print(f"{path}: {', '.join(names)}")
     return 0

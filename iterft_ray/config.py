@@ -366,9 +366,11 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write the resolved config, loadable again with `load_config`."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+def save_config(config: RunConfig, path: str | Path | StoragePath) -> None:
+    """Write the resolved config, loadable again with `load_config` (a local path or a store, see storage.py)."""
+    from .storage import StoragePath
+
+    StoragePath.of(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def check_model_sources(model: ModelConfig) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
-import shutil
+import re
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -31,6 +33,7 @@ from .failures import Deadline, wait_for
 from .prompts import chat_example_ids, load_chat_tokenizer, load_prompts, with_chat_template
 from .ray_trainer import RayIterativeSFTTrainer, combine_summaries
 from .records import RunRecorder, write_generations
+from .storage import StoragePath
 from .tasks import Task
 
 RUN_RECORD = "run.json"
@@ -66,7 +69,8 @@ class IterativeLoop:
         self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
             c.model.name_or_path,
-            {"output_dir": str(self.out / "trainer"), "report_to": "none", "seed": c.loop.seed, **c.trainer},
+            {"output_dir": _trainer_output_dir(self.out, self.run_id), "report_to": "none", "seed": c.loop.seed,
+             **c.trainer},
             tokenizer=c.model.tokenizer,
             resources=c.resources,
             sampling=c.sampling,
@@ -74,7 +78,7 @@ class IterativeLoop:
             filter_timeout_s=c.loop.filter_timeout_s,
             trust_remote_code=c.model.trust_remote_code,
             tiny_overrides=c.model.tiny_overrides,
-            checkpoint=str(start.checkpoint) if start.checkpoint else None,
+            checkpoint=start.checkpoint,
             lora=c.model.lora,
         )
         try:
@@ -167,7 +171,7 @@ class IterativeLoop:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return True
 
-    def recover_trainer(self) -> Path:
+    def recover_trainer(self) -> StoragePath:
         """Bring back a dead trainer from the newest checkpoint and rewind the loop to it."""
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is None:
@@ -177,7 +181,7 @@ class IterativeLoop:
             )
         print(f"trainer lost: restoring {checkpoint} and running the rounds after it again", flush=True)
         self._pending.clear()
-        self._restore_loop_state(self.rl.restore_trainer(str(checkpoint)))
+        self._restore_loop_state(self.rl.restore_trainer(checkpoint))
         return checkpoint
 
     def _restore_loop_state(self, state: dict[str, Any]) -> None:
@@ -257,10 +261,10 @@ class IterativeLoop:
         parts = self._wait(scored.summaries, "held-out check", deadline or self._round_deadline(), fetch=True)
         return combine_summaries(parts)["accept_rate"]
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> StoragePath:
         """Checkpoint under checkpoints/round-NNNN: Hugging Face model + training state + loop state."""
         target = self.out / "checkpoints" / f"round-{self.round_index:04d}"
-        self.rl.save(str(target), {
+        self.rl.save(target, {
             "round_index": self.round_index,
             "initial_heldout_accuracy": self.initial_heldout_accuracy,
             "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
@@ -268,7 +272,7 @@ class IterativeLoop:
         })
         return target
 
-    def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: Path,
+    def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: StoragePath,
                                written: ray.ObjectRef) -> None:
         """A round whose rows mostly fail in a filter is a broken filter, not a bad model: stop and say so."""
         errors, rows, limit = summary["filter_errors"], summary["rows"], self.config.loop.max_filter_error_rate
@@ -332,13 +336,13 @@ class IterativeLoop:
 class RunStart:
     """What starting a config means, decided before anything starts: its prompts, and fresh or resumed."""
 
-    out: Path
+    out: StoragePath
     run_id: str
     prompts: pa.Table
     heldout: pa.Table | None
     task: Task | None
     rounds: int  # loop.rounds of the config
-    checkpoint: Path | None = None  # resume from it
+    checkpoint: StoragePath | None = None  # resume from it
     rounds_done: int = 0
     overwrite: bool = False
     chat_tokenizer: Any = None  # the run's tokenizer, when data.chat_template is on
@@ -352,13 +356,9 @@ class RunStart:
         """The only writes of a start: delete the old run (--overwrite), record the run and its config."""
         if self.overwrite:
             for name in RUN_FILES:
-                path = self.out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n", encoding="utf-8")
+                (self.out / name).delete()
+        self.out.mkdir()
+        (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n")
         save_config(config, self.out / "config.yaml")
 
 
@@ -374,7 +374,7 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     prompts, heldout, task = _load_prompts(config)
     check_model_sources(config.model)
     chat_tokenizer = load_chat_tokenizer(config.model) if config.data.chat_template else None
-    out = Path(config.loop.output_dir)
+    out = _output_dir(config.loop.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
     start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite,
@@ -432,7 +432,7 @@ def _check_resume(config: RunConfig, start: RunStart) -> None:
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         raise ValueError(f"loop.output_dir: {out} has a checkpoint but no config.yaml, so it is not a run to resume")
-    saved = _flatten(build(RunConfig, yaml.safe_load(saved_path.read_text(encoding="utf-8"))).to_dict())
+    saved = _flatten(build(RunConfig, yaml.safe_load(saved_path.read_text())).to_dict())
     given = _flatten(config.to_dict())
     differ = [k for k in sorted(saved.keys() | given.keys())
               if saved.get(k) != given.get(k) and k not in CHANGEABLE_ON_RESUME]
@@ -440,9 +440,9 @@ def _check_resume(config: RunConfig, start: RunStart) -> None:
         changes = "; ".join(f"{k}: {saved.get(k)!r} in the run, {given.get(k)!r} now" for k in differ)
         raise ValueError(f"{', '.join(differ)}: differ from the config of the run in {out} ({changes}); "
                          f"a resume may change only {', '.join(CHANGEABLE_ON_RESUME)}")
-    extra = json.loads((checkpoint / META).read_text(encoding="utf-8"))["extra"]
+    extra = json.loads((checkpoint / META).read_text())["extra"]
     record = out / RUN_RECORD
-    run_id = json.loads(record.read_text(encoding="utf-8"))["run_id"] if record.is_file() else extra.get("run_id")
+    run_id = json.loads(record.read_text())["run_id"] if record.is_file() else extra.get("run_id")
     if extra.get("run_id") not in (None, run_id):
         raise ValueError(f"loop.output_dir: the newest checkpoint {checkpoint} belongs to another run than {out} "
                          f"records ({extra['run_id']} vs {run_id}); the directory mixes runs, start again with "
@@ -462,22 +462,42 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _describe_run(out: Path) -> str:
+def _describe_run(out: StoragePath) -> str:
     """` (run 1a2b3c, 3 rounds recorded)`, as far as the directory says."""
     parts = []
     record = out / RUN_RECORD
     if record.is_file():
-        parts.append(f"run {json.loads(record.read_text(encoding='utf-8'))['run_id'][:8]}")
+        parts.append(f"run {json.loads(record.read_text())['run_id'][:8]}")
     rounds = out / "rounds"
     if rounds.is_dir():
         parts.append(f"rounds recorded: {len(list(rounds.iterdir()))}")
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run (a crash while saving leaves only a .tmp beside it)."""
-    found = [p for p in (run_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]") if is_checkpoint(p)]
-    return max(found, default=None)
+def latest_checkpoint(run_dir: StoragePath | str | Path) -> StoragePath | None:
+    """The newest complete checkpoint of a run, read from where the run lives (a crash while saving leaves
+    a .tmp beside it on local disk, and a checkpoint without its training_state.json in a store)."""
+    found = [p for p in (StoragePath.of(run_dir) / "checkpoints").iterdir()
+             if re.fullmatch(r"round-\d{4}", p.name) and is_checkpoint(p)]
+    return max(found, key=lambda p: p.name, default=None)
+
+
+def _output_dir(location: str) -> StoragePath:
+    """loop.output_dir as a StoragePath, the store asked once here so a bad URI or credentials fail at the start."""
+    try:
+        out = StoragePath(location)
+        out.check_reachable()
+    except (ValueError, OSError) as e:
+        raise ValueError(f"loop.output_dir: {location} cannot be used: {e}") from None
+    return out
+
+
+def _trainer_output_dir(out: StoragePath, run_id: str) -> str:
+    """TrainingArguments.output_dir: under the run on local disk; for a run in a store, a directory on the
+    trainer's node (transformers makes it with plain file calls, and writes there only what trainer.report_to asks)."""
+    if out.is_local:
+        return os.fspath(out / "trainer")
+    return os.path.join(tempfile.gettempdir(), f"iterft-trainer-{run_id}")
 
 
 def _bar(iterable, desc: str, total: int | None = None):

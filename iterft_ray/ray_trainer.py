@@ -28,6 +28,7 @@ from .actors.trainer_actor import TrainerGroup
 from .config import VLLM_MAX_LORA_RANK, LoraConfig, ResourcesConfig, SamplingConfig
 from .failures import (ActorRoster, Deadline, actor_options, actor_requests, check_cluster_fits, format_resources,
                        not_started, placement_timeout, round_timeout, total_request, wait_for, wait_started)
+from .storage import StoragePath
 
 
 @dataclass
@@ -141,7 +142,7 @@ class RayIterativeSFTTrainer:
         filter_timeout_s: float = 10.0,
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
-        checkpoint: str | None = None,
+        checkpoint: StoragePath | str | None = None,
         lora: LoraConfig | None = None,
     ):
         self.resources = resources or ResourcesConfig()
@@ -175,7 +176,7 @@ class RayIterativeSFTTrainer:
             self.shutdown()  # a failed start leaves no actor behind
             raise
 
-    def _new_trainer(self, checkpoint: str | None, start: Deadline) -> TrainerGroup:
+    def _new_trainer(self, checkpoint: StoragePath | str | None, start: Deadline) -> TrainerGroup:
         """The trainer's ranks, their placement group placed by the `start` deadline (else PlacementError)."""
         res = self.resources
         try:
@@ -218,7 +219,7 @@ class RayIterativeSFTTrainer:
             names |= {r._actor_id.hex(): f"trainer rank {i}" for i, r in enumerate(self.trainer.ranks)}
         return ActorRoster(names, self.resources.max_restarts, self.resources.max_task_retries)
 
-    def restore_trainer(self, checkpoint: str) -> dict[str, Any]:
+    def restore_trainer(self, checkpoint: StoragePath | str) -> dict[str, Any]:
         """Replace the trainer (dead or alive) by one restored from `checkpoint`; generators reload its weights.
 
         Returns the `extra` state saved with the checkpoint.

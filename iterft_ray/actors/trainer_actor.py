@@ -20,6 +20,7 @@ import datetime
 import os
 import socket
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import pyarrow as pa
@@ -33,8 +34,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..batching import IGNORE_INDEX, examples_from_tensors
-from ..checkpoint import load_training_state, save_training_state
+from ..checkpoint import load_training_state, save_checkpoint
 from ..config import LoraConfig
+from ..storage import StoragePath
 from ..tiny import resolve_model_path
 from ..trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
 from ..weights import assemble_snapshot, publish_adapter, publish_shard, publish_weights, weights_checksum
@@ -66,7 +68,7 @@ class TrainerActor:
 
     def setup(self, model_path: str, trainer_args: dict[str, Any], env: dict[str, str],
               tokenizer_path: str | None = None, trust_remote_code: bool = False,
-              tiny_overrides: dict | None = None, checkpoint: str | None = None,
+              tiny_overrides: dict | None = None, checkpoint: StoragePath | str | None = None,
               lora: LoraConfig | None = None) -> dict[str, Any]:
         """Join the process group (if several ranks) and build the trainer, from `checkpoint` if given.
 
@@ -79,26 +81,29 @@ class TrainerActor:
         state saved with the checkpoint (empty for a fresh start).
         """
         os.environ.update(env)
-        if checkpoint is not None:
-            tokenizer_path = checkpoint
-        if checkpoint is not None and lora is None:
-            model_path = checkpoint
-        else:
-            model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
-        if self.world_size > 1:
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(env["LOCAL_RANK"]))
-            backend = trainer_args.get("ddp_backend") or ("nccl" if torch.cuda.is_available() else "gloo")
-            timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
-            dist.init_process_group(backend, init_method="env://", timeout=timeout)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
-        args = IterativeSFTConfig(**trainer_args)
-        self.trainer = IterativeSFTTrainer(
-            _model_to_train(load_model(model_path, trust_remote_code=trust_remote_code), lora, checkpoint, args.seed),
-            args,
-            processing_class=tokenizer,
-        )
-        return load_training_state(self.trainer, checkpoint) if checkpoint is not None else {}
+        # A checkpoint in a store is downloaded to this node for the loaders, which read files.
+        with StoragePath.of(checkpoint).local_copy() if checkpoint is not None else nullcontext() as local:
+            checkpoint = None if local is None else str(local)
+            if checkpoint is not None:
+                tokenizer_path = checkpoint
+            if checkpoint is not None and lora is None:
+                model_path = checkpoint
+            else:
+                model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
+            if self.world_size > 1:
+                if torch.cuda.is_available():
+                    torch.cuda.set_device(int(env["LOCAL_RANK"]))
+                backend = trainer_args.get("ddp_backend") or ("nccl" if torch.cuda.is_available() else "gloo")
+                timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
+                dist.init_process_group(backend, init_method="env://", timeout=timeout)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+            args = IterativeSFTConfig(**trainer_args)
+            self.trainer = IterativeSFTTrainer(
+                _model_to_train(load_model(model_path, trust_remote_code=trust_remote_code), lora, checkpoint, args.seed),
+                args,
+                processing_class=tokenizer,
+            )
+            return load_training_state(self.trainer, checkpoint) if checkpoint is not None else {}
 
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None) -> dict:
         """`IterativeSFTTrainer.step` on this rank's shard of the given lists."""
@@ -150,9 +155,10 @@ class TrainerActor:
     def evaluate(self) -> dict:
         return self.trainer.evaluate()
 
-    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        """Save a checkpoint (Hugging Face model + training state + `extra`), atomically; collective, rank 0 writes."""
-        save_training_state(self.trainer, path, extra)
+    def save(self, path: StoragePath | str, extra: dict[str, Any] | None = None) -> None:
+        """Save a checkpoint (Hugging Face model + training state + `extra`) to a local path or a store,
+        atomically; collective, rank 0 writes (a store gets it uploaded from this node)."""
+        save_checkpoint(self.trainer, path, extra)
 
     def checksum(self) -> str:
         """One rank only: `weights_checksum` of its model (the group checksums sharded weights itself)."""
@@ -240,7 +246,7 @@ class TrainerGroup:
         tokenizer_path: str | None = None,
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
-        checkpoint: str | None = None,
+        checkpoint: StoragePath | str | None = None,
         lora: LoraConfig | None = None,
         placement_timeout_s: float | None = None,
     ):
@@ -346,7 +352,7 @@ class TrainerGroup:
             return refs[0], version
         return (refs[0] if len(refs) == 1 else _assemble_task.remote(refs)), version
 
-    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+    def save(self, path: StoragePath | str, extra: dict[str, Any] | None = None) -> None:
         self.call("save", path, extra)
 
     def evaluate(self) -> dict:
