@@ -77,6 +77,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
 
     from .config import load_config
     from .driver import FilterErrorsError, IterativeLoop, check_start
+    from .prompts import PromptDataError
     from .ray_trainer import init_ray
 
     try:
@@ -94,7 +95,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
         loop = IterativeLoop(run_config, start=start)
         try:
             stats = loop.run()
-        except FilterErrorsError as e:
+        except (FilterErrorsError, PromptDataError) as e:  # a broken filter; a bad row met in a streamed file
             raise RunFailed(str(e)) from e
         finally:
             loop.shutdown()
