@@ -112,7 +112,7 @@ class PromptFile(PromptSource):
 
     def _open_parquet(self) -> None:
         try:
-            file = pq.ParquetFile(self.path)
+            file = pq.ParquetFile(self.path, buffer_size=1 << 20, pre_buffer=False)  # the head reads pages, not a row group
         except pa.ArrowInvalid as e:
             raise PromptDataError(f"{self.path}: not a Parquet file ({e})") from None
         self.shards, first = [], 0
