@@ -217,7 +217,18 @@ def test_a_trainer_restored_from_a_checkpoint_takes_the_same_prompts_as_the_run_
         ray.kill(loop.rl.trainer.ranks[0])
         loop.recover_trainer()
         assert loop.round_index == 2
+        loop.config.loop.rounds, loop.config.loop.save_every = 5, 10  # round 3 again, not checkpointed this time
         loop.round()
+        # Bad rows where round 4 reads (as if far into a big file): the run stops before round 4,
+        # with round 3 checkpointed at its place in the stream, and says how to go on.
+        write_parquet(path, [{"prompt": "", "answer": "0"}] * 13, 5)
+        with pytest.raises(PromptDataError) as info:
+            loop.round()
+        message = str(info.value)
+        assert message.startswith(f"data.prompts_file: {path}: row ") and "column 'prompt' must be a non-empty" in message
+        assert "round 4 stopped before it started; rounds 1-3 are saved" in message and "--resume" in message
+        saved = json.loads((out / "checkpoints" / "round-0003" / META).read_text())["extra"]["prompt_position"]
+        assert saved == {"epoch": 1, "rows": 11}
     finally:
         loop.shutdown()
     again = pq.read_table(out / "rounds" / "0003" / "generations.parquet")
