@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .checkpoint import META, is_checkpoint
 from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
 from .prompt_stream import open_prompts, stream_position, stream_row
-from .prompts import PromptDataError, PromptSource, chat_example_ids, load_chat_tokenizer, load_prompts, with_chat_template
+from .prompts import (PromptDataError, PromptSource, chat_example_ids, load_chat_tokenizer, load_prompts,
+                      with_chat_template)
 from .ray_trainer import RayIterativeSFTTrainer
 from .records import RunRecorder, write_generations
 from .tasks import Task

@@ -112,7 +112,8 @@ class PromptFile(PromptSource):
 
     def _open_parquet(self) -> None:
         try:
-            file = pq.ParquetFile(self.path, buffer_size=1 << 20, pre_buffer=False)  # the head reads pages, not a row group
+            # Buffered, not pre-buffered: the first rows are read page by page, not a whole row group at once.
+            file = pq.ParquetFile(self.path, buffer_size=1 << 20, pre_buffer=False)
         except pa.ArrowInvalid as e:
             raise PromptDataError(f"{self.path}: not a Parquet file ({e})") from None
         self.shards, first = [], 0
@@ -346,7 +347,8 @@ def _type_change(path: Path, rows: list[tuple[int, dict]], name: str, kind: pa.D
                         f"hold {kind}")
     kinds = [(n, type(row[name])) for n, row in rows if row.get(name) is not None]
     number, other = next(((n, k) for n, k in kinds if k is not kinds[0][1]), kinds[-1])
-    return f"{path}: row {number}: column {name!r} holds a {other.__name__} where earlier rows hold {kinds[0][1].__name__}"
+    return (f"{path}: row {number}: column {name!r} holds a {other.__name__} where earlier rows hold "
+            f"{kinds[0][1].__name__}")
 
 
 def _is_unicode(text: str) -> bool:
