@@ -79,6 +79,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     from .config import load_config
     from .driver import FilterErrorsError, IterativeLoop, check_start
     from .failures import ActorFailedError, PlacementError, RoundTimeoutError
+    from .prompts import PromptDataError
     from .ray_trainer import init_ray
 
     try:
@@ -92,7 +93,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
         return None
     started_ray = not ray.is_initialized()
     init_ray(run_config.resources, address)
-    stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError)
+    stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError, PromptDataError)
     try:
         loop = IterativeLoop(run_config, start=start)
         try:

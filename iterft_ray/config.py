@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+if typing.TYPE_CHECKING:
+    from .storage import StoragePath
+
 
 # The largest adapter rank vLLM serves (`max_lora_rank`).
 VLLM_MAX_LORA_RANK = 512
@@ -65,11 +68,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where prompts come from: a built-in task, or a JSONL/Parquet file with a `prompt` column."""
+    """Where prompts come from: a built-in task, a JSONL/Parquet file with a `prompt` column, or a dataset."""
 
     task: str | None = "addition"
     task_options: dict[str, Any] = field(default_factory=dict)
     prompts_file: str | None = None
+    # A Hugging Face dataset: {path, name, split, ...}, loaded as datasets.load_dataset(path, name,
+    # split=split, **the other keys); path is a local data directory or file, or a hub name.
+    dataset: dict[str, Any] | None = None
     prompt_column: str = "prompt"
     # Format prompts with the tokenizer's chat template: each prompt a user message (a `messages`
     # column of a prompts file is used as given), the assistant's turn opened.
@@ -80,6 +86,16 @@ class DataConfig:
     def __post_init__(self):
         if self.system_prompt is not None and not self.chat_template:
             raise ValueError("data.system_prompt: a system message needs a chat template; set data.chat_template: true")
+        if self.dataset is not None:
+            for key in ("path", "split"):
+                if not isinstance(self.dataset.get(key), str) or not self.dataset[key]:
+                    raise ValueError(f"data.dataset.{key}: expected a non-empty string, got {self.dataset.get(key)!r} "
+                                     "(data.dataset is {path, name, split, ...} as datasets.load_dataset takes them)")
+            if self.dataset.get("name") is not None and not isinstance(self.dataset["name"], str):
+                raise ValueError(f"data.dataset.name: expected a string, got {self.dataset['name']!r}")
+            if self.dataset.get("streaming"):
+                raise ValueError("data.dataset.streaming: prompts are always streamed, from the dataset's local "
+                                 "Arrow files; remove the key")
 
 
 @dataclass
@@ -275,15 +291,19 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         with open(source, encoding="utf-8") as f:
             data = resolve_input_paths(yaml.safe_load(f), Path(source).parent)
     config = build(RunConfig, data)
-    if config.data.prompts_file is not None and config.data.task is not None:
+    if config.data.prompts_file is not None and config.data.dataset is not None:
+        raise ValueError("data.prompts_file, data.dataset: prompts come from a file or from a dataset, not both; "
+                         "remove one")
+    source = "prompts_file" if config.data.prompts_file is not None else "dataset"
+    if getattr(config.data, source) is not None and config.data.task is not None:
         if "task" in data["data"]:
             raise ValueError(
-                "data.task, data.prompts_file: prompts come from a task or from a file, not both; "
-                "remove one (set data.task: null to use the file)"
+                f"data.task, data.{source}: prompts come from a task or from a {source.replace('_', ' ')}, not both; "
+                f"remove one (set data.task: null to use the {source.replace('prompts_', '')})"
             )
-        config.data.task = None  # the default task gives way to a prompts file
-    if config.data.task is None and config.data.prompts_file is None:
-        raise ValueError("data.task, data.prompts_file: give one of them")
+        config.data.task = None  # the default task gives way to a prompts file or a dataset
+    if config.data.task is None and config.data.prompts_file is None and config.data.dataset is None:
+        raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
     if not 0 < config.loop.max_filter_error_rate <= 1:
         raise ValueError(
             f"loop.max_filter_error_rate: expected a number in (0, 1], got {config.loop.max_filter_error_rate}"
@@ -308,8 +328,8 @@ def _check_lora(config: RunConfig) -> None:
 def resolve_input_paths(data: Any, base: Path) -> Any:
     """Make the relative input paths of a config file's data absolute against `base`, the file's directory.
 
-    `data.prompts_file` always; `model.name_or_path` and `model.tokenizer` when they name
-    something beside the file (else they are a hub id or a built-in name). `loop.output_dir`
+    `data.prompts_file` always; `model.name_or_path`, `model.tokenizer` and `data.dataset.path`
+    when they name something beside the file (else they are a hub id or a built-in name). `loop.output_dir`
     stays relative to the working directory, as built-in configs and TrainingArguments have it.
     """
     if not isinstance(data, dict):
@@ -326,6 +346,11 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
             beside = base / value
             if key == "prompts_file" or value.startswith(("./", "../")) or beside.exists():
                 section[key] = str(beside.resolve())
+    dataset = data["data"].get("dataset") if isinstance(data.get("data"), dict) else None
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str) and dataset["path"]:
+        path = dataset["path"]
+        if not Path(path).expanduser().is_absolute() and (path.startswith(("./", "../")) or (base / path).exists()):
+            dataset["path"] = str((base / path).resolve())
     return data
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import tempfile
 import time
@@ -30,7 +29,9 @@ from tqdm.auto import tqdm
 from .checkpoint import META, is_checkpoint
 from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
 from .failures import Deadline, wait_for
-from .prompts import chat_example_ids, load_chat_tokenizer, load_prompts, with_chat_template
+from .prompt_stream import open_prompts, stream_position, stream_row
+from .prompts import (PromptDataError, PromptSource, chat_example_ids, load_chat_tokenizer, load_prompts,
+                      with_chat_template)
 from .ray_trainer import RayIterativeSFTTrainer, combine_summaries
 from .records import RunRecorder, write_generations
 from .storage import StoragePath
@@ -62,7 +63,8 @@ class IterativeLoop:
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         c = self.config
         start = start if start is not None else check_start(c, resume, overwrite)
-        self.prompts, self.heldout, self.task = start.prompts, start.heldout, start.task
+        self.prompts = open_prompts(start.prompts, c.loop.seed)  # a file or a dataset streams through Ray Data
+        self.heldout, self.task = start.heldout, start.task
         self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
         if self.chat_tokenizer is not None and self.heldout is not None:
             self.heldout = with_chat_template(self.heldout, self.chat_tokenizer, c.data.system_prompt)
@@ -88,6 +90,7 @@ class IterativeLoop:
             self.initial_heldout_accuracy: float | None = None
             self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
             self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
+            self._prompts_from = (0, 0)  # (round, row): round `round` takes the prompts from row `row` of the stream
             if start.checkpoint is not None:
                 self._restore_loop_state(self.rl.trainer.restored)
                 print(f"resumed from {start.checkpoint}: next round {self.round_index + 1}", flush=True)
@@ -189,6 +192,9 @@ class IterativeLoop:
         self.initial_heldout_accuracy = state.get("initial_heldout_accuracy")
         self._rounds_at_version = {int(k): v for k, v in state["rounds_at_version"].items()}
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
+        position = state.get("prompt_position")  # absent in checkpoints from before streamed prompts
+        self._prompts_from = (self.round_index, stream_row(position, self.prompts.num_rows) if position
+                              else self.round_index * self.config.loop.prompts_per_round)
         self.recorder.truncate(self.round_index)
 
     def warm_up(self) -> dict[str, Any] | None:
@@ -214,10 +220,22 @@ class IterativeLoop:
     # ---------------------------------------------------------------- pieces
 
     def _rollouts_for(self, r: int) -> list[ray.ObjectRef]:
-        """This round's rollouts: prefetched in async mode, else sampled now with the latest weights."""
+        """This round's rollouts: prefetched in async mode, else sampled now with the latest weights.
+
+        A bad row in a streamed prompts file stops the run here, between rounds, with the rounds
+        before it checkpointed: fix the row and `--resume` goes on at the same place in the stream.
+        """
         if self._pending and self._pending[0][0] == r:
             return self._pending.popleft()[1]
-        return self._generate(r)
+        try:
+            return self._generate(r)
+        except PromptDataError as error:
+            checkpoint = self.out / "checkpoints" / f"round-{self.round_index:04d}"
+            if self.round_index and latest_checkpoint(self.out) != checkpoint:
+                self.save_checkpoint()
+            saved = f"rounds 1-{self.round_index} are saved in {self.out}; " if self.round_index else ""
+            raise PromptDataError(f"{error} (round {r + 1} stopped before it started; {saved}"
+                                  "fix the row and continue with --resume)") from None
 
     def _prefetch(self, r: int) -> None:
         """Async mode: start rounds r+1 .. r+max_staleness on the weights at hand, before training r."""
@@ -227,7 +245,10 @@ class IterativeLoop:
         queued = {p[0] for p in self._pending}
         for ahead in range(r + 1, min(r + loop.max_staleness, loop.rounds - 1) + 1):
             if ahead not in queued:
-                self._pending.append((ahead, self._generate(ahead)))
+                try:
+                    self._pending.append((ahead, self._generate(ahead)))
+                except PromptDataError:
+                    return  # round `ahead` meets the bad row again when it starts, after this round is saved
 
     def _generate(self, r: int) -> list[ray.ObjectRef]:
         prompts = self._round_prompts(r)
@@ -236,13 +257,13 @@ class IterativeLoop:
         return self.rl.generate(prompts, seed=self.config.loop.seed, round_index=r)
 
     def _round_prompts(self, r: int) -> pa.Table:
-        """Round r's prompts: consecutive windows over a seeded shuffle of the train prompts, per epoch."""
-        n, total, seed = self.config.loop.prompts_per_round, self.prompts.num_rows, self.config.loop.seed
-        indices = []
-        for epoch in range(r * n // total, ((r + 1) * n - 1) // total + 1):
-            order = _permutation(total, seed + epoch)
-            indices += [order[k - epoch * total] for k in range(max(r * n, epoch * total), min((r + 1) * n, (epoch + 1) * total))]
-        return self.prompts.take(pa.array(indices))
+        """Round r's prompts: the next window of the prompt stream (a seeded shuffle per epoch)."""
+        return self.prompts.rows(self._prompt_row(r), self.config.loop.prompts_per_round)
+
+    def _prompt_row(self, r: int) -> int:
+        """Where round r's prompts start in the stream: counted from the position the run started or resumed at."""
+        first_round, first_row = self._prompts_from
+        return first_row + (r - first_round) * self.config.loop.prompts_per_round
 
     def scale_generators(self, count: int) -> None:
         """Change the number of generators between rounds; new ones load the current weights before sampling."""
@@ -269,6 +290,8 @@ class IterativeLoop:
             "initial_heldout_accuracy": self.initial_heldout_accuracy,
             "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
             "run_id": self.run_id,
+            # The next round's place in the prompt stream, {epoch, rows}: a resume goes on from it.
+            "prompt_position": stream_position(self._prompt_row(self.round_index), self.prompts.num_rows),
         })
         return target
 
@@ -328,6 +351,7 @@ class IterativeLoop:
         return stats
 
     def shutdown(self) -> None:
+        self.prompts.close()
         self.recorder.close()
         self.rl.shutdown()
 
@@ -338,7 +362,7 @@ class RunStart:
 
     out: StoragePath
     run_id: str
-    prompts: pa.Table
+    prompts: pa.Table | PromptSource  # a task's table, or a file or dataset opened to stream
     heldout: pa.Table | None
     task: Task | None
     rounds: int  # loop.rounds of the config
@@ -389,24 +413,24 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     return start
 
 
-def _load_prompts(config: RunConfig) -> tuple[pa.Table, pa.Table | None, Task | None]:
+def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table | None, Task | None]:
     """The run's prompts, with the settings that cannot apply to them refused by name."""
     data, passes = config.data, config.loop.warmup_passes
-    if data.prompts_file is not None:
+    if data.prompts_file is not None or data.dataset is not None:
+        key = "data.prompts_file" if data.prompts_file is not None else "data.dataset"
         if data.task_options:
-            raise ValueError("data.task_options: options of a task, but prompts come from data.prompts_file; "
-                             "remove them")
+            raise ValueError(f"data.task_options: options of a task, but prompts come from {key}; remove them")
         if passes:
             raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up need a task's warm-up examples, and "
-                             "data.prompts_file has none; set loop.warmup_passes: 0 or use a data.task")
-        if not Path(data.prompts_file).is_file():
+                             f"{key} has none; set loop.warmup_passes: 0 or use a data.task")
+        if data.prompts_file is not None and not Path(data.prompts_file).is_file():
             raise ValueError(f"data.prompts_file: no such file {data.prompts_file}")
         try:
             prompts, heldout, task = load_prompts(data)
         except ValueError as e:
-            raise ValueError(f"data.prompts_file: {e}") from None
+            raise ValueError(f"{key}: {e}") from None
         if "messages" in prompts.column_names and not data.chat_template:
-            raise ValueError(f"data.prompts_file: {data.prompts_file} has a 'messages' column, which needs the "
+            raise ValueError(f"{key}: {prompts.name} has a 'messages' column, which needs the "
                              "tokenizer's chat template; set data.chat_template: true")
         return prompts, heldout, task
     try:
@@ -504,10 +528,6 @@ def _bar(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
 
-def _permutation(n: int, seed: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return order
 
 
 def _one_line(text: str | None, limit: int = 300) -> str | None:
