@@ -4,7 +4,8 @@ A checkpoint directory holds the model and tokenizer (`save_pretrained`), and
 `training_state.safetensors` + `training_state.json` with what a resumed run needs to
 continue bit for bit: optimizer moments, scheduler position, update counter and the
 RNG states. `save_training_state` writes into a temp directory and renames it, so a
-crash while saving leaves the previous checkpoint as it was.
+crash while saving leaves the previous checkpoint as it was; `save_checkpoint` does the
+same into a run's storage, which may be an object store (see `storage.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .storage import StoragePath
+from .weights import full_adapter_state
+
 TENSORS, META = "training_state.safetensors", "training_state.json"
 
 
@@ -34,7 +39,7 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
     """Write model, tokenizer, optimizer, scheduler, RNG and `extra` (JSON) to `path`, atomically.
 
     A LoRA trainer (a PeftModel) writes its adapter in PEFT format instead of the model,
-    loadable with `PeftModel.from_pretrained(base, path)`.
+    loadable with `PeftModel.from_pretrained(base, path)`; sharded, the adapter is gathered whole.
 
     With sharded ranks every rank calls it: the full model and optimizer state are
     gathered (to rank 0's CPU, one tensor at a time) and rank 0 writes; the files are the
@@ -44,7 +49,8 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
     options = StateDictOptions(full_state_dict=True, cpu_offload=trainer.sharded)
     model = trainer.accelerator.unwrap_model(trainer.model)
     adapter = isinstance(model, PeftModel)
-    model_state = None if adapter else get_model_state_dict(trainer.model, options=options)
+    # A LoRA adapter is gathered alone (small); the frozen base never changes and is not saved.
+    model_state = full_adapter_state(model) if adapter else get_model_state_dict(trainer.model, options=options)
     optimizer = get_optimizer_state_dict(trainer.model, _torch_optimizer(trainer), options=options)
     if trainer.sharded and dist.get_rank() != 0:
         return None
@@ -52,7 +58,8 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter:  # the base never changes: the adapter alone, as adapter_config.json + adapter_model.safetensors
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict={k: v.detach().cpu() for k, v in model_state.items()},
+                              safe_serialization=True)
     else:
         # A gathered state dict holds tied parameters (embeddings and LM head) twice; keep
         # the first name, as save_pretrained does for a live model.
@@ -61,7 +68,7 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
             if first.setdefault(id(param), name) != name:
                 model_state.pop(name, None)
         model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-    if trainer.sharded:  # the class FSDP2 made (FSDPLlamaForCausalLM) is no architecture a loader knows
+    if trainer.sharded and not adapter:  # the class FSDP2 made (FSDPLlamaForCausalLM) is no architecture a loader knows
         model.config.architectures = [_unsharded_class(model).__name__]
         model.config.save_pretrained(tmp)
     trainer.tokenizer.save_pretrained(tmp)
@@ -139,8 +146,29 @@ def _unsharded_class(model: torch.nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def is_checkpoint(path: Path) -> bool:
+def save_checkpoint(trainer, location: StoragePath | str | Path, extra: dict[str, Any] | None = None) -> None:
+    """`save_training_state` to a local path or a store; every rank of a sharded trainer calls it.
+
+    For a store the checkpoint is written to a temp directory on this node and uploaded
+    with training_state.json last, the mark `is_checkpoint` looks for: a crash while
+    uploading leaves no checkpoint rather than a broken one, and nothing assumes that
+    this node's disk is the one the driver reads.
+    """
+    target = StoragePath.of(location)
+    if target.is_local:
+        save_training_state(trainer, target, extra)
+        return
+    with tempfile.TemporaryDirectory(prefix="iterft-checkpoint-") as tmp:
+        written = save_training_state(trainer, Path(tmp) / target.name, extra)
+        if written is not None:
+            target.upload_directory(written, last=META)
+
+
+def is_checkpoint(path: StoragePath | Path) -> bool:
+    """A complete checkpoint: the training state is there (written last, locally by rename, in a store last)."""
+    path = StoragePath.of(path)
     return (path / META).is_file() and (path / TENSORS).is_file()
+
 
 
 def _listify(value: Any) -> Any:

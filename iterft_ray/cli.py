@@ -20,7 +20,8 @@ class UserError(Exception):
 
 
 class RunFailed(Exception):
-    """A run stopped for a reason the user must see (a broken filter): one line, exit status 1."""
+    """A run stopped for a reason the user must see (a broken filter, an actor that keeps dying, a round past
+    its timeout, actors the cluster cannot hold): one line, exit status 1."""
 
 
 def resolve_config(name_or_path: str) -> Path:
@@ -77,6 +78,8 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
 
     from .config import load_config
     from .driver import FilterErrorsError, IterativeLoop, check_start
+    from .failures import ActorFailedError, PlacementError, RoundTimeoutError
+    from .prompts import PromptDataError
     from .ray_trainer import init_ray
 
     try:
@@ -90,14 +93,15 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
         return None
     started_ray = not ray.is_initialized()
     init_ray(run_config.resources, address)
+    stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError, PromptDataError)
     try:
         loop = IterativeLoop(run_config, start=start)
         try:
             stats = loop.run()
-        except FilterErrorsError as e:
-            raise RunFailed(str(e)) from e
         finally:
             loop.shutdown()
+    except stopped as e:
+        raise RunFailed(str(e)) from e
     finally:
         if started_ray:
             ray.shutdown()
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a config (a YAML path or a built-in name)")
     p_run.add_argument("config")
     p_demo = sub.add_parser("demo", help="expert iteration on addition with a tiny model, checked")
-    p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl")
+    p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl (a path or a URI)")
     p_plot.add_argument("run_dir")
     for p in (p_run, p_demo):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loop.rounds=2")
@@ -172,7 +176,7 @@ def _command(args: argparse.Namespace) -> int:
 
     try:
         path, names = plot_metrics(args.run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no run there, or a URI pyarrow.fs cannot open
         raise UserError(str(e)) from e
     print(f"{path}: {', '.join(names)}")
     return 0

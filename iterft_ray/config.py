@@ -15,6 +15,13 @@ from typing import Any
 
 import yaml
 
+if typing.TYPE_CHECKING:
+    from .storage import StoragePath
+
+
+# The largest adapter rank vLLM serves (`max_lora_rank`).
+VLLM_MAX_LORA_RANK = 512
+
 
 @dataclass
 class LoraConfig:
@@ -61,11 +68,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where prompts come from: a built-in task, or a JSONL/Parquet file with a `prompt` column."""
+    """Where prompts come from: a built-in task, a JSONL/Parquet file with a `prompt` column, or a dataset."""
 
     task: str | None = "addition"
     task_options: dict[str, Any] = field(default_factory=dict)
     prompts_file: str | None = None
+    # A Hugging Face dataset: {path, name, split, ...}, loaded as datasets.load_dataset(path, name,
+    # split=split, **the other keys); path is a local data directory or file, or a hub name.
+    dataset: dict[str, Any] | None = None
     prompt_column: str = "prompt"
     # Format prompts with the tokenizer's chat template: each prompt a user message (a `messages`
     # column of a prompts file is used as given), the assistant's turn opened.
@@ -76,6 +86,16 @@ class DataConfig:
     def __post_init__(self):
         if self.system_prompt is not None and not self.chat_template:
             raise ValueError("data.system_prompt: a system message needs a chat template; set data.chat_template: true")
+        if self.dataset is not None:
+            for key in ("path", "split"):
+                if not isinstance(self.dataset.get(key), str) or not self.dataset[key]:
+                    raise ValueError(f"data.dataset.{key}: expected a non-empty string, got {self.dataset.get(key)!r} "
+                                     "(data.dataset is {path, name, split, ...} as datasets.load_dataset takes them)")
+            if self.dataset.get("name") is not None and not isinstance(self.dataset["name"], str):
+                raise ValueError(f"data.dataset.name: expected a string, got {self.dataset['name']!r}")
+            if self.dataset.get("streaming"):
+                raise ValueError("data.dataset.streaming: prompts are always streamed, from the dataset's local "
+                                 "Arrow files; remove the key")
 
 
 @dataclass
@@ -114,6 +134,16 @@ class ResourcesConfig:
     # On a cluster made from cluster/*.yaml, actors also ask for the `trainer`,
     # `generator` and `filter` resources so they land on their node types.
     custom_resources: bool = False
+    # A generator or filter actor that dies is restarted at most this many times, and a call
+    # it was running retried at most max_task_retries times; past either, the run stops and
+    # names the actor, its node and its last error. Bounded so that an actor that dies on
+    # every call (out of memory loading a snapshot, a selector that crashes) ends the run.
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    # Seconds for every actor of the run to be placed and started; past it the run stops
+    # and names what it asked for and what the cluster has (an autoscaling cluster gets
+    # this long to add nodes).
+    start_timeout_s: float = 600.0
     # How a new weight version reaches the generators: "object_store" (one `ray.put`; a generator on
     # another node pulls the whole snapshot), "broadcast" (the trainer broadcasts it in buckets over a
     # torch.distributed group with the generators: Gloo on CPU, NCCL when all have GPUs), or "auto":
@@ -147,6 +177,9 @@ class LoopConfig:
     warmup_passes: int = 0
     # A round in which at least this share of rows failed in a filter stops the run.
     max_filter_error_rate: float = 1.0
+    # A round (generate, filter, train, sync, held-out check; not the checkpoint save) not
+    # done in this many seconds stops the run, naming the actors it still waits for.
+    round_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -170,10 +203,12 @@ _POSITIVE = {
     "model.lora.r", "model.lora.alpha", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size", "resources.trainer_ranks",
     "resources.num_generators", "resources.filter_pool_size", "loop.rounds", "loop.prompts_per_round",
     "loop.max_staleness", "loop.eval_every", "loop.save_every", "loop.filter_timeout_s", "loop.max_filter_error_rate",
+    "loop.round_timeout_s", "resources.start_timeout_s",
 }
 _NON_NEGATIVE = {
     "sampling.temperature", "sampling.top_k", "resources.trainer_cpus", "resources.trainer_gpus", "resources.generator_cpus",
-    "resources.generator_gpus", "resources.filter_cpus", "loop.warmup_passes",
+    "resources.generator_gpus", "resources.filter_cpus", "loop.warmup_passes", "resources.max_restarts",
+    "resources.max_task_retries",
 }
 
 
@@ -255,7 +290,9 @@ def _yaml_float(text: str) -> float | str:
 
 # What may differ between a run's saved config.yaml and the config that resumes it: how
 # long it goes on and how often it evaluates and saves, never what it trains on or how.
-CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "loop.output_dir")
+CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "loop.output_dir",
+                        "loop.round_timeout_s", "resources.max_restarts", "resources.max_task_retries",
+                        "resources.start_timeout_s")
 
 
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
@@ -268,15 +305,19 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         with open(source, encoding="utf-8") as f:
             data = resolve_input_paths(yaml.safe_load(f), Path(source).parent)
     config = build(RunConfig, data)
-    if config.data.prompts_file is not None and config.data.task is not None:
+    if config.data.prompts_file is not None and config.data.dataset is not None:
+        raise ValueError("data.prompts_file, data.dataset: prompts come from a file or from a dataset, not both; "
+                         "remove one")
+    source = "prompts_file" if config.data.prompts_file is not None else "dataset"
+    if getattr(config.data, source) is not None and config.data.task is not None:
         if "task" in data["data"]:
             raise ValueError(
-                "data.task, data.prompts_file: prompts come from a task or from a file, not both; "
-                "remove one (set data.task: null to use the file)"
+                f"data.task, data.{source}: prompts come from a task or from a {source.replace('_', ' ')}, not both; "
+                f"remove one (set data.task: null to use the {source.replace('prompts_', '')})"
             )
-        config.data.task = None  # the default task gives way to a prompts file
-    if config.data.task is None and config.data.prompts_file is None:
-        raise ValueError("data.task, data.prompts_file: give one of them")
+        config.data.task = None  # the default task gives way to a prompts file or a dataset
+    if config.data.task is None and config.data.prompts_file is None and config.data.dataset is None:
+        raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
     if not 0 < config.loop.max_filter_error_rate <= 1:
         raise ValueError(
             f"loop.max_filter_error_rate: expected a number in (0, 1], got {config.loop.max_filter_error_rate}"
@@ -290,22 +331,22 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
 
 
 def _check_lora(config: RunConfig) -> None:
-    """What a LoRA run cannot do yet, refused at load rather than in an actor."""
+    """What a LoRA run cannot do, refused at load rather than in an actor."""
     if config.model.lora is None:
         return
-    if config.sampling.engine == "vllm":
-        raise ValueError("model.lora, sampling.engine: a LoRA adapter is synced to hf generators only; "
-                         "use sampling.engine: hf with model.lora")
-    if config.resources.trainer_ranks > 1:
-        raise ValueError(f"model.lora, resources.trainer_ranks: a LoRA adapter trains on one rank; "
-                         f"set resources.trainer_ranks: 1 (got {config.resources.trainer_ranks})")
+    if config.sampling.engine == "vllm" and config.model.lora.r > VLLM_MAX_LORA_RANK:
+        raise ValueError(f"model.lora.r: sampling.engine: vllm serves adapters of rank up to {VLLM_MAX_LORA_RANK}, "
+                         f"got {config.model.lora.r}")
+    if config.resources.weight_transport == "broadcast":
+        raise ValueError("model.lora, resources.weight_transport: a LoRA version is its adapter, a few MB that "
+                         "the object store moves; 'broadcast' sends full weights. Use 'auto' or 'object_store'")
 
 
 def resolve_input_paths(data: Any, base: Path) -> Any:
     """Make the relative input paths of a config file's data absolute against `base`, the file's directory.
 
-    `data.prompts_file` always; `model.name_or_path` and `model.tokenizer` when they name
-    something beside the file (else they are a hub id or a built-in name). `loop.output_dir`
+    `data.prompts_file` always; `model.name_or_path`, `model.tokenizer` and `data.dataset.path`
+    when they name something beside the file (else they are a hub id or a built-in name). `loop.output_dir`
     stays relative to the working directory, as built-in configs and TrainingArguments have it.
     """
     if not isinstance(data, dict):
@@ -322,6 +363,11 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
             beside = base / value
             if key == "prompts_file" or value.startswith(("./", "../")) or beside.exists():
                 section[key] = str(beside.resolve())
+    dataset = data["data"].get("dataset") if isinstance(data.get("data"), dict) else None
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str) and dataset["path"]:
+        path = dataset["path"]
+        if not Path(path).expanduser().is_absolute() and (path.startswith(("./", "../")) or (base / path).exists()):
+            dataset["path"] = str((base / path).resolve())
     return data
 
 
@@ -362,9 +408,11 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write the resolved config, loadable again with `load_config`."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+def save_config(config: RunConfig, path: str | Path | StoragePath) -> None:
+    """Write the resolved config, loadable again with `load_config` (a local path or a store, see storage.py)."""
+    from .storage import StoragePath
+
+    StoragePath.of(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def check_model_sources(model: ModelConfig) -> None:

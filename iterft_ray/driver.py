@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import shutil
+import os
+import re
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -27,9 +28,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import META, is_checkpoint
 from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
-from .prompts import chat_example_ids, load_chat_tokenizer, load_prompts, with_chat_template
-from .ray_trainer import RayIterativeSFTTrainer
+from .failures import Deadline, wait_for
+from .prompt_stream import open_prompts, stream_position, stream_row
+from .prompts import (PromptDataError, PromptSource, chat_example_ids, load_chat_tokenizer, load_prompts,
+                      with_chat_template)
+from .ray_trainer import RayIterativeSFTTrainer, combine_summaries
 from .records import RunRecorder, write_generations
+from .storage import StoragePath
 from .tasks import Task
 
 RUN_RECORD = "run.json"
@@ -58,14 +63,16 @@ class IterativeLoop:
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         c = self.config
         start = start if start is not None else check_start(c, resume, overwrite)
-        self.prompts, self.heldout, self.task = start.prompts, start.heldout, start.task
+        self.prompts = open_prompts(start.prompts, c.loop.seed)  # a file or a dataset streams through Ray Data
+        self.heldout, self.task = start.heldout, start.task
         self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
         if self.chat_tokenizer is not None and self.heldout is not None:
             self.heldout = with_chat_template(self.heldout, self.chat_tokenizer, c.data.system_prompt)
         self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
             c.model.name_or_path,
-            {"output_dir": str(self.out / "trainer"), "report_to": "none", "seed": c.loop.seed, **c.trainer},
+            {"output_dir": _trainer_output_dir(self.out, self.run_id), "report_to": "none", "seed": c.loop.seed,
+             **c.trainer},
             tokenizer=c.model.tokenizer,
             resources=c.resources,
             sampling=c.sampling,
@@ -73,7 +80,7 @@ class IterativeLoop:
             filter_timeout_s=c.loop.filter_timeout_s,
             trust_remote_code=c.model.trust_remote_code,
             tiny_overrides=c.model.tiny_overrides,
-            checkpoint=str(start.checkpoint) if start.checkpoint else None,
+            checkpoint=start.checkpoint,
             lora=c.model.lora,
         )
         try:
@@ -83,6 +90,7 @@ class IterativeLoop:
             self.initial_heldout_accuracy: float | None = None
             self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
             self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
+            self._prompts_from = (0, 0)  # (round, row): round `round` takes the prompts from row `row` of the stream
             if start.checkpoint is not None:
                 self._restore_loop_state(self.rl.trainer.restored)
                 print(f"resumed from {start.checkpoint}: next round {self.round_index + 1}", flush=True)
@@ -95,33 +103,39 @@ class IterativeLoop:
     # ---------------------------------------------------------------- a round
 
     def round(self) -> dict[str, Any]:
-        """Run one round and return its statistics (also appended to metrics.jsonl)."""
+        """Run one round and return its statistics (also appended to metrics.jsonl).
+
+        The driver fetches only the filters' summaries and the step's statistics; the round
+        stops with `RoundTimeoutError` past `loop.round_timeout_s`, and with `ActorFailedError`
+        when a generator or filter actor dies past its restart limits.
+        """
         r, c, t = self.round_index, self.config, {"start": time.perf_counter()}
+        deadline = self._round_deadline()
         rollouts = self._rollouts_for(r)
         scored = self.rl.filter(rollouts)
         self._prefetch(r)
-        _wait_all(rollouts, f"round {r + 1} generate")
+        self._wait(rollouts, f"round {r + 1} generate", deadline)
         t["generated"] = time.perf_counter()
-        _wait_all(scored.summaries, f"round {r + 1} filter")
-        summary = scored.summary()
+        summary = combine_summaries(self._wait(scored.summaries, f"round {r + 1} filter", deadline, fetch=True))
         t["filtered"] = time.perf_counter()
         generations = self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet"
         written = write_generations(generations, scored.tables)
         if summary["filter_errors"]:
             summary["first_filter_error"] = _one_line(summary["first_filter_error"])
             self._stop_on_filter_errors(r, summary, generations, written)
-        train = self.rl.step(scored)
+        train = self.rl.step(scored, deadline=deadline)
         t["trained"] = time.perf_counter()
         if c.loop.async_mode:
-            self.rl.publish_weights()
+            self.rl.publish_weights(train["version"])
         else:
-            self.rl.sync_weights()
+            self.rl.sync_weights(train["version"], deadline)
         t["synced"] = time.perf_counter()
         self.round_index += 1
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
         last = self.round_index == c.loop.rounds
-        heldout = self.heldout_accuracy() if self.heldout is not None and (self._due(c.loop.eval_every) or last) else None
-        ray.get(written)
+        due = self.heldout is not None and (self._due(c.loop.eval_every) or last)
+        heldout = self.heldout_accuracy(deadline) if due else None
+        self._wait([written], f"round {r + 1} write", deadline, fetch=True)
         stats = self._round_stats(r, summary, train, heldout, t)
         self.recorder.record(stats)
         print(_summary_line(stats), flush=True)
@@ -160,7 +174,7 @@ class IterativeLoop:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return True
 
-    def recover_trainer(self) -> Path:
+    def recover_trainer(self) -> StoragePath:
         """Bring back a dead trainer from the newest checkpoint and rewind the loop to it."""
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is None:
@@ -170,7 +184,7 @@ class IterativeLoop:
             )
         print(f"trainer lost: restoring {checkpoint} and running the rounds after it again", flush=True)
         self._pending.clear()
-        self._restore_loop_state(self.rl.restore_trainer(str(checkpoint)))
+        self._restore_loop_state(self.rl.restore_trainer(checkpoint))
         return checkpoint
 
     def _restore_loop_state(self, state: dict[str, Any]) -> None:
@@ -178,6 +192,9 @@ class IterativeLoop:
         self.initial_heldout_accuracy = state.get("initial_heldout_accuracy")
         self._rounds_at_version = {int(k): v for k, v in state["rounds_at_version"].items()}
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
+        position = state.get("prompt_position")  # absent in checkpoints from before streamed prompts
+        self._prompts_from = (self.round_index, stream_row(position, self.prompts.num_rows) if position
+                              else self.round_index * self.config.loop.prompts_per_round)
         self.recorder.truncate(self.round_index)
 
     def warm_up(self) -> dict[str, Any] | None:
@@ -203,10 +220,22 @@ class IterativeLoop:
     # ---------------------------------------------------------------- pieces
 
     def _rollouts_for(self, r: int) -> list[ray.ObjectRef]:
-        """This round's rollouts: prefetched in async mode, else sampled now with the latest weights."""
+        """This round's rollouts: prefetched in async mode, else sampled now with the latest weights.
+
+        A bad row in a streamed prompts file stops the run here, between rounds, with the rounds
+        before it checkpointed: fix the row and `--resume` goes on at the same place in the stream.
+        """
         if self._pending and self._pending[0][0] == r:
             return self._pending.popleft()[1]
-        return self._generate(r)
+        try:
+            return self._generate(r)
+        except PromptDataError as error:
+            checkpoint = self.out / "checkpoints" / f"round-{self.round_index:04d}"
+            if self.round_index and latest_checkpoint(self.out) != checkpoint:
+                self.save_checkpoint()
+            saved = f"rounds 1-{self.round_index} are saved in {self.out}; " if self.round_index else ""
+            raise PromptDataError(f"{error} (round {r + 1} stopped before it started; {saved}"
+                                  "fix the row and continue with --resume)") from None
 
     def _prefetch(self, r: int) -> None:
         """Async mode: start rounds r+1 .. r+max_staleness on the weights at hand, before training r."""
@@ -216,7 +245,10 @@ class IterativeLoop:
         queued = {p[0] for p in self._pending}
         for ahead in range(r + 1, min(r + loop.max_staleness, loop.rounds - 1) + 1):
             if ahead not in queued:
-                self._pending.append((ahead, self._generate(ahead)))
+                try:
+                    self._pending.append((ahead, self._generate(ahead)))
+                except PromptDataError:
+                    return  # round `ahead` meets the bad row again when it starts, after this round is saved
 
     def _generate(self, r: int) -> list[ray.ObjectRef]:
         prompts = self._round_prompts(r)
@@ -225,13 +257,13 @@ class IterativeLoop:
         return self.rl.generate(prompts, seed=self.config.loop.seed, round_index=r)
 
     def _round_prompts(self, r: int) -> pa.Table:
-        """Round r's prompts: consecutive windows over a seeded shuffle of the train prompts, per epoch."""
-        n, total, seed = self.config.loop.prompts_per_round, self.prompts.num_rows, self.config.loop.seed
-        indices = []
-        for epoch in range(r * n // total, ((r + 1) * n - 1) // total + 1):
-            order = _permutation(total, seed + epoch)
-            indices += [order[k - epoch * total] for k in range(max(r * n, epoch * total), min((r + 1) * n, (epoch + 1) * total))]
-        return self.prompts.take(pa.array(indices))
+        """Round r's prompts: the next window of the prompt stream (a seeded shuffle per epoch)."""
+        return self.prompts.rows(self._prompt_row(r), self.config.loop.prompts_per_round)
+
+    def _prompt_row(self, r: int) -> int:
+        """Where round r's prompts start in the stream: counted from the position the run started or resumed at."""
+        first_round, first_row = self._prompts_from
+        return first_row + (r - first_round) * self.config.loop.prompts_per_round
 
     def scale_generators(self, count: int) -> None:
         """Change the number of generators between rounds; new ones load the current weights before sampling."""
@@ -240,24 +272,30 @@ class IterativeLoop:
         self.rl.scale_generators(count)
         self.config.resources.num_generators = count
 
-    def heldout_accuracy(self) -> float:
-        """Greedy accuracy on the task's held-out prompts with the current weights (never trained on)."""
+    def heldout_accuracy(self, deadline: Deadline | None = None) -> float:
+        """Greedy accuracy on the task's held-out prompts with the current weights (never trained on).
+
+        Bounded by `deadline` (the round's), else by a `loop.round_timeout_s` of its own.
+        """
         rollouts = self.rl.generate(self.heldout, temperature=0.0, num_samples=1, round_index=-1)
         scored = self.rl.filter(rollouts, [{"name": "exact_answer", "task": self.task.name}])
-        return scored.summary()["accept_rate"]
+        parts = self._wait(scored.summaries, "held-out check", deadline or self._round_deadline(), fetch=True)
+        return combine_summaries(parts)["accept_rate"]
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> StoragePath:
         """Checkpoint under checkpoints/round-NNNN: Hugging Face model + training state + loop state."""
         target = self.out / "checkpoints" / f"round-{self.round_index:04d}"
-        self.rl.save(str(target), {
+        self.rl.save(target, {
             "round_index": self.round_index,
             "initial_heldout_accuracy": self.initial_heldout_accuracy,
             "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
             "run_id": self.run_id,
+            # The next round's place in the prompt stream, {epoch, rows}: a resume goes on from it.
+            "prompt_position": stream_position(self._prompt_row(self.round_index), self.prompts.num_rows),
         })
         return target
 
-    def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: Path,
+    def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: StoragePath,
                                written: ray.ObjectRef) -> None:
         """A round whose rows mostly fail in a filter is a broken filter, not a bad model: stop and say so."""
         errors, rows, limit = summary["filter_errors"], summary["rows"], self.config.loop.max_filter_error_rate
@@ -271,6 +309,17 @@ class IterativeLoop:
 
     def _due(self, every: int) -> bool:
         return self.round_index % every == 0
+
+    def _round_deadline(self) -> Deadline:
+        return Deadline.after(self.config.loop.round_timeout_s, "loop.round_timeout_s")
+
+    def _wait(self, refs: list[ray.ObjectRef], desc: str, deadline: Deadline, fetch: bool = False) -> list[Any] | None:
+        """`wait_for` with a progress bar that ticks as each call completes (values only with `fetch`)."""
+        bar = _bar(None, desc, total=len(refs))
+        try:
+            return wait_for(refs, deadline, desc, self.rl.actor_roster(), fetch, on_done=bar.update)
+        finally:
+            bar.close()
 
     def _round_stats(self, r, summary, train, heldout, t) -> dict[str, Any]:
         versions = summary["weight_versions"]
@@ -302,6 +351,7 @@ class IterativeLoop:
         return stats
 
     def shutdown(self) -> None:
+        self.prompts.close()
         self.recorder.close()
         self.rl.shutdown()
 
@@ -310,13 +360,13 @@ class IterativeLoop:
 class RunStart:
     """What starting a config means, decided before anything starts: its prompts, and fresh or resumed."""
 
-    out: Path
+    out: StoragePath
     run_id: str
-    prompts: pa.Table
+    prompts: pa.Table | PromptSource  # a task's table, or a file or dataset opened to stream
     heldout: pa.Table | None
     task: Task | None
     rounds: int  # loop.rounds of the config
-    checkpoint: Path | None = None  # resume from it
+    checkpoint: StoragePath | None = None  # resume from it
     rounds_done: int = 0
     overwrite: bool = False
     chat_tokenizer: Any = None  # the run's tokenizer, when data.chat_template is on
@@ -330,13 +380,9 @@ class RunStart:
         """The only writes of a start: delete the old run (--overwrite), record the run and its config."""
         if self.overwrite:
             for name in RUN_FILES:
-                path = self.out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n", encoding="utf-8")
+                (self.out / name).delete()
+        self.out.mkdir()
+        (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n")
         save_config(config, self.out / "config.yaml")
 
 
@@ -352,7 +398,7 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     prompts, heldout, task = _load_prompts(config)
     check_model_sources(config.model)
     chat_tokenizer = load_chat_tokenizer(config.model) if config.data.chat_template else None
-    out = Path(config.loop.output_dir)
+    out = _output_dir(config.loop.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
     start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite,
@@ -367,24 +413,24 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     return start
 
 
-def _load_prompts(config: RunConfig) -> tuple[pa.Table, pa.Table | None, Task | None]:
+def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table | None, Task | None]:
     """The run's prompts, with the settings that cannot apply to them refused by name."""
     data, passes = config.data, config.loop.warmup_passes
-    if data.prompts_file is not None:
+    if data.prompts_file is not None or data.dataset is not None:
+        key = "data.prompts_file" if data.prompts_file is not None else "data.dataset"
         if data.task_options:
-            raise ValueError("data.task_options: options of a task, but prompts come from data.prompts_file; "
-                             "remove them")
+            raise ValueError(f"data.task_options: options of a task, but prompts come from {key}; remove them")
         if passes:
             raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up need a task's warm-up examples, and "
-                             "data.prompts_file has none; set loop.warmup_passes: 0 or use a data.task")
-        if not Path(data.prompts_file).is_file():
+                             f"{key} has none; set loop.warmup_passes: 0 or use a data.task")
+        if data.prompts_file is not None and not Path(data.prompts_file).is_file():
             raise ValueError(f"data.prompts_file: no such file {data.prompts_file}")
         try:
             prompts, heldout, task = load_prompts(data)
         except ValueError as e:
-            raise ValueError(f"data.prompts_file: {e}") from None
+            raise ValueError(f"{key}: {e}") from None
         if "messages" in prompts.column_names and not data.chat_template:
-            raise ValueError(f"data.prompts_file: {data.prompts_file} has a 'messages' column, which needs the "
+            raise ValueError(f"{key}: {prompts.name} has a 'messages' column, which needs the "
                              "tokenizer's chat template; set data.chat_template: true")
         return prompts, heldout, task
     try:
@@ -410,7 +456,7 @@ def _check_resume(config: RunConfig, start: RunStart) -> None:
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         raise ValueError(f"loop.output_dir: {out} has a checkpoint but no config.yaml, so it is not a run to resume")
-    saved = _flatten(build(RunConfig, yaml.safe_load(saved_path.read_text(encoding="utf-8"))).to_dict())
+    saved = _flatten(build(RunConfig, yaml.safe_load(saved_path.read_text())).to_dict())
     given = _flatten(config.to_dict())
     differ = [k for k in sorted(saved.keys() | given.keys())
               if saved.get(k) != given.get(k) and k not in CHANGEABLE_ON_RESUME]
@@ -418,9 +464,9 @@ def _check_resume(config: RunConfig, start: RunStart) -> None:
         changes = "; ".join(f"{k}: {saved.get(k)!r} in the run, {given.get(k)!r} now" for k in differ)
         raise ValueError(f"{', '.join(differ)}: differ from the config of the run in {out} ({changes}); "
                          f"a resume may change only {', '.join(CHANGEABLE_ON_RESUME)}")
-    extra = json.loads((checkpoint / META).read_text(encoding="utf-8"))["extra"]
+    extra = json.loads((checkpoint / META).read_text())["extra"]
     record = out / RUN_RECORD
-    run_id = json.loads(record.read_text(encoding="utf-8"))["run_id"] if record.is_file() else extra.get("run_id")
+    run_id = json.loads(record.read_text())["run_id"] if record.is_file() else extra.get("run_id")
     if extra.get("run_id") not in (None, run_id):
         raise ValueError(f"loop.output_dir: the newest checkpoint {checkpoint} belongs to another run than {out} "
                          f"records ({extra['run_id']} vs {run_id}); the directory mixes runs, start again with "
@@ -440,42 +486,48 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _describe_run(out: Path) -> str:
+def _describe_run(out: StoragePath) -> str:
     """` (run 1a2b3c, 3 rounds recorded)`, as far as the directory says."""
     parts = []
     record = out / RUN_RECORD
     if record.is_file():
-        parts.append(f"run {json.loads(record.read_text(encoding='utf-8'))['run_id'][:8]}")
+        parts.append(f"run {json.loads(record.read_text())['run_id'][:8]}")
     rounds = out / "rounds"
     if rounds.is_dir():
         parts.append(f"rounds recorded: {len(list(rounds.iterdir()))}")
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run (a crash while saving leaves only a .tmp beside it)."""
-    found = [p for p in (run_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]") if is_checkpoint(p)]
-    return max(found, default=None)
+def latest_checkpoint(run_dir: StoragePath | str | Path) -> StoragePath | None:
+    """The newest complete checkpoint of a run, read from where the run lives (a crash while saving leaves
+    a .tmp beside it on local disk, and a checkpoint without its training_state.json in a store)."""
+    found = [p for p in (StoragePath.of(run_dir) / "checkpoints").iterdir()
+             if re.fullmatch(r"round-\d{4}", p.name) and is_checkpoint(p)]
+    return max(found, key=lambda p: p.name, default=None)
+
+
+def _output_dir(location: str) -> StoragePath:
+    """loop.output_dir as a StoragePath, the store asked once here so a bad URI or credentials fail at the start."""
+    try:
+        out = StoragePath(location)
+        out.check_reachable()
+    except (ValueError, OSError) as e:
+        raise ValueError(f"loop.output_dir: {location} cannot be used: {e}") from None
+    return out
+
+
+def _trainer_output_dir(out: StoragePath, run_id: str) -> str:
+    """TrainingArguments.output_dir: under the run on local disk; for a run in a store, a directory on the
+    trainer's node (transformers makes it with plain file calls, and writes there only what trainer.report_to asks)."""
+    if out.is_local:
+        return os.fspath(out / "trainer")
+    return os.path.join(tempfile.gettempdir(), f"iterft-trainer-{run_id}")
 
 
 def _bar(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
 
-def _wait_all(refs: list[ray.ObjectRef], desc: str) -> list[Any]:
-    """Wait for references with a progress bar that ticks as each one completes; returns their values."""
-    pending, bar = list(refs), _bar(None, desc, total=len(refs))
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
-        bar.update(len(done))
-    bar.close()
-    return ray.get(list(refs))
-
-
-def _permutation(n: int, seed: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return order
 
 
 def _one_line(text: str | None, limit: int = 300) -> str | None:

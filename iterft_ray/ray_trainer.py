@@ -25,7 +25,10 @@ import ray
 from .actors.filter_pool import FilterPool
 from .actors.generator import GeneratorActor
 from .actors.trainer_actor import TrainerGroup
-from .config import LoraConfig, ResourcesConfig, SamplingConfig
+from .config import VLLM_MAX_LORA_RANK, LoraConfig, ResourcesConfig, SamplingConfig
+from .failures import (ActorRoster, Deadline, actor_options, actor_requests, check_cluster_fits, format_resources,
+                       not_started, placement_timeout, round_timeout, total_request, wait_for, wait_started)
+from .storage import StoragePath
 
 
 @dataclass
@@ -37,22 +40,26 @@ class ScoredRollouts:
 
     def summary(self) -> dict[str, Any]:
         """Totals over the batches: rows, accepted, accept_rate, reward_mean, errors (and the first), weight_versions."""
-        parts = ray.get(self.summaries)
-        rows = sum(p["rows"] for p in parts)
-        accepted = sum(p["accepted"] for p in parts)
-        versions: dict[int, int] = {}
-        for p in parts:
-            for v, n in p["weight_versions"].items():
-                versions[v] = versions.get(v, 0) + n
-        return {
-            "rows": rows,
-            "accepted": accepted,
-            "accept_rate": accepted / rows if rows else 0.0,
-            "reward_mean": sum(p["score_sum"] for p in parts) / rows if rows else 0.0,
-            "filter_errors": sum(p["errors"] for p in parts),
-            "first_filter_error": next((p["first_error"] for p in parts if p["first_error"] is not None), None),
-            "weight_versions": versions,
-        }
+        return combine_summaries(ray.get(self.summaries))
+
+
+def combine_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """`ScoredRollouts.summary` of summaries already fetched (a driver that waited on them fetched each once)."""
+    rows = sum(p["rows"] for p in parts)
+    accepted = sum(p["accepted"] for p in parts)
+    versions: dict[int, int] = {}
+    for p in parts:
+        for v, n in p["weight_versions"].items():
+            versions[v] = versions.get(v, 0) + n
+    return {
+        "rows": rows,
+        "accepted": accepted,
+        "accept_rate": accepted / rows if rows else 0.0,
+        "reward_mean": sum(p["score_sum"] for p in parts) / rows if rows else 0.0,
+        "filter_errors": sum(p["errors"] for p in parts),
+        "first_filter_error": next((p["first_error"] for p in parts if p["first_error"] is not None), None),
+        "weight_versions": versions,
+    }
 
 
 def prompt_table(prompts: pa.Table | list[str] | list[dict]) -> pa.Table:
@@ -84,8 +91,7 @@ def init_ray(resources: ResourcesConfig, address: str | None = None) -> None:
     if address is not None or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=_working_dir_modules())
         return
-    r = resources
-    demand = r.trainer_ranks * r.trainer_cpus + r.num_generators * r.generator_cpus + r.filter_pool_size * r.filter_cpus
+    demand = total_request(actor_requests(resources)).get("CPU", 0)
     _listen_on_loopback_only()
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)))
 
@@ -136,18 +142,18 @@ class RayIterativeSFTTrainer:
         filter_timeout_s: float = 10.0,
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
-        checkpoint: str | None = None,
+        checkpoint: StoragePath | str | None = None,
         lora: LoraConfig | None = None,
     ):
         self.resources = resources or ResourcesConfig()
         self.sampling = sampling or SamplingConfig()
-        if lora is not None and self.sampling.engine != "hf":
-            raise ValueError("model.lora, sampling.engine: a LoRA adapter is synced to hf generators only")
-        if lora is not None and self.resources.trainer_ranks > 1:
-            raise ValueError(f"model.lora, resources.trainer_ranks: a LoRA adapter trains on one rank; "
-                             f"got {self.resources.trainer_ranks}")
+        if lora is not None and self.sampling.engine == "vllm" and lora.r > VLLM_MAX_LORA_RANK:
+            raise ValueError(f"model.lora.r: sampling.engine: vllm serves adapters of rank up to "
+                             f"{VLLM_MAX_LORA_RANK}, got {lora.r}")
         self.lora = lora
         init_ray(self.resources)
+        self._requests = {q.role: q for q in actor_requests(self.resources)}
+        check_cluster_fits(list(self._requests.values()))
         self._trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
         self._model_args = (model, tokenizer, trust_remote_code, tiny_overrides)
         # Generators and filters are asked for first: creating the trainer waits for its
@@ -156,14 +162,14 @@ class RayIterativeSFTTrainer:
         self.filter_pool: FilterPool | None = None
         self.trainer: TrainerGroup | None = None
         try:
+            start = Deadline.after(self.resources.start_timeout_s, "resources.start_timeout_s")
             self.scale_generators(self.resources.num_generators)
-            res = self.resources
             self.filter_pool = FilterPool(
-                filters if filters is not None else [], res.filter_pool_size, filter_timeout_s,
-                {**_options(res.filter_cpus, 0, "filter" if res.custom_resources else None),
-                 "max_restarts": -1, "max_task_retries": -1},
+                filters if filters is not None else [], self.resources.filter_pool_size, filter_timeout_s,
+                self._restartable(self._requests["filter actor"].bundle),
             )
-            self.trainer = self._new_trainer(checkpoint)
+            self.trainer = self._new_trainer(checkpoint, start)
+            self._wait_started(start)
             self.weights, self.version = self.trainer.publish()
             self.eos_token: str | None = self.trainer.call("eos_token", on="rank0")[0]
             self.weight_transport = self._weight_transport()
@@ -172,20 +178,57 @@ class RayIterativeSFTTrainer:
             self.shutdown()  # a failed start leaves no actor behind
             raise
 
-    def _new_trainer(self, checkpoint: str | None) -> TrainerGroup:
+    def _new_trainer(self, checkpoint: StoragePath | str | None, start: Deadline) -> TrainerGroup:
+        """The trainer's ranks, their placement group placed by the `start` deadline (else PlacementError)."""
         res = self.resources
-        return TrainerGroup(
-            self._model_args[0], self._trainer_args, res.trainer_ranks, res.trainer_cpus, res.trainer_gpus,
-            res.custom_resources, *self._model_args[1:], checkpoint=checkpoint, lora=self.lora,
-        )
+        try:
+            return TrainerGroup(
+                self._model_args[0], self._trainer_args, res.trainer_ranks, res.trainer_cpus, res.trainer_gpus,
+                res.custom_resources, *self._model_args[1:], checkpoint=checkpoint, lora=self.lora,
+                placement_timeout_s=start.remaining(),
+            )
+        except ray.exceptions.GetTimeoutError:
+            bundle = format_resources(self._requests["trainer rank"].bundle)
+            waiting = [f"trainer ranks 0..{res.trainer_ranks - 1} (one placement group) asking for {bundle} each"]
+            raise placement_timeout(start, waiting + not_started(self._other_actors()),
+                                    list(self._requests.values())) from None
 
-    def restore_trainer(self, checkpoint: str) -> dict[str, Any]:
+    def _other_actors(self) -> list[tuple[str, Any, dict[str, float]]]:
+        """(name, handle, request) of every generator and filter actor."""
+        actors = [(f"generator {i}", g, self._requests["generator"].bundle) for i, g in enumerate(self.generators)]
+        pool = self.filter_pool.actors if self.filter_pool is not None else []
+        return actors + [(f"filter actor {i}", a, self._requests["filter actor"].bundle) for i, a in enumerate(pool)]
+
+    def _wait_started(self, start: Deadline) -> None:
+        """Every generator and filter actor placed and constructed, by the `start` deadline."""
+        wait_started(self._other_actors(), start, self.actor_roster(), list(self._requests.values()))
+
+    def _restartable(self, bundle: dict[str, float]) -> dict[str, Any]:
+        """Actor options: `bundle`, and restarts and retries within the run's limits.
+
+        A generator that dies is restarted and its unfinished call retried: sampling is
+        seeded per call, so the retry yields the same rows, no sample lost or doubled.
+        """
+        return {**actor_options(bundle), "max_restarts": self.resources.max_restarts,
+                "max_task_retries": self.resources.max_task_retries}
+
+    def actor_roster(self) -> ActorRoster:
+        """How errors name this trainer's actors (`generator 0`, `filter actor 1`, `trainer rank 0`)."""
+        names = {g._actor_id.hex(): f"generator {i}" for i, g in enumerate(self.generators)}
+        if self.filter_pool is not None:
+            names |= {a._actor_id.hex(): f"filter actor {i}" for i, a in enumerate(self.filter_pool.actors)}
+        if self.trainer is not None:
+            names |= {r._actor_id.hex(): f"trainer rank {i}" for i, r in enumerate(self.trainer.ranks)}
+        return ActorRoster(names, self.resources.max_restarts, self.resources.max_task_retries)
+
+    def restore_trainer(self, checkpoint: StoragePath | str) -> dict[str, Any]:
         """Replace the trainer (dead or alive) by one restored from `checkpoint`; generators reload its weights.
 
         Returns the `extra` state saved with the checkpoint.
         """
         self.trainer.shutdown()
-        self.trainer = self._new_trainer(checkpoint)
+        self.trainer = self._new_trainer(checkpoint, Deadline.after(self.resources.start_timeout_s,
+                                                                    "resources.start_timeout_s"))
         self.weights, self.version = self.trainer.publish()
         self._form_weight_group()
         ray.get([g.sync.remote([self.weights], self.version, True) for g in self.generators])
@@ -197,7 +240,7 @@ class RayIterativeSFTTrainer:
         transport = self.resources.weight_transport
         if transport != "auto":
             return transport
-        if self.resources.trainer_ranks != 1:
+        if self.resources.trainer_ranks != 1 or self.lora is not None:  # shards, or an adapter of a few MB
             return "object_store"
         trainer_node = self.trainer.call("placement", on="rank0")[0][0]
         nodes = ray.get([g.node_id.remote() for g in self.generators])
@@ -219,16 +262,12 @@ class RayIterativeSFTTrainer:
 
     def scale_generators(self, count: int) -> None:
         """Grow or shrink the generator pool; new generators load the current weights before they sample."""
-        res = self.resources
-        options = _options(res.generator_cpus, res.generator_gpus, "generator" if res.custom_resources else None)
-        # A generator that dies is restarted by Ray and its unfinished call retried: sampling is
-        # seeded per call, so the retry yields the same rows, no sample lost or doubled.
-        options.update(max_restarts=-1, max_task_retries=-1)
+        options = self._restartable(self._requests["generator"].bundle)
         changed = count != len(self.generators)
         while len(self.generators) < count:
             model, tokenizer, trust_remote_code, tiny_overrides = self._model_args
             self.generators.append(GeneratorActor.options(**options).remote(
-                model, len(self.generators), self.sampling, tokenizer, trust_remote_code, tiny_overrides))
+                model, len(self.generators), self.sampling, tokenizer, trust_remote_code, tiny_overrides, self.lora))
         for gone in self.generators[count:]:
             ray.kill(gone)
         del self.generators[count:]
@@ -266,12 +305,22 @@ class RayIterativeSFTTrainer:
         pairs = [self.filter_pool.score(ref, filters) for ref in rollouts]
         return ScoredRollouts([p[0] for p in pairs], [p[1] for p in pairs])
 
-    def step(self, rollouts: ScoredRollouts | list[ray.ObjectRef] | None = None, **kwargs: Any) -> dict:
-        """Train: on the accepted rows of scored rollouts, or with `IterativeSFTTrainer.step`'s arguments."""
+    def step(self, rollouts: ScoredRollouts | list[ray.ObjectRef] | None = None, deadline: Deadline | None = None,
+             **kwargs: Any) -> dict:
+        """Train: on the accepted rows of scored rollouts, or with `IterativeSFTTrainer.step`'s arguments.
+
+        Training on rollouts stops at `deadline` with `RoundTimeoutError` naming the ranks still
+        at work. The statistics carry the weight `version` the step made.
+        """
         if rollouts is not None:
             if kwargs:
                 raise ValueError("rollouts: give rollouts or step() arguments, not both")
-            return self.trainer.gather(self.step_async(rollouts))[0]
+            refs = self.step_async(rollouts)
+            try:
+                return self.trainer.gather(refs, None if deadline is None else deadline.remaining())[0]
+            except ray.exceptions.GetTimeoutError:
+                _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                raise round_timeout(pending, deadline, "train", self.actor_roster()) from None
         return self.trainer.step(**kwargs)
 
     def step_async(self, rollouts: ScoredRollouts | list[ray.ObjectRef]) -> list[ray.ObjectRef]:
@@ -280,16 +329,25 @@ class RayIterativeSFTTrainer:
         tables = rollouts.tables if isinstance(rollouts, ScoredRollouts) else list(rollouts)
         return self.trainer.call_async("step_rollouts", *tables)
 
-    def sync_weights(self) -> int:
-        """Publish the trainer's weights once and have every generator load them; returns the version."""
-        self.publish_weights()
-        ray.get([g.sync.remote([self.weights], self.version) for g in self.generators])
+    def sync_weights(self, version: int | None = None, deadline: Deadline | None = None) -> int:
+        """Publish the trainer's weights once and have every generator load them (by `deadline`); returns the version.
+
+        `version` is the trainer's current version when the caller knows it (a step's statistics
+        carry it), which saves asking the trainer.
+        """
+        self.publish_weights(version)
+        loads = [g.sync.remote([self.weights], self.version) for g in self.generators]
+        wait_for(loads, deadline, "sync", self.actor_roster(), fetch=True)
         return self.version
 
-    def publish_weights(self) -> int:
-        """Put the trainer's current weights in the object store (generators load them on their next call)."""
-        if self.trainer.call("version", on="rank0")[0] != self.version:
-            self.weights, self.version = self.trainer.publish()
+    def publish_weights(self, version: int | None = None) -> int:
+        """Put the trainer's current weights in the object store (generators load them on their next call).
+
+        `version`: as in `sync_weights`.
+        """
+        current = self.trainer.call("version", on="rank0")[0] if version is None else version
+        if current != self.version:
+            self.weights, self.version = self.trainer.publish(current)
             if self.weight_transport == "broadcast":
                 self._broadcast_weights()
         return self.version
@@ -330,10 +388,6 @@ class RayIterativeSFTTrainer:
             ray.kill(a)
         if self.trainer is not None:
             self.trainer.shutdown()
-
-
-def _options(cpus: float, gpus: float, custom: str | None) -> dict[str, Any]:
-    return {"num_cpus": cpus, "num_gpus": gpus, "resources": {custom: 1} if custom else None}
 
 
 def _split(table: pa.Table, parts: int) -> list[pa.Table]:

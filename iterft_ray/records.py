@@ -1,10 +1,15 @@
-"""What a run leaves on disk: metrics.jsonl, TensorBoard logs, plot.png, per-round generations.parquet."""
+"""What a run leaves in its output directory: metrics.jsonl, TensorBoard logs, plot.png, per-round generations.parquet.
+
+The directory is a `StoragePath`: local disk or an object store, each file written whole.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
+import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,40 +19,48 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .storage import StoragePath
+
 # Metrics drawn in plot.png, one panel each, when the run has them.
 PLOTTED = ("accept_rate", "reward_mean", "loss", "heldout_accuracy", "filter_errors", "num_target_tokens", "round_time")
 PANEL_INCHES, PLOT_DPI = 1.8, 80
 
 
 @ray.remote(num_cpus=0)
-def _write_parquet(path: str, *tables: pa.Table) -> int:
-    """Write rollout batches to one Parquet file (temp file + rename); returns rows written."""
+def _write_parquet(path: StoragePath, *tables: pa.Table) -> int:
+    """Write rollout batches to one Parquet file, whole (see `StoragePath.write_bytes`); returns rows written."""
     table = pa.concat_tables(tables) if tables else pa.table({})
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(target)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    path.write_bytes(buffer.getvalue())
     return table.num_rows
 
 
-def write_generations(path: Path, tables: list[ray.ObjectRef]) -> ray.ObjectRef:
+def write_generations(path: StoragePath, tables: list[ray.ObjectRef]) -> ray.ObjectRef:
     """Write scored rollouts to `path` from a task on the driver's node.
 
-    The rows go straight from the object store to the driver's disk; the driver
+    The rows go straight from the object store to the output directory; the driver
     process itself never holds them.
     """
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return _write_parquet.options(scheduling_strategy=here).remote(str(path), *tables)
+    return _write_parquet.options(scheduling_strategy=here).remote(path, *tables)
 
 
 class RunRecorder:
-    """Appends one line per round to metrics.jsonl, mirrors it to TensorBoard and redraws plot.png."""
+    """Writes metrics.jsonl (one line per round), mirrors it to TensorBoard and redraws plot.png.
 
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.metrics_path = out_dir / "metrics.jsonl"
+    metrics.jsonl is rewritten whole each round, so a reader (or a resume) never meets a
+    half-written line, in a store as on disk. TensorBoard's writer knows only local
+    files: for a run in a store it writes to a local directory whose files are uploaded
+    after each round.
+    """
+
+    def __init__(self, out_dir: StoragePath | str | Path):
+        self.out_dir = StoragePath.of(out_dir)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self._rows = _parse_metrics(self.metrics_path.read_text()) if self.metrics_path.is_file() else []
         self._tensorboard = None
+        self._tensorboard_local = None if self.out_dir.is_local else tempfile.mkdtemp(prefix="iterft-tensorboard-")
         self._purge_round: int | None = None
         # plot.png is drawn on a background thread, off the round's critical path (the
         # driver mostly waits on Ray meanwhile); a redraw still queued when the next round
@@ -57,7 +70,8 @@ class RunRecorder:
 
     def reset(self) -> None:
         """A fresh run starts a fresh metrics.jsonl."""
-        self.metrics_path.unlink(missing_ok=True)
+        self._rows = []
+        self.metrics_path.delete()
 
     def truncate(self, rounds: int) -> None:
         """Keep only the records of rounds 1..rounds: a resumed run records the later ones again.
@@ -65,29 +79,29 @@ class RunRecorder:
         metrics.jsonl loses their lines, rounds/ their directories, and TensorBoard is told to
         drop their events (`purge_step`), so no round shows twice or from a run it was not in.
         """
+        self._rows = [row for row in self._rows if row["round"] <= rounds]
         if self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["round"] <= rounds]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        for path in (self.out_dir / "rounds").glob("[0-9][0-9][0-9][0-9]"):
-            if int(path.name) > rounds:
-                shutil.rmtree(path)
+            self._write_metrics()
+        for path in (self.out_dir / "rounds").iterdir():
+            if path.name.isdigit() and int(path.name) > rounds:
+                path.delete()
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
         self._purge_round = rounds + 1
 
     def record(self, stats: dict[str, Any]) -> None:
-        """Append a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null)."""
-        clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()}
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(clean, allow_nan=False) + "\n")
+        """Add a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null)."""
+        self._rows.append({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()})
+        self._write_metrics()
         self._write_tensorboard(stats)
         if self._plot is not None:
             self._plot.cancel()
-        # The rows are read here, not on the thread, which could meet a half-written line.
-        self._plot = self._plotter.submit(plot_metrics, self.out_dir, read_metrics(self.out_dir))
+        self._plot = self._plotter.submit(plot_metrics, self.out_dir, list(self._rows))
         self._plot.add_done_callback(_report_plot_error)
+
+    def _write_metrics(self) -> None:
+        self.metrics_path.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in self._rows))
 
     def flush(self) -> None:
         """Wait until plot.png shows every recorded round."""
@@ -98,16 +112,25 @@ class RunRecorder:
         from torch.utils.tensorboard import SummaryWriter
 
         if self._tensorboard is None:
-            self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=self._purge_round)
+            log_dir = self._tensorboard_local or (self.out_dir / "tensorboard")
+            self._tensorboard = SummaryWriter(log_dir=str(log_dir), purge_step=self._purge_round)
         for key, value in stats.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self._tensorboard.add_scalar(key, value, stats["round"])
         self._tensorboard.flush()
+        self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        if self._tensorboard_local is not None:
+            (self.out_dir / "tensorboard").upload_files(self._tensorboard_local)
 
     def close(self) -> None:
         self._plotter.shutdown(wait=True)
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._upload_tensorboard()
+        if self._tensorboard_local is not None:
+            shutil.rmtree(self._tensorboard_local, ignore_errors=True)
 
 
 def _report_plot_error(plot: Future) -> None:
@@ -117,25 +140,32 @@ def _report_plot_error(plot: Future) -> None:
         print(f"plot.png not redrawn: {type(error).__name__}: {error}", flush=True)
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def _parse_metrics(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: StoragePath | str | Path) -> list[dict[str, Any]]:
+    run_dir = StoragePath.of(run_dir)
+    path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        what = "does not exist" if not Path(run_dir).exists() else "has no metrics.jsonl"
+        what = "does not exist" if not run_dir.exists() else "has no metrics.jsonl"
         raise FileNotFoundError(f"{run_dir}: {what}; expected the loop.output_dir of a run")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _parse_metrics(path.read_text())
 
 
-def plot_metrics(run_dir: str | Path, rows: list[dict[str, Any]] | None = None) -> tuple[Path, list[str]]:
+def plot_metrics(run_dir: StoragePath | str | Path, rows: list[dict[str, Any]] | None = None) -> tuple[StoragePath, list[str]]:
     """Draw plot.png (see `metrics_figure`), titled with the run directory's name.
 
     `rows` defaults to the run's metrics.jsonl. Returns the file and the metrics drawn.
     """
+    run_dir = StoragePath.of(run_dir)
     rows = read_metrics(run_dir) if rows is None else rows
-    fig, names = metrics_figure(rows, Path(run_dir).resolve().name)
-    out = Path(run_dir) / "plot.png"
-    tmp = out.with_name("plot.tmp.png")
-    fig.savefig(tmp, dpi=PLOT_DPI)
-    tmp.replace(out)
+    title = Path(run_dir).resolve().name if run_dir.is_local else run_dir.name
+    fig, names = metrics_figure(rows, title)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=PLOT_DPI)
+    out = run_dir / "plot.png"
+    out.write_bytes(image.getvalue())
     return out, names
 
 

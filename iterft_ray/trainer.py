@@ -9,7 +9,8 @@ sequence dimension (not the batch), trains EOS when pad == eos, keeps a constant
 learning rate when there is no `max_steps`, and counts optimizer updates in
 `global_step`.
 
-With `peft_config` (or a `PeftModel`) only a LoRA adapter trains, on one rank.
+With `peft_config` (or a `PeftModel`) only a LoRA adapter trains; on several ranks the
+PEFT model is sharded like a full one (the frozen base included, so it is not replicated).
 
 Nothing here knows about Ray. When `torch.distributed` is initialised with more than
 one rank (a rank group made by the Ray trainer actor), the model is sharded with
@@ -146,11 +147,8 @@ class IterativeSFTTrainer(Trainer):
         if not isinstance(model, (PreTrainedModel, PeftModel)):
             raise TypeError(f"model: expected a PreTrainedModel, a PeftModel or a path/name string, "
                             f"got {type(model).__name__}")
-        if peft_config is not None:
-            if isinstance(model, PeftModel):
-                raise ValueError("peft_config: the model is already a PeftModel; give one or the other")
-            # As TRL's SFTTrainer: the base is frozen and only the adapter trains.
-            model = get_peft_model(model, peft_config)
+        if peft_config is not None and isinstance(model, PeftModel):
+            raise ValueError("peft_config: the model is already a PeftModel; give one or the other")
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(
                 f"tokenizer (or processing_class): expected a PreTrainedTokenizerBase, got {type(tokenizer).__name__}"
@@ -176,6 +174,11 @@ class IterativeSFTTrainer(Trainer):
         if optimize_device_cache is None:
             optimize_device_cache = args.optimize_device_cache if from_args else False
         self.optimize_device_cache = optimize_device_cache
+        if peft_config is not None:
+            # As TRL's SFTTrainer: the base is frozen and only the adapter trains. Seeded: sharded
+            # ranks must start from the same adapter (FSDP2 broadcasts nothing).
+            torch.manual_seed(args.seed)
+            model = get_peft_model(model, peft_config)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.tokenizer = tokenizer
 
@@ -196,8 +199,6 @@ class IterativeSFTTrainer(Trainer):
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.to(torch.float32)
         self.sharded = _world_size() > 1
-        if self.sharded and isinstance(model, PeftModel):
-            raise ValueError("peft_config: a LoRA adapter trains on one rank (FSDP2 over a PeftModel is not supported)")
         if self.sharded:
             if torch.cuda.is_available():  # FSDP2 shards onto the rank's own device (set by the rank group)
                 self.model.to(torch.device("cuda", torch.cuda.current_device()))

@@ -224,14 +224,29 @@ def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def publish_adapter(model: torch.nn.Module, version: int) -> ray.ObjectRef:
+def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`adapter_parameters`, each whole: of an FSDP2-sharded model all-gathered from the ranks' shards.
+
+    Collective when sharded (every rank calls it, in the same order); the adapter is small,
+    so gathering all of it on every rank costs little and no rank holds the base twice.
+    """
+    with torch.no_grad():
+        return {name: p.full_tensor() if isinstance(p, DTensor) else p
+                for name, p in adapter_parameters(model).items()}
+
+
+def publish_adapter(model: torch.nn.Module, version: int, put: bool = True) -> ray.ObjectRef | None:
     """Put version `version` of a PEFT model's adapter (its weights and config) into the object store.
 
     Only the adapter moves: the base weights never change, and a generator holds them already.
+    A sharded model's adapter is gathered from the ranks' shards first (every rank calls this;
+    the ranks with `put=False` take part in the gather only and return None).
     """
-    config = model.peft_config[model.active_adapter]
-    snapshot = _snapshot(model, version, copy=False, state=adapter_parameters(model))
-    snapshot.adapter_config = config
+    state = full_adapter_state(model)
+    if not put:
+        return None
+    snapshot = _snapshot(model, version, copy=False, state=state)
+    snapshot.adapter_config = model.peft_config[model.active_adapter]
     return ray.put(snapshot)
 
 

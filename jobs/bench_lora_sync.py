@@ -1,6 +1,6 @@
 """Benchmark: what a new weight version moves with LoRA (`model.lora`) against full fine-tuning.
 
-    python jobs/bench_lora_sync.py [--json out.json] [--reps 3] [--r 16]
+    python jobs/bench_lora_sync.py [--json out.json] [--reps 3] [--r 16] [--engine hf|vllm]
     ray job submit --working-dir . -- python jobs/bench_lora_sync.py --json out.json
 
 Builds a Llama-style model from config (no download, fp32, ~134M parameters, as
@@ -10,6 +10,10 @@ jobs/bench_weight_sync.py) and, interleaved in the same process after a warm-up:
   lora  - `publish_adapter` of a PEFT LoRA adapter on the same model (r, alpha, q/k/v/o
           projections, the `model.lora` defaults but r), then its load into a PEFT replica
           (the hf engine's path: the adapter's weights copied in place, the base untouched)
+
+With `--engine vllm` the two generators are `VLLMEngine`s over the same model saved to disk
+(the vllm engine's paths: the full snapshot reloaded in place; the adapter written in PEFT
+format and added under a new `LoRARequest` id, the base untouched).
 
 It reports bytes per version (the snapshot put into the object store) and sync time
 (publish until the generator has loaded), each LoRA / full; the bytes goal is <= 2%.
@@ -52,15 +56,25 @@ def build_model(shape: dict) -> torch.nn.Module:
 
 @ray.remote(num_cpus=1)
 class BenchGenerator:
-    """Stands in for a GeneratorActor with the hf engine: a replica that loads snapshots in place."""
+    """Stands in for a GeneratorActor with the hf engine: a replica that loads snapshots in place;
+    with `model_dir`, a vllm engine over the model saved there (serving `lora` adapters if given)."""
 
-    def __init__(self):
+    def __init__(self, model_dir: str | None = None, lora: LoraConfig | None = None):
         torch.set_num_threads(1)
-        self.model = build_model(MODEL_CONFIG)
+        self.engine = None
+        if model_dir is not None:
+            from iterft_ray.engines.vllm import VLLMEngine
+
+            self.engine = VLLMEngine(model_dir, None, False, lora)
+        else:
+            self.model = build_model(MODEL_CONFIG)
 
     def load(self, refs: list[ray.ObjectRef]) -> dict:
         start = time.perf_counter()
         snapshot = ray.get(refs[0])
+        if self.engine is not None:
+            self.engine.load(snapshot)
+            return {"load_s": time.perf_counter() - start}
         if snapshot.adapter_config is not None and not isinstance(self.model, PeftModel):
             self.model = get_peft_model(self.model, copy.deepcopy(snapshot.adapter_config))
         load_snapshot(self.model, snapshot)
@@ -86,6 +100,7 @@ def counted_8b(lora: LoraConfig) -> dict:
 def main() -> None:
     p = parser(__doc__, reps=3, warmup=1)
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="the generators' engine (default hf)")
     args = p.parse_args()
     torch.set_num_threads(1)
     lora = LoraConfig(r=args.r, alpha=2.0 * args.r)
@@ -98,7 +113,15 @@ def main() -> None:
     with torch.no_grad():  # a trained adapter: lora_B is zero at init
         for t in adapter_parameters(peft_model).values():
             t.normal_(0, 0.02)
-    generators = {"full": BenchGenerator.remote(), "lora": BenchGenerator.remote()}
+    if args.engine == "vllm":
+        from iterft_ray.tiny import build_tokenizer
+
+        model_dir = Path("runs/bench-lora-sync-model").resolve()
+        full_model.save_pretrained(model_dir)
+        build_tokenizer().save_pretrained(model_dir)  # vLLM wants one; sampling is not timed here
+        generators = {"full": BenchGenerator.remote(str(model_dir)), "lora": BenchGenerator.remote(str(model_dir), lora)}
+    else:
+        generators = {"full": BenchGenerator.remote(), "lora": BenchGenerator.remote()}
     versions = iter(range(1, 1000))
     rows = interleave({
         "full": lambda: sync(full_model, publish_weights, generators["full"], next(versions)),
@@ -107,7 +130,8 @@ def main() -> None:
 
     full_bytes, lora_bytes = rows["full"][0]["bytes"], rows["lora"][0]["bytes"]
     params = sum(q.numel() for q in full_model.parameters())
-    print(f"\nmodel: {params / 1e6:.0f}M parameters; LoRA r={lora.r} on {', '.join(lora.target_modules)}")
+    print(f"\nmodel: {params / 1e6:.0f}M parameters; LoRA r={lora.r} on {', '.join(lora.target_modules)}; "
+          f"engine {args.engine}")
     print(f"bytes per version: full {full_bytes / 2**20:.1f} MiB, lora {lora_bytes / 2**20:.2f} MiB "
           f"({lora_bytes / full_bytes:.2%})")
     table = print_table("sync (publish + generator load)", [
@@ -119,7 +143,7 @@ def main() -> None:
     print(f"Llama-3-8B shape (counted, meta device): adapter {eight_b['adapter_params'] / 1e6:.1f}M of "
           f"{eight_b['params'] / 1e9:.2f}B parameters = {eight_b['bytes_ratio']:.2%} of the bytes")
     result = {
-        "environment": env, "lora": vars(lora), "params": params,
+        "environment": env, "engine": args.engine, "lora": vars(lora), "params": params,
         "bytes": {"full": full_bytes, "lora": lora_bytes, "ratio": lora_bytes / full_bytes},
         "bytes_verdict": verdict("bytes per version, lora / full", lora_bytes / full_bytes, 0.02),
         "sync": table, "llama3_8b": eight_b,

@@ -360,6 +360,8 @@ def valid_value(key: str, tp) -> st.SearchStrategy:
     origin = typing.get_origin(tp)
     if key == "data.prompts_file":
         base = st.just("prompts.jsonl")
+    elif key == "data.dataset":
+        base = st.just({"path": "prompts_dir", "split": "train"})
     elif key == "data.task":
         base = st.just("addition")
     elif key == "sampling.top_p":
@@ -465,7 +467,7 @@ def config_dicts(draw):
         must_fail |= isinstance(container, dict) and key in container
     data_section = data.get("data")
     if isinstance(data_section, dict) and data_section.get("task", "addition") is None:
-        must_fail |= data_section.get("prompts_file") is None
+        must_fail |= data_section.get("prompts_file") is None and data_section.get("dataset") is None
     return data, valid, must_fail
 
 
@@ -480,7 +482,9 @@ def key_paths(data, prefix: str = "") -> set[str]:
     return paths
 
 
-EXTRA_HEADS = {"model", "model.name_or_path", "data.task, data.prompts_file", "config"}
+EXTRA_HEADS = {"model", "model.name_or_path", "data.task, data.prompts_file", "data.task, data.dataset",
+               "data.prompts_file, data.dataset", "data.dataset.path", "data.dataset.split", "data.dataset.name",
+               "data.dataset.streaming", "config"}
 # Keys whose value is fine alone but not beside another key's: the error names them rightly.
 CROSS_KEY = {"data.system_prompt": lambda data: data.get("data", {}).get("chat_template") is not True}
 

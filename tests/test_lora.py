@@ -11,10 +11,12 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from iterft_ray.actors.trainer_actor import TrainerGroup
 from iterft_ray.checkpoint import load_training_state, save_training_state
 from iterft_ray.cli import run
 from iterft_ray.config import LoraConfig, load_config
 from iterft_ray.engines.hf import HFEngine
+from iterft_ray.tiny import resolve_model_path
 from iterft_ray.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
 from iterft_ray.weights import adapter_parameters, publish_adapter
 
@@ -33,8 +35,8 @@ def _config(**sections):
     ({"model": {"lora": {"target_modules": []}}}, "model.lora.target_modules: expected a non-empty list"),
     ({"model": {"lora": {"rank": 4}}}, "model.lora.rank: unknown key"),
     ({"model": {"lora": [4]}}, "model.lora: expected a mapping"),
-    ({"sampling": {"engine": "vllm"}}, "model.lora, sampling.engine:"),
-    ({"resources": {"trainer_ranks": 2}}, "model.lora, resources.trainer_ranks:"),
+    ({"model": {"lora": {"r": 1024}}, "sampling": {"engine": "vllm"}},
+     "model.lora.r: sampling.engine: vllm serves adapters of rank up to 512"),
 ])
 def test_bad_lora_settings_name_the_key(sections, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -46,6 +48,8 @@ def test_lora_config_loads_and_round_trips():
     assert config.model.lora == LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
     assert load_config(config.to_dict()).model.lora == config.model.lora
     assert load_config({"model": {"name_or_path": "tiny-llama"}}).model.lora is None
+    assert load_config(_config(resources={"trainer_ranks": 2})).resources.trainer_ranks == 2  # LoRA on N ranks
+    assert load_config(_config(sampling={"engine": "vllm"})).sampling.engine == "vllm"  # and on vLLM
 
 
 def test_only_the_adapter_trains_and_a_trainer_restored_from_its_checkpoint_steps_the_same(llama_path, tmp_path):
@@ -159,3 +163,91 @@ def test_lora_run_checkpoints_adapters_samples_with_the_adapter_it_claims_and_re
     assert [s["round"] for s in stats] == [3]
     _check_round_sampled_with(out, 3, checkpoints[1], llama_path)
     assert _checkpoint_version(out / "checkpoints" / "round-0003") > _checkpoint_version(checkpoints[1])
+
+
+# ---------------------------------------------------------------- LoRA on FSDP2-sharded ranks
+
+TEXTS = ["12+30=42", "7+5=12", "100+1=101", "3+3=6", "45+45=90", "9+90=99", "1+1=2"]  # uneven over 2 ranks
+COMMON = {"learning_rate": 1e-1, "train_sampling_strategy": "sequential", "report_to": "none",
+          "output_dir": "runs/test-lora-ranks"}
+
+
+def _lora_group(ranks, checkpoint=None, **args):
+    return TrainerGroup("tiny-llama", {**COMMON, **args}, ranks=ranks, checkpoint=checkpoint,
+                        lora=LoraConfig(r=4, alpha=16))
+
+
+def _adapter(group):
+    """The published version of a group's adapter: (its weights as tensors, the snapshot)."""
+    ref, version = group.publish()
+    snapshot = ray.get(ref)
+    assert snapshot.version == version and snapshot.adapter_config is not None
+    return {k: torch.from_numpy(v.copy()) for k, v in snapshot.arrays.items()}, snapshot
+
+
+def _assert_close(a, b, tol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= tol, k
+
+
+def test_two_lora_ranks_make_the_same_adapter_update_as_one_rank_and_checkpoint_a_peft_adapter_that_resumes(
+        local_ray, tmp_path):
+    # SGD with momentum: the same update contract as plain SGD, and optimizer state for the resume to restore.
+    args = dict(optim="sgd", optim_args="momentum=0.9")
+    one = _lora_group(1, per_device_train_batch_size=4, **args)
+    two = _lora_group(2, per_device_train_batch_size=2, **args)
+    try:
+        start, _ = _adapter(two)
+        _assert_close(_adapter(one)[0], start, tol=0)  # the same initial adapter on every rank (seeded)
+        s1, s2 = one.step(texts=TEXTS), two.step(texts=TEXTS)
+        assert s1["updates"] == s2["updates"] == 2 and s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
+        two.save(str(tmp_path / "ckpt"), {"round_index": 1})
+        saved, _ = _adapter(two)
+        s1, s2 = one.step(texts=TEXTS), two.step(texts=TEXTS)  # lora_A moves too once lora_B is not zero
+        assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
+        ours, snapshot = _adapter(two)
+        _assert_close(_adapter(one)[0], ours)
+        assert all("lora_" in name for name in ours) and not any(torch.equal(ours[n], start[n]) for n in ours)
+
+        def frozen_base_sharded(actor):  # the base is sharded too (not replicated), and frozen
+            model = actor.trainer.model
+            frozen = all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+            return frozen, sum(p.to_local().numel() for p in model.parameters()), sum(p.numel() for p in model.parameters())
+
+        for rank in range(2):
+            frozen, local, total = ray.get(two.ranks[rank].__ray_call__.remote(frozen_base_sharded))
+            assert frozen and local < 0.6 * total
+    finally:
+        one.shutdown()
+        two.shutdown()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-llama"))
+    assert snapshot.nbytes < 0.1 * sum(p.numel() * p.element_size() for p in base.parameters())  # a version: adapter only
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    loaded = PeftModel.from_pretrained(base, tmp_path / "ckpt")
+    _assert_close({n: p.detach() for n, p in loaded.named_parameters() if "lora_" in n}, saved, tol=0)
+
+    resumed = _lora_group(2, checkpoint=str(tmp_path / "ckpt"), per_device_train_batch_size=2, **args)
+    try:
+        assert resumed.restored == {"round_index": 1}
+        resumed.step(texts=TEXTS)
+        _assert_close(_adapter(resumed)[0], ours)  # momentum restored into the shards, not fresh
+    finally:
+        resumed.shutdown()
+
+
+# ---------------------------------------------------------------- LoRA on the vLLM engine
+
+
+def test_vllm_generators_serve_the_base_plus_the_adapter_version_they_claim_trained_on_two_ranks(local_ray, tmp_path):
+    out = tmp_path / "run"
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 2}  # vLLM's CPU attention needs head_dim 32
+    run("tiny", _overrides("tiny-llama", out, rounds=2) + [
+        "model.tiny_overrides={num_attention_heads: 2, num_key_value_heads: 2}", "sampling.engine=vllm",
+        "resources.trainer_ranks=2", "trainer.per_device_train_batch_size=16"])
+    checkpoint = out / "checkpoints" / "round-0001"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    # Round 1 sampled with version 0 (lora_B is zero: the base), round 2 with the adapter checkpointed after
+    # round 1: the engine's second adapter, added under a new id (a reused id would serve the first).
+    _check_round_sampled_with(out, 2, checkpoint, resolve_model_path("tiny-llama", **heads))

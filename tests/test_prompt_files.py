@@ -216,7 +216,9 @@ def test_load_prompts_from_config(tmp_path):
     config = load_config(
         {"model": {"name_or_path": "tiny-llama"}, "data": {"task": None, "prompts_file": str(path), "prompt_column": "q"}}
     )
-    train, heldout, task = load_prompts(config.data)
+    source, heldout, task = load_prompts(config.data)  # opened to stream: its first rows checked, none kept
+    assert source.num_rows == 3 and set(source.column_names) == {"prompt", "answer", "prompt_id"}
+    train = source.read_shard(0)
     assert train["prompt"].to_pylist() == [r["prompt"] for r in ROWS]
     assert train["answer"].to_pylist() == [r["answer"] for r in ROWS]
     assert train["prompt_id"].to_pylist() == [0, 1, 2]

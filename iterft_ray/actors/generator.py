@@ -8,7 +8,7 @@ import time
 import pyarrow as pa
 import ray
 
-from ..config import SamplingConfig
+from ..config import LoraConfig, SamplingConfig
 from ..engines import create_engine
 from ..tiny import resolve_model_path
 from ..weights import WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, WeightSnapshot, receive_weights
@@ -24,10 +24,10 @@ class GeneratorActor:
     the one in the object store."""
 
     def __init__(self, model_path: str, generator_id: int, sampling: SamplingConfig, tokenizer_path: str | None = None,
-                 trust_remote_code: bool = False, tiny_overrides: dict | None = None):
+                 trust_remote_code: bool = False, tiny_overrides: dict | None = None, lora: LoraConfig | None = None):
         self.generator_id = generator_id
         model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
-        self.engine = create_engine(model_path, tokenizer_path, trust_remote_code, sampling)
+        self.engine = create_engine(model_path, tokenizer_path, trust_remote_code, sampling, lora)
         self.version = -1  # the weights on disk; the first snapshot always loads
         self.loads = 0
         self.load_seconds: float | None = None

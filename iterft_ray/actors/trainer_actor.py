@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
+from contextlib import nullcontext
 from typing import Any
 
 import pyarrow as pa
@@ -32,8 +34,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..batching import IGNORE_INDEX, examples_from_tensors
-from ..checkpoint import load_training_state, save_training_state
+from ..checkpoint import load_training_state, save_checkpoint
 from ..config import LoraConfig
+from ..storage import StoragePath
 from ..tiny import resolve_model_path
 from ..trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
 from ..weights import (
@@ -68,7 +71,7 @@ class TrainerActor:
 
     def setup(self, model_path: str, trainer_args: dict[str, Any], env: dict[str, str],
               tokenizer_path: str | None = None, trust_remote_code: bool = False,
-              tiny_overrides: dict | None = None, checkpoint: str | None = None,
+              tiny_overrides: dict | None = None, checkpoint: StoragePath | str | None = None,
               lora: LoraConfig | None = None) -> dict[str, Any]:
         """Join the process group (if several ranks) and build the trainer, from `checkpoint` if given.
 
@@ -81,25 +84,29 @@ class TrainerActor:
         state saved with the checkpoint (empty for a fresh start).
         """
         os.environ.update(env)
-        if checkpoint is not None:
-            tokenizer_path = checkpoint
-        if checkpoint is not None and lora is None:
-            model_path = checkpoint
-        else:
-            model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
-        if self.world_size > 1:
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(env["LOCAL_RANK"]))
-            backend = trainer_args.get("ddp_backend") or ("nccl" if torch.cuda.is_available() else "gloo")
-            timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
-            dist.init_process_group(backend, init_method="env://", timeout=timeout)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
-        self.trainer = IterativeSFTTrainer(
-            _model_to_train(load_model(model_path, trust_remote_code=trust_remote_code), lora, checkpoint),
-            IterativeSFTConfig(**trainer_args),
-            processing_class=tokenizer,
-        )
-        return load_training_state(self.trainer, checkpoint) if checkpoint is not None else {}
+        # A checkpoint in a store is downloaded to this node for the loaders, which read files.
+        with StoragePath.of(checkpoint).local_copy() if checkpoint is not None else nullcontext() as local:
+            checkpoint = None if local is None else str(local)
+            if checkpoint is not None:
+                tokenizer_path = checkpoint
+            if checkpoint is not None and lora is None:
+                model_path = checkpoint
+            else:
+                model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
+            if self.world_size > 1:
+                if torch.cuda.is_available():
+                    torch.cuda.set_device(int(env["LOCAL_RANK"]))
+                backend = trainer_args.get("ddp_backend") or ("nccl" if torch.cuda.is_available() else "gloo")
+                timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
+                dist.init_process_group(backend, init_method="env://", timeout=timeout)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+            args = IterativeSFTConfig(**trainer_args)
+            self.trainer = IterativeSFTTrainer(
+                _model_to_train(load_model(model_path, trust_remote_code=trust_remote_code), lora, checkpoint, args.seed),
+                args,
+                processing_class=tokenizer,
+            )
+            return load_training_state(self.trainer, checkpoint) if checkpoint is not None else {}
 
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None) -> dict:
         """`IterativeSFTTrainer.step` on this rank's shard of the given lists."""
@@ -142,8 +149,8 @@ class TrainerActor:
         Returns [ref] (wrapped so it stays a reference).
         """
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        if isinstance(model, PeftModel):
-            return [publish_adapter(model, self.version())]
+        if isinstance(model, PeftModel):  # gathered whole from the shards; rank 0 puts it
+            return [publish_adapter(model, self.version(), put=self.rank == 0)]
         if self.trainer.sharded:
             return [publish_shard(self.trainer.model, self.version())]
         return [publish_weights(model, self.version())]
@@ -171,9 +178,10 @@ class TrainerActor:
     def evaluate(self) -> dict:
         return self.trainer.evaluate()
 
-    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        """Save a checkpoint (Hugging Face model + training state + `extra`), atomically; collective, rank 0 writes."""
-        save_training_state(self.trainer, path, extra)
+    def save(self, path: StoragePath | str, extra: dict[str, Any] | None = None) -> None:
+        """Save a checkpoint (Hugging Face model + training state + `extra`) to a local path or a store,
+        atomically; collective, rank 0 writes (a store gets it uploaded from this node)."""
+        save_checkpoint(self.trainer, path, extra)
 
     def checksum(self) -> str:
         """One rank only: `weights_checksum` of its model (the group checksums sharded weights itself)."""
@@ -193,8 +201,11 @@ class TrainerActor:
             dist.destroy_process_group()
 
 
-def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint: str | None):
+def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint: str | None, seed: int):
     """`model`, or with `lora` a PeftModel over it: a new adapter, or the one saved in `checkpoint`.
+
+    A new adapter is initialised from `seed` (`trainer.seed`): FSDP2 shards what each rank
+    holds and broadcasts nothing, so every rank must draw the same initial weights.
 
     A module-level function, not inlined in `setup`: Ray pickles actor methods by value,
     and `model.config` there would make cloudpickle try to ship `torch.distributed.config`.
@@ -203,6 +214,7 @@ def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint:
         return model
     if checkpoint is not None:
         return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    torch.manual_seed(seed)
     return get_peft_model(model, lora.peft_config(bool(getattr(model.config, "is_encoder_decoder", False))))
 
 
@@ -212,16 +224,21 @@ def _token_rows(table: pa.Table) -> list[tuple[list[int], list[int]]]:
     return list(zip(nonempty["prompt_ids"].to_pylist(), nonempty["completion_ids"].to_pylist()))
 
 
-def _gather(refs: list[ray.ObjectRef]) -> list[Any]:
+def _gather(refs: list[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
     """Every rank's result, in rank order; the first rank to fail is raised as soon as it fails.
 
     A rank that died is raised as Ray's own `RayActorError`, so callers that recover a
-    lost trainer still recognise it.
+    lost trainer still recognise it. Ranks not done within `timeout_s` raise `GetTimeoutError`.
     """
     results: dict[ray.ObjectRef, Any] = {}
     pending = list(refs)
+    end = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        timeout = None if end is None else max(0.0, end - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        if not done:
+            raise ray.exceptions.GetTimeoutError(f"trainer ranks {[refs.index(p) for p in pending]} not done within "
+                                                 f"{timeout_s:g} s")
         try:
             results[done[0]] = ray.get(done[0])
         except ray.exceptions.RayActorError:
@@ -252,14 +269,18 @@ class TrainerGroup:
         tokenizer_path: str | None = None,
         trust_remote_code: bool = False,
         tiny_overrides: dict | None = None,
-        checkpoint: str | None = None,
+        checkpoint: StoragePath | str | None = None,
         lora: LoraConfig | None = None,
+        placement_timeout_s: float | None = None,
     ):
+        """`placement_timeout_s`: how long to wait for the ranks' placement group (GetTimeoutError past it)."""
         bundle = {"CPU": cpus_per_rank, "GPU": gpus_per_rank, "trainer": 1 if custom_resources else 0}
         bundle = {k: v for k, v in bundle.items() if v}
         self.placement_group = placement_group([bundle] * ranks, strategy="PACK")
+        self.lora = lora
         self.ranks: list = []
         try:
+            ray.get(self.placement_group.ready(), timeout=placement_timeout_s)
             self._create_ranks(model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
                                tokenizer_path, trust_remote_code, tiny_overrides, checkpoint, lora)
         except BaseException:
@@ -268,7 +289,6 @@ class TrainerGroup:
 
     def _create_ranks(self, model_path, trainer_args, ranks, cpus_per_rank, gpus_per_rank, custom_resources,
                       tokenizer_path, trust_remote_code, tiny_overrides, checkpoint, lora) -> None:
-        ray.get(self.placement_group.ready())
         # Ray would give each rank only its own GPU; the group sets CUDA_VISIBLE_DEVICES itself.
         runtime_env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if gpus_per_rank else None
         self.ranks = [
@@ -321,13 +341,14 @@ class TrainerGroup:
         ]
 
     @staticmethod
-    def gather(refs: list[ray.ObjectRef]) -> list[Any]:
+    def gather(refs: list[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
         """The results of `call_async`, in rank order; the first rank's failure (with its rank and
         traceback) is raised as soon as it happens, not when the other ranks give up waiting for it.
+        Past `timeout_s`, `GetTimeoutError`.
 
         The wait is the caller's: a Ray task doing it would start a worker process per call.
         """
-        return _gather(refs)
+        return _gather(refs, timeout_s)
 
     def call(self, method: str, *args, on: str = "all", per_rank: dict[str, list] | None = None, **kwargs) -> list:
         """`call_async`, waited for here: the list of results in rank order."""
@@ -341,24 +362,28 @@ class TrainerGroup:
         """Train on scored rollout batches, passed by reference to every rank."""
         return self.call("step_rollouts", *rollouts)[0]
 
-    def publish(self) -> tuple[ray.ObjectRef, int]:
+    def publish(self, version: int | None = None) -> tuple[ray.ObjectRef, int]:
         """Publish the full weights once; returns (snapshot ref, version).
 
         One rank puts its weights; several put their shards and a worker of their own
-        assembles the full snapshot (the format generators load) from them.
+        assembles the full snapshot (the format generators load) from them. `version` is the
+        ranks' current version when the caller knows it (else they are asked).
         """
         refs = [r[0] for r in self.call("publish")]
-        version = self.call("version", on="rank0")[0]
+        version = self.call("version", on="rank0")[0] if version is None else version
+        if self.lora is not None:  # a LoRA adapter: whole on rank 0, small, no assembly
+            return refs[0], version
         return (refs[0] if len(refs) == 1 else _assemble_task.remote(refs)), version
 
-    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+    def save(self, path: StoragePath | str, extra: dict[str, Any] | None = None) -> None:
         self.call("save", path, extra)
 
     def evaluate(self) -> dict:
         return self.call("evaluate")[0]
 
     def checksum(self) -> str:
-        """`weights_checksum` of the full weights (equal to one unsharded model's)."""
+        """`weights_checksum` of the full weights (equal to one unsharded model's); of sharded LoRA ranks,
+        of the adapter alone (what they publish)."""
         if len(self.ranks) == 1:
             return self.call("checksum")[0]
         return weights_checksum(ray.get(self.publish()[0]))

@@ -6,15 +6,20 @@ Both engines load a `WeightSnapshot` in place and return the same rollout table
 
 from __future__ import annotations
 
-from ..config import SamplingConfig
+from ..config import LoraConfig, SamplingConfig
 
 
-def create_engine(model_path: str, tokenizer_path: str | None, trust_remote_code: bool, config: SamplingConfig):
-    """The engine `config.engine` names, loaded with the weights at `model_path`."""
+def create_engine(model_path: str, tokenizer_path: str | None, trust_remote_code: bool, config: SamplingConfig,
+                  lora: LoraConfig | None = None):
+    """The engine `config.engine` names, loaded with the weights at `model_path`.
+
+    `lora`: the run trains this adapter, so the engine must be able to serve it (vLLM decides
+    at start-up; the hf engine adds the adapter when the first adapter snapshot arrives).
+    """
     if config.engine == "vllm":
         from .vllm import VLLMEngine  # vllm is an optional dependency
 
-        return VLLMEngine(model_path, tokenizer_path, trust_remote_code)
+        return VLLMEngine(model_path, tokenizer_path, trust_remote_code, lora)
     from .hf import HFEngine
 
     return HFEngine(model_path, tokenizer_path, trust_remote_code)

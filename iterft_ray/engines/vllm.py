@@ -9,17 +9,25 @@ own `load_weights` and then its post-load processing (the CPU backend repacks it
 linear weights there, which is why a bare `load_weights` after start-up fails on CPU).
 The worker method is named through `worker_extension_cls`, so no function is pickled
 and `VLLM_ALLOW_INSECURE_SERIALIZATION` is not needed.
+
+With `model.lora` the engine serves the base at `model_path` with vLLM's LoRA support
+(`enable_lora`) and an adapter snapshot never touches the base: it is written in PEFT format
+to a temporary directory on the node (a few MB, removed once vLLM has read it), added under a new
+`LoRARequest` id (vLLM caches adapters by id, so reusing one would serve the old weights),
+the previous one removed, and every request of later rounds names it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 
 import pyarrow as pa
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from ..config import SamplingConfig
+from ..config import LoraConfig, SamplingConfig
 from ..sampling import prompt_token_ids, rollout_table, stop_token_ids
 from ..weights import WeightSnapshot, _from_array, _reading_shared_arrays, weights_checksum
 
@@ -38,7 +46,8 @@ class SnapshotLoader:
 class VLLMEngine:
     """One `vllm.LLM` per generator, started once and never restarted for a new weight version."""
 
-    def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool):
+    def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool,
+                 lora: LoraConfig | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
@@ -59,13 +68,20 @@ class VLLMEngine:
             # Log-probs after temperature / top-k / top-p, like the hf engine's `logprob_sum`.
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.SnapshotLoader",
+            **(_lora_options(lora) if lora is not None else {}),
             **({} if torch.cuda.is_available() else _CPU_OPTIONS),
         )
         self._checksum: str | None = None
         self._snapshot: WeightSnapshot | None = None
+        self._adapter = None  # the LoRARequest of the adapter version loaded last
+        self._serves_lora = lora is not None
 
     def load(self, snapshot: WeightSnapshot) -> None:
         """Reload the engine's weights in place from `snapshot` (tied names included, the model skips them)."""
+        if snapshot.adapter_config is not None:
+            self._load_adapter(snapshot)
+            self._snapshot, self._checksum = snapshot, None
+            return
         names = {**{n: n for n in snapshot.arrays}, **snapshot.aliases}
         with _reading_shared_arrays():
             weights = [(name, _from_array(snapshot.arrays[src], snapshot.dtypes[src])) for name, src in names.items()]
@@ -97,7 +113,7 @@ class VLLMEngine:
             )
             for i in range(len(requests))
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._adapter)
         samples: dict[str, list] = {k: [] for k in ("prompt_index", "sample", "completion_ids", "finished", "logprob_sum")}
         for i, output in enumerate(outputs):
             for s, completion in enumerate(output.outputs):
@@ -115,3 +131,39 @@ class VLLMEngine:
         if self._checksum is None and self._snapshot is not None:
             self._checksum = weights_checksum(self._snapshot)
         return self._checksum
+
+    def _load_adapter(self, snapshot: WeightSnapshot) -> None:
+        """Serve adapter `snapshot` from now on: written as a PEFT adapter, added under a new id, the old one removed."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if not self._serves_lora:
+            raise ValueError("an adapter snapshot reached a vLLM engine started without model.lora")
+        lora_id = (self._adapter.lora_int_id if self._adapter is not None else 0) + 1
+        with tempfile.TemporaryDirectory(prefix="iterft-lora-") as path:  # read into the engine now, then gone
+            snapshot.adapter_config.save_pretrained(path)
+            tensors = {_peft_file_name(name): _from_array(array, snapshot.dtypes[name]).contiguous()
+                       for name, array in snapshot.arrays.items()}
+            save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+            request = LoRARequest(f"v{snapshot.version}-{lora_id}", lora_id, path)
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not add adapter version {snapshot.version}")
+        if self._adapter is not None:
+            self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
+        self._adapter = request
+
+
+# vLLM takes these adapter ranks only (vllm.config.lora.MaxLoRARanks); the engine reserves the
+# smallest one that holds `model.lora.r`.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _lora_options(lora: LoraConfig) -> dict:
+    """`LLM` arguments that let it serve one adapter of rank `lora.r` at a time (and hold the next beside it)."""
+    return {"enable_lora": True, "max_loras": 1, "max_cpu_loras": 2,
+            "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= lora.r)}
+
+
+def _peft_file_name(name: str) -> str:
+    """A live PEFT parameter name as PEFT saves it: without the adapter's name (`lora_A.default.weight` -> `lora_A.weight`)."""
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.", r".\1.", name)

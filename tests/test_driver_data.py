@@ -1,0 +1,82 @@
+"""The driver holds references, not data: over async rounds, no rollout batch ever gets a copy on the driver's
+node."""
+
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+
+from iterft_ray.driver import IterativeLoop
+
+
+@pytest.fixture
+def driver_alone_on_head():
+    """A head with no CPUs (the driver only) and a worker node for every actor, from ray.cluster_utils.Cluster;
+    loopback and token auth as in tests/test_cluster_run.py. A rollout the driver fetched gets a copy on the head."""
+    from ray._private import ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    from ray.cluster_utils import Cluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="iftd", dir="/tmp"))
+    (tmp / "token").write_text(secrets.token_hex(32))
+    saved_env, saved_flag = dict(os.environ), ray_constants.ENABLE_RAY_CLUSTER
+    for key in [k for k in os.environ if k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))]:
+        del os.environ[key]
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
+                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    reset_auth_token_state()
+    cluster = None
+    try:
+        common = {"node_ip_address": "127.0.0.1", "temp_dir": str(tmp / "ray"), "object_store_memory": 100_000_000}
+        cluster = Cluster(initialize_head=True, head_node_args={
+            **common, "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": 0})
+        worker = cluster.add_node(**common, num_cpus=4)
+        ray.init(address=cluster.address, logging_level="ERROR",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+        yield {"head": cluster.head_node.node_id, "worker": worker.node_id}
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        reset_auth_token_state()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.timeout(240)
+def test_the_driver_fetches_no_rollout_over_rounds(driver_alone_on_head, tmp_path):
+    """Async rounds of 64 prompts x 16 samples: each rollout batch is well over Ray's inline limit, so it lives
+    in the worker node's object store; Ray's object directory says which nodes ever got a copy."""
+    head, worker = driver_alone_on_head["head"], driver_alone_on_head["worker"]
+    cfg = {
+        "model": {"name_or_path": "tiny-llama"},
+        "data": {"task": "addition", "task_options": {"num_train": 256, "num_heldout": 4, "num_warmup": 4}},
+        "filters": [{"name": "length_bounds", "min_chars": 1}],
+        "sampling": {"num_samples": 16, "max_new_tokens": 8},
+        "trainer": {"learning_rate": 1e-3, "per_device_train_batch_size": 64},
+        "loop": {"rounds": 3, "prompts_per_round": 64, "async_mode": True, "eval_every": 3, "save_every": 3,
+                 "output_dir": str(tmp_path / "run")},
+    }
+    loop = IterativeLoop(cfg)
+    try:
+        batches = []
+        for _ in range(2):
+            loop.round()  # and meanwhile the next round's rollouts are sampled: the loop holds their references
+            batches += loop._pending[0][1]
+        loop.round()
+        where = ray.experimental.get_object_locations(batches)
+    finally:
+        loop.shutdown()
+    sizes = [w["object_size"] for w in where.values()]
+    fetched = sum(w["object_size"] for w in where.values() if head in w["node_ids"])
+    print(f"rollout batches {sizes} bytes; copies on the driver's node: {fetched} bytes")
+    assert len(batches) == 2 and min(sizes) > 100 * 1024  # in the object store, not inlined into the driver
+    assert all(worker in w["node_ids"] for w in where.values())
+    assert fetched == 0  # the driver waited on them without fetching
