@@ -177,7 +177,9 @@ def describe_actor(actor_id: str | None, name: str) -> str:
     if not info:
         return name
     # An actor waiting for resources may already have a node picked, but no process (pid 0) yet.
-    where = (f"node {info['Address']['NodeID'][:8]} at {info['Address']['IPAddress']}, pid {info['Pid']}"
+    # A dead actor's record may keep its node but lose the address.
+    ip = info["Address"].get("IPAddress")
+    where = (f"node {info['Address']['NodeID'][:8]}{f' at {ip}' if ip else ''}, pid {info['Pid']}"
              if info["Pid"] else "no process on any node yet")
     restarts = info["NumRestarts"]
     state = f"{info['State']} after {restarts} restart{'s' * (restarts != 1)}" if restarts else info["State"]

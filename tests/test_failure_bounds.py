@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,39 @@ def test_a_filter_actor_that_dies_on_every_call_ends_the_run_naming_it(local_ray
     assert not (tmp_path / "run" / "rounds").exists()  # round 1 recorded nothing
     # Not a RayActorError, which `run()` would take for a lost trainer and try to restore.
     assert not isinstance(failed.value, ray.exceptions.RayActorError)
+
+
+@pytest.mark.timeout(300)
+def test_a_generator_that_keeps_dying_ends_the_run_naming_it(local_ray, tmp_path):
+    """A generator process that dies whenever it is up (as one running out of memory on every load would)."""
+    loop = IterativeLoop(config(tmp_path))
+    generator, stop = loop.rl.generators[0], threading.Event()
+
+    def keep_killing():
+        while not stop.is_set():
+            ray.kill(generator, no_restart=False)  # Ray may restart it: resources.max_restarts decides
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=keep_killing, daemon=True)
+    try:
+        killer.start()
+        start = time.monotonic()
+        with pytest.raises(ActorFailedError) as failed:
+            loop.round()
+        waited = time.monotonic() - start
+    finally:
+        stop.set()
+        killer.join()
+        loop.shutdown()
+    message = str(failed.value)
+    print(message, f"({waited:.1f} s)")
+    # Named where the driver first meets the error: the rollouts are waited on without being
+    # fetched, so it surfaces in the filter calls that take them.
+    assert message.startswith("round 1 "), message
+    assert ": generator 0 (GeneratorActor, node " in message and "DEAD after 1 restart)" in message, message
+    assert " at , " not in message, message
+    assert "resources.max_restarts = 1" in message, message
+    assert waited < 120, waited  # bounded: not the round timeout (an hour by default)
 
 
 @pytest.mark.timeout(300)
