@@ -368,6 +368,8 @@ def valid_value(key: str, tp) -> st.SearchStrategy:
         base = st.floats(0.01, 1.0)
     elif key == "sampling.engine":
         base = st.sampled_from(["hf", "vllm"])
+    elif key == "resources.weight_transport":  # "broadcast" depends on other keys (one rank, no LoRA)
+        base = st.sampled_from(["auto", "object_store"])
     elif origin is dict:
         base = st.dictionaries(st.text(max_size=4), st.integers(0, 9), max_size=2)
     elif origin is list:
