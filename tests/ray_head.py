@@ -6,10 +6,13 @@ process group (SIGKILL: the GCS and the autoscaler ignore SIGTERM).
 """
 
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,3 +79,46 @@ def ray_head(args: list[str], env: dict, cwd: str | Path | None = None):
         stop_group(start.pid)
         leftovers = group_members(start.pid)
         assert not leftovers, f"processes of the Ray head still running: {leftovers}"
+
+
+@contextmanager
+def loopback_cluster(prefix: str, head: dict, worker: dict, runtime_env: dict | None = None):
+    """A head and one worker node from `ray.cluster_utils.Cluster`, connected to; yields (cluster, worker node).
+
+    Cluster starts the nodes from this process with this process's environment, so
+    token auth is switched on here the way Ray's own tests do it: RAY_AUTH_MODE=token
+    and RAY_AUTH_TOKEN_PATH (a token of our own) in os.environ, then RayConfig and the
+    token cache reloaded. Everything binds 127.0.0.1. All of it is undone afterwards.
+    `head` and `worker` are the nodes' extra arguments (num_cpus, resources).
+    """
+    import ray
+    from ray._private import ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    from ray.cluster_utils import Cluster
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: socket paths
+    (tmp / "token").write_text(secrets.token_hex(32))
+    saved_env, saved_flag = dict(os.environ), ray_constants.ENABLE_RAY_CLUSTER
+    for key in [k for k in os.environ if k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))]:
+        del os.environ[key]
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
+                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    reset_auth_token_state()
+    cluster = None
+    try:
+        common = {"node_ip_address": "127.0.0.1", "temp_dir": str(tmp / "ray"), "object_store_memory": 100_000_000}
+        cluster = Cluster(initialize_head=True, head_node_args={
+            **common, **head, "include_dashboard": False, "dashboard_agent_listen_port": 0})
+        node = cluster.add_node(**common, **worker)
+        ray.init(address=cluster.address, logging_level="ERROR", runtime_env=runtime_env)
+        yield cluster, node
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        reset_auth_token_state()
+        shutil.rmtree(tmp, ignore_errors=True)

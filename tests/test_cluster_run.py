@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -29,13 +26,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
-from ray._private import ray_constants
 from ray._private.authentication import authentication_utils as auth_utils
-from ray._private.authentication_test_utils import reset_auth_token_state
-from ray.cluster_utils import Cluster
 
 # The fixture of tests/test_cluster_configs.py: cluster/local.yaml on loopback, with its
 # own ports, temp dir and token (RAY_AUTH_TOKEN_PATH in its env), no worker nodes.
+from ray_head import loopback_cluster
 from test_cluster_configs import fake_cluster  # noqa: F401  (a pytest fixture)
 
 from iterft_ray.config import ResourcesConfig, SamplingConfig
@@ -141,42 +136,13 @@ def test_autoscaled_run_places_generators_on_new_nodes_then_scales_down(fake_clu
 def two_nodes():
     """A head (trainer, filter) and a second node (generator: 2) from ray.cluster_utils.Cluster.
 
-    Cluster starts the nodes from this process with this process's environment, so
-    token auth is switched on here the way Ray's own tests do it: RAY_AUTH_MODE=token
-    and RAY_AUTH_TOKEN_PATH (a token of our own) in os.environ, then RayConfig and the
-    token cache reloaded. Everything binds 127.0.0.1. All of it is undone afterwards.
+    Loopback only, token auth on (`loopback_cluster`).
     """
-    tmp = Path(tempfile.mkdtemp(prefix="iftn", dir="/tmp"))  # short: socket paths
-    (tmp / "token").write_text(secrets.token_hex(32))
-    saved_env = dict(os.environ)
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    for key in [k for k in os.environ if k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))]:
-        del os.environ[key]
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
-                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    reset_auth_token_state()
-    cluster = None
-    try:
-        common = {"node_ip_address": "127.0.0.1", "temp_dir": str(tmp / "ray"), "object_store_memory": 100_000_000}
-        cluster = Cluster(initialize_head=True, head_node_args={
-            **common, "num_cpus": 2, "resources": {"trainer": 1, "filter": 1},
-            "include_dashboard": False, "dashboard_agent_listen_port": 0,
-        })
-        worker = cluster.add_node(**common, num_cpus=2, resources={"generator": 2})
-        ray.init(address=cluster.address, logging_level="ERROR")
+    with loopback_cluster("iftn", {"num_cpus": 2, "resources": {"trainer": 1, "filter": 1}},
+                          {"num_cpus": 2, "resources": {"generator": 2}}) as (cluster, worker):
         assert auth_utils.is_token_auth_enabled()
         yield {"cluster": cluster, "head": cluster.head_node.node_id, "worker": worker.node_id,
-               "address": cluster.address, "token": tmp / "token"}
-    finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        os.environ.clear()
-        os.environ.update(saved_env)
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        reset_auth_token_state()
-        shutil.rmtree(tmp, ignore_errors=True)
+               "address": cluster.address, "token": Path(os.environ["RAY_AUTH_TOKEN_PATH"])}
 
 
 WRONG_TOKEN = textwrap.dedent(

@@ -1,14 +1,11 @@
 """The driver holds references, not data: over async rounds, no rollout batch ever gets a copy on the driver's
 node."""
 
-import os
-import secrets
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import ray
+from ray_head import loopback_cluster
 
 from iterft_ray.driver import IterativeLoop
 
@@ -16,38 +13,10 @@ from iterft_ray.driver import IterativeLoop
 @pytest.fixture
 def driver_alone_on_head():
     """A head with no CPUs (the driver only) and a worker node for every actor, from ray.cluster_utils.Cluster;
-    loopback and token auth as in tests/test_cluster_run.py. A rollout the driver fetched gets a copy on the head."""
-    from ray._private import ray_constants
-    from ray._private.authentication_test_utils import reset_auth_token_state
-    from ray.cluster_utils import Cluster
-
-    tmp = Path(tempfile.mkdtemp(prefix="iftd", dir="/tmp"))
-    (tmp / "token").write_text(secrets.token_hex(32))
-    saved_env, saved_flag = dict(os.environ), ray_constants.ENABLE_RAY_CLUSTER
-    for key in [k for k in os.environ if k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))]:
-        del os.environ[key]
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
-                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    reset_auth_token_state()
-    cluster = None
-    try:
-        common = {"node_ip_address": "127.0.0.1", "temp_dir": str(tmp / "ray"), "object_store_memory": 100_000_000}
-        cluster = Cluster(initialize_head=True, head_node_args={
-            **common, "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": 0})
-        worker = cluster.add_node(**common, num_cpus=4)
-        ray.init(address=cluster.address, logging_level="ERROR",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    loopback and token auth (`loopback_cluster`). A rollout the driver fetched gets a copy on the head."""
+    with loopback_cluster("iftd", {"num_cpus": 0}, {"num_cpus": 4},
+                          runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}) as (cluster, worker):
         yield {"head": cluster.head_node.node_id, "worker": worker.node_id}
-    finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        os.environ.clear()
-        os.environ.update(saved_env)
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        reset_auth_token_state()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.timeout(240)
