@@ -2,12 +2,12 @@
 
 import importlib
 
-# Loaded on first use: a filter actor importing iterft_ray.filters pulls in neither
+# Loaded on first use: a filter actor importing iterft_ray.verify.filters pulls in neither
 # torch nor transformers, and the local trainer does not import Ray.
 _LAZY = {
-    "IterativeSFTConfig": ".trainer",
-    "IterativeSFTTrainer": ".trainer",
-    "IterativeLoop": ".driver",
+    "IterativeSFTConfig": ".train.trainer",
+    "IterativeSFTTrainer": ".train.trainer",
+    "IterativeLoop": ".run.loop",
     "RayIterativeSFTTrainer": ".ray_trainer",
     "load_config": ".config",
 }

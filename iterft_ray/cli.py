@@ -42,7 +42,7 @@ def config_data(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
     Input paths in a config file are relative to the file (those given with --set, to the
     working directory); built-in configs hold none.
     """
-    from .config import resolve_input_paths
+    from iterft_ray.config import resolve_input_paths
 
     path = resolve_config(name_or_path)
     with open(path, encoding="utf-8") as f:
@@ -76,11 +76,11 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     """
     import ray
 
-    from .config import load_config
-    from .driver import FilterErrorsError, IterativeLoop, check_start
-    from .failures import ActorFailedError, PlacementError, RoundTimeoutError
-    from .prompts import PromptDataError
-    from .ray_trainer import init_ray
+    from iterft_ray.config import load_config
+    from iterft_ray.run.loop import FilterErrorsError, IterativeLoop, check_start
+    from iterft_ray.failures import ActorFailedError, PlacementError, RoundTimeoutError
+    from iterft_ray.data.prompts import PromptDataError
+    from iterft_ray.ray_trainer import init_ray
 
     try:
         run_config = load_config(config_data(config, overrides))
@@ -172,7 +172,7 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         return demo(args.set, args.address, args.resume, args.overwrite)
-    from .records import plot_metrics
+    from iterft_ray.run.records import plot_metrics
 
     try:
         path, names = plot_metrics(args.run_dir)

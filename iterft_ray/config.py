@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 if typing.TYPE_CHECKING:
-    from .storage import StoragePath
+    from iterft_ray.storage import StoragePath
 
 
 # The largest adapter rank vLLM serves (`max_lora_rank`).
@@ -373,7 +373,7 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
 
 def _check_filters(filters: list[Any]) -> None:
     """Build each filter spec once here, so a bad one fails at load, before any actor starts."""
-    from .filters import resolve_filter
+    from iterft_ray.verify.filters import resolve_filter
 
     for i, spec in enumerate(filters):
         try:
@@ -389,7 +389,7 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
     other sections'; the rest (enums given as strings, dicts or JSON strings) are left to
     TrainingArguments.
     """
-    from .trainer import IterativeSFTConfig, refused_arg
+    from iterft_ray.train.trainer import IterativeSFTConfig, refused_arg
 
     hints = typing.get_type_hints(IterativeSFTConfig)
     known = {f.name for f in dataclasses.fields(IterativeSFTConfig) if f.init}
@@ -410,7 +410,7 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
 
 def save_config(config: RunConfig, path: str | Path | StoragePath) -> None:
     """Write the resolved config, loadable again with `load_config` (a local path or a store, see storage.py)."""
-    from .storage import StoragePath
+    from iterft_ray.storage import StoragePath
 
     StoragePath.of(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
@@ -422,7 +422,7 @@ def check_model_sources(model: ModelConfig) -> None:
     A hub id is checked against the local hub cache, then, unless HF_HUB_OFFLINE is set,
     against the hub itself.
     """
-    from .tiny import TINY_CONFIGS
+    from iterft_ray.tiny import TINY_CONFIGS
 
     for key, value in (("model.name_or_path", model.name_or_path), ("model.tokenizer", model.tokenizer)):
         if value is None or value in TINY_CONFIGS or Path(value).expanduser().is_dir():

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from .config import ResourcesConfig
+from iterft_ray.config import ResourcesConfig
 
 
 class ActorFailedError(RuntimeError):

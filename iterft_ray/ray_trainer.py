@@ -22,13 +22,13 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from .actors.filter_pool import FilterPool
-from .actors.generator import GeneratorActor
-from .actors.trainer_actor import TrainerGroup
-from .config import VLLM_MAX_LORA_RANK, LoraConfig, ResourcesConfig, SamplingConfig
-from .failures import (ActorRoster, Deadline, actor_options, actor_requests, check_cluster_fits, format_resources,
+from iterft_ray.actors.filter_pool import FilterPool
+from iterft_ray.actors.generator import GeneratorActor
+from iterft_ray.actors.trainer_actor import TrainerGroup
+from iterft_ray.config import VLLM_MAX_LORA_RANK, LoraConfig, ResourcesConfig, SamplingConfig
+from iterft_ray.failures import (ActorRoster, Deadline, actor_options, actor_requests, check_cluster_fits, format_resources,
                        not_started, placement_timeout, round_timeout, total_request, wait_for, wait_started)
-from .storage import StoragePath
+from iterft_ray.storage import StoragePath
 
 
 @dataclass

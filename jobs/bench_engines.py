@@ -57,9 +57,9 @@ def main() -> None:
     from iterft_ray.config import SamplingConfig
     from iterft_ray.engines.hf import HFEngine
     from iterft_ray.engines.vllm import VLLMEngine
-    from iterft_ray.tasks import get_task
+    from iterft_ray.data.tasks import get_task
     from iterft_ray.tiny import tiny_model_path
-    from iterft_ray.weights import snapshot_from_model
+    from iterft_ray.weights.snapshot import snapshot_from_model
 
     env = environment()
     print_environment(env)

@@ -10,7 +10,7 @@ weights, same prompts, same seed (so the same tokens):
 
   actor        ray.get(actor.generate.remote(prompts, [weights_ref], version, params, seed, 0)),
                timed from the driver: submit, sampling in the actor, Arrow result back
-  direct       iterft_ray.sampling.sample_rollouts(...) in this process (what the actor runs)
+  direct       iterft_ray.engines.hf_sampling.sample_rollouts(...) in this process (what the actor runs)
   bare         model.generate(...) in this process on the same padded batches (tokenised
                before the timer) with the same arguments: no Arrow, no decoding, no
                log-prob sums, so (direct - bare) is the cost of building the rollout table
@@ -45,11 +45,11 @@ from bench_common import (add_niceness_option, column, environment, init_ray_fro
 from iterft_ray.actors.generator import GeneratorActor
 from iterft_ray.cli import resolve_config
 from iterft_ray.config import SamplingConfig
-from iterft_ray.sampling import sample_rollouts
-from iterft_ray.tasks import get_task
+from iterft_ray.engines.hf_sampling import sample_rollouts
+from iterft_ray.data.tasks import get_task
 from iterft_ray.tiny import resolve_model_path
-from iterft_ray.trainer import load_model
-from iterft_ray.weights import publish_weights
+from iterft_ray.train.trainer import load_model
+from iterft_ray.weights.snapshot import publish_weights
 
 TARGET = 0.95
 

@@ -34,7 +34,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from iterft_ray.config import LoraConfig
-from iterft_ray.weights import adapter_parameters, load_snapshot, publish_adapter, publish_weights
+from iterft_ray.weights.snapshot import adapter_parameters, load_snapshot, publish_adapter, publish_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import (  # noqa: E402

@@ -56,18 +56,18 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-import iterft_ray.records as records
+import iterft_ray.run.records as records
 from bench_common import (CpuMeter, actor_info, add_niceness_option, environment, init_ray_from_args, interleave,
                           parser, print_environment, print_table, ratios, verdict, write_json)
-from iterft_ray.batching import IGNORE_INDEX, examples_from_tensors
+from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
 from iterft_ray.cli import resolve_config
 from iterft_ray.config import load_config
-from iterft_ray.driver import IterativeLoop
-from iterft_ray.filters import RolloutScorer
-from iterft_ray.sampling import sample_rollouts
-from iterft_ray.tasks import get_task
+from iterft_ray.run.loop import IterativeLoop
+from iterft_ray.verify.filters import RolloutScorer
+from iterft_ray.engines.hf_sampling import sample_rollouts
+from iterft_ray.data.tasks import get_task
 from iterft_ray.tiny import resolve_model_path
-from iterft_ray.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
 
 TARGET = 1.15
 

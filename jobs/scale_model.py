@@ -177,7 +177,7 @@ def check(args: argparse.Namespace) -> None:
     import yaml
 
     from iterft_ray.config import load_config
-    from iterft_ray.driver import IterativeLoop
+    from iterft_ray.run.loop import IterativeLoop
 
     cores = os.cpu_count() or 1
     demo = yaml.safe_load((Path(__file__).parents[1] / "iterft_ray" / "configs" / "demo.yaml").read_text())

@@ -13,7 +13,7 @@ import yaml
 
 from iterft_ray.cli import main
 from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, load_config
-from iterft_ray.records import metrics_figure
+from iterft_ray.run.records import metrics_figure
 
 HERE = Path(__file__).resolve().parent
 

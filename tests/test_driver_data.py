@@ -7,7 +7,7 @@ import pytest
 import ray
 from ray_head import loopback_cluster
 
-from iterft_ray.driver import IterativeLoop
+from iterft_ray.run.loop import IterativeLoop
 
 
 @pytest.fixture

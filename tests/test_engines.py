@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TemperatureLogitsWarper, TopKLogitsWarper
 
 from iterft_ray.config import SamplingConfig, load_config
-from iterft_ray.sampling import sample_rollouts, stop_token_ids
+from iterft_ray.engines.hf_sampling import sample_rollouts, stop_token_ids
 from iterft_ray.tiny import build_tiny_model
 
 PROMPTS = pa.Table.from_pylist([{"prompt_id": i, "prompt": p} for i, p in enumerate(["12+30=", "7+5=", "100+1="])])
@@ -81,7 +81,7 @@ def test_peak_memory_does_not_grow_with_vocabulary_times_new_tokens(tmp_path):
         import resource, sys, pyarrow as pa
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from iterft_ray.config import SamplingConfig
-        from iterft_ray.sampling import sample_rollouts
+        from iterft_ray.engines.hf_sampling import sample_rollouts
         model = AutoModelForCausalLM.from_pretrained({str(path)!r}).eval()
         tokenizer = AutoTokenizer.from_pretrained({str(path)!r})
         prompts = pa.Table.from_pylist([{{"prompt_id": i, "prompt": f"{{i}}+{{i}}="}} for i in range(8)])

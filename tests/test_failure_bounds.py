@@ -17,7 +17,7 @@ import yaml
 from ray_head import free_port, loopback_env, ray_head
 
 from iterft_ray.config import ResourcesConfig, SamplingConfig
-from iterft_ray.driver import IterativeLoop
+from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.failures import ActorFailedError, PlacementError, RoundTimeoutError
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 

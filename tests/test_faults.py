@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray import IterativeSFTConfig, IterativeSFTTrainer
-from iterft_ray.checkpoint import load_training_state, save_training_state
-from iterft_ray.driver import IterativeLoop, latest_checkpoint
-from iterft_ray.weights import weights_checksum
+from iterft_ray.train.checkpoint import load_training_state, save_training_state
+from iterft_ray.run.loop import IterativeLoop, latest_checkpoint
+from iterft_ray.weights.snapshot import weights_checksum
 
 TIMING = {"generate_time", "filter_time", "train_time", "sync_time", "round_time"}
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import ray
 
-from iterft_ray.filters import (
+from iterft_ray.verify.filters import (
     RolloutScorer,
     best_of_k,
     deduplicate,

@@ -15,7 +15,7 @@ import ray
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray.cli import main
-from iterft_ray.records import PANEL_INCHES, PLOT_DPI, PLOTTED, RunRecorder, plot_metrics
+from iterft_ray.run.records import PANEL_INCHES, PLOT_DPI, PLOTTED, RunRecorder, plot_metrics
 from ray_head import RAY_CLI, free_port, loopback_env, ray_head
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,13 +12,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray.actors.trainer_actor import TrainerGroup
-from iterft_ray.checkpoint import load_training_state, save_training_state
+from iterft_ray.train.checkpoint import load_training_state, save_training_state
 from iterft_ray.cli import run
 from iterft_ray.config import LoraConfig, load_config
 from iterft_ray.engines.hf import HFEngine
 from iterft_ray.tiny import resolve_model_path
-from iterft_ray.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
-from iterft_ray.weights import adapter_parameters, publish_adapter
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.weights.snapshot import adapter_parameters, publish_adapter
 
 
 def _config(**sections):

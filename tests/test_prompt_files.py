@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from iterft_ray.config import load_config
-from iterft_ray.prompts import load_prompts, read_prompt_file
+from iterft_ray.data.prompts import load_prompts, read_prompt_file
 
 
 def write_jsonl(path, rows):

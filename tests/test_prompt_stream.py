@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from iterft_ray.checkpoint import META
+from iterft_ray.train.checkpoint import META
 from iterft_ray.config import load_config
-from iterft_ray.driver import IterativeLoop, check_start
-from iterft_ray.prompt_stream import PromptStream, stream_position, stream_row
-from iterft_ray.prompts import PromptDataError, PromptFile, read_prompt_file
+from iterft_ray.run.loop import IterativeLoop, check_start
+from iterft_ray.data.prompt_stream import PromptStream, stream_position, stream_row
+from iterft_ray.data.prompts import PromptDataError, PromptFile, read_prompt_file
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,8 +119,8 @@ def test_first_rows_and_schema_are_checked_when_the_file_opens(tmp_path):
 CHILD = textwrap.dedent("""
     import re, sys
     import ray
-    from iterft_ray.prompt_stream import PromptStream
-    from iterft_ray.prompts import PromptFile
+    from iterft_ray.data.prompt_stream import PromptStream
+    from iterft_ray.data.prompts import PromptFile
 
     ray.init(address=sys.argv[2], logging_level="ERROR")
     stream = PromptStream(PromptFile(sys.argv[1]), seed=0)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from iterft_ray.actors.trainer_actor import TrainerGroup, TrainerRankError
-from iterft_ray.weights import weights_checksum
+from iterft_ray.weights.snapshot import weights_checksum
 
 TEXTS = ["12+30=42", "7+5=12", "100+1=101", "3+3=6", "45+45=90", "9+90=99", "1+1=2", "20+22=42"]
 COMMON = {"learning_rate": 1e-2, "train_sampling_strategy": "sequential", "report_to": "none",

@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from iterft_ray.driver import IterativeLoop
+from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 
 TASK = {"task": "addition", "task_options": {"num_train": 64, "num_heldout": 8, "num_warmup": 8}}

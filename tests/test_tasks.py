@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 
-from iterft_ray.tasks import get_task
+from iterft_ray.data.tasks import get_task
 
 
 def _pair(prompt: str) -> tuple[int, int]:
@@ -99,7 +99,7 @@ def test_too_many_problems_for_the_digits_is_an_error():
 
 
 def test_reversed_answers_are_the_sums_digits_backwards():
-    from iterft_ray.tasks import get_task
+    from iterft_ray.data.tasks import get_task
 
     task = get_task("addition", reverse_answer=True, num_train=50, num_heldout=20, num_warmup=10)
     for row in task.train_prompts + task.heldout_prompts:

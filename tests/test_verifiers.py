@@ -5,7 +5,7 @@ import threading
 import pyarrow as pa
 import pytest
 
-from iterft_ray.filters import resolve_filter, score_rollouts
+from iterft_ray.verify.filters import resolve_filter, score_rollouts
 
 CASES = [
     # (gold answer, completion, accepted)

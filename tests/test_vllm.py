@@ -16,7 +16,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from iterft_ray.driver import IterativeLoop
+from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.tiny import build_tiny_model
 from test_faults import _assert_each_prompt_sampled_exactly, _run_round_while
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from iterft_ray.tiny import build_tiny_model
-from iterft_ray.weights import load_snapshot, publish_weights, snapshot_from_model, weights_checksum
+from iterft_ray.weights.snapshot import load_snapshot, publish_weights, snapshot_from_model, weights_checksum
 
 INPUT_IDS = [[1, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]]
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from ..filters import RolloutScorer
+from iterft_ray.verify.filters import RolloutScorer
 
 
 def summarize(scored: pa.Table) -> dict[str, Any]:

@@ -8,10 +8,10 @@ import time
 import pyarrow as pa
 import ray
 
-from ..config import LoraConfig, SamplingConfig
-from ..engines import create_engine
-from ..tiny import resolve_model_path
-from ..weights import WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, WeightSnapshot, receive_weights
+from iterft_ray.config import LoraConfig, SamplingConfig
+from iterft_ray.engines import create_engine
+from iterft_ray.tiny import resolve_model_path
+from iterft_ray.weights.snapshot import WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, WeightSnapshot, receive_weights
 
 
 # "weights": joining the trainer's `WeightGroup` and receiving a broadcast run on a thread of their own,

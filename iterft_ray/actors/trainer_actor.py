@@ -33,13 +33,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import AutoTokenizer, PreTrainedModel
 
-from ..batching import IGNORE_INDEX, examples_from_tensors
-from ..checkpoint import load_training_state, save_checkpoint
-from ..config import LoraConfig
-from ..storage import StoragePath
-from ..tiny import resolve_model_path
-from ..trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
-from ..weights import (
+from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
+from iterft_ray.train.checkpoint import load_training_state, save_checkpoint
+from iterft_ray.config import LoraConfig
+from iterft_ray.storage import StoragePath
+from iterft_ray.tiny import resolve_model_path
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.weights.snapshot import (
     WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, assemble_snapshot, broadcast_weights, open_weight_group_store,
     publish_adapter, publish_shard, publish_weights, weight_layout, weights_checksum,
 )

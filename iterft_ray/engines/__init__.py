@@ -1,12 +1,12 @@
 """How a generator samples: `hf` (transformers `generate`) or `vllm` (a vLLM engine).
 
 Both engines load a `WeightSnapshot` in place and return the same rollout table
-(`iterft_ray.sampling.rollout_table`); `GeneratorActor` holds one of them.
+(`iterft_ray.engines.hf_sampling.rollout_table`); `GeneratorActor` holds one of them.
 """
 
 from __future__ import annotations
 
-from ..config import LoraConfig, SamplingConfig
+from iterft_ray.config import LoraConfig, SamplingConfig
 
 
 def create_engine(model_path: str, tokenizer_path: str | None, trust_remote_code: bool, config: SamplingConfig,
@@ -17,9 +17,9 @@ def create_engine(model_path: str, tokenizer_path: str | None, trust_remote_code
     at start-up; the hf engine adds the adapter when the first adapter snapshot arrives).
     """
     if config.engine == "vllm":
-        from .vllm import VLLMEngine  # vllm is an optional dependency
+        from iterft_ray.engines.vllm import VLLMEngine  # vllm is an optional dependency
 
         return VLLMEngine(model_path, tokenizer_path, trust_remote_code, lora)
-    from .hf import HFEngine
+    from iterft_ray.engines.hf import HFEngine
 
     return HFEngine(model_path, tokenizer_path, trust_remote_code)

@@ -9,10 +9,10 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoTokenizer
 
-from ..config import SamplingConfig
-from ..sampling import sample_rollouts
-from ..trainer import load_model
-from ..weights import WeightSnapshot, load_snapshot, weights_checksum
+from iterft_ray.config import SamplingConfig
+from iterft_ray.engines.hf_sampling import sample_rollouts
+from iterft_ray.train.trainer import load_model
+from iterft_ray.weights.snapshot import WeightSnapshot, load_snapshot, weights_checksum
 
 
 class HFEngine:

@@ -27,9 +27,9 @@ import pyarrow as pa
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from ..config import LoraConfig, SamplingConfig
-from ..sampling import prompt_token_ids, rollout_table, stop_token_ids
-from ..weights import WeightSnapshot, _from_array, _reading_shared_arrays, weights_checksum
+from iterft_ray.config import LoraConfig, SamplingConfig
+from iterft_ray.engines.hf_sampling import prompt_token_ids, rollout_table, stop_token_ids
+from iterft_ray.weights.snapshot import WeightSnapshot, _from_array, _reading_shared_arrays, weights_checksum
 
 # On CPU: no torch.compile (start-up 12 s instead of ~60 s on 2 cores for a tiny Llama) and a
 # fixed KV cache (vLLM would otherwise size it from free RAM, taking most of the machine).

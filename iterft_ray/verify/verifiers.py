@@ -1,7 +1,7 @@
 """Built-in verifiers for real tasks: math answers (math-verify) and code run against unit tests.
 
 Both are row filters (`f(prompt, completion, meta) -> bool`) and are reached by name
-through `iterft_ray.filters.resolve_filter` ("math_answer", "python_tests"). Neither
+through `iterft_ray.verify.filters.resolve_filter` ("math_answer", "python_tests"). Neither
 enforces its own time limit: the filter processes of `score_rollouts` kill a call past
 the filter timeout, which works for any code, where math-verify's SIGALRM timeouts only
 work in a process's main thread (math-verify issues #50, #55). So both work from any
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .sandbox import SandboxLimits, run_python
+from iterft_ray.verify.sandbox import SandboxLimits, run_python
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def python_tests(
 
     The program is the completion's last fenced code block (```python ... ```), or the
     whole completion. It runs with the standard library only, no network and no view of
-    the host (see `iterft_ray.sandbox`). A program that fails, or passes a limit, is a
+    the host (see `iterft_ray.verify.sandbox`). A program that fails, or passes a limit, is a
     rejected row; a sandbox that cannot start (bubblewrap missing) is a filter error.
     Keep `wall_s` below the loop's `filter_timeout_s`.
     """

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .storage import StoragePath
+from iterft_ray.storage import StoragePath
 
 # Metrics drawn in plot.png, one panel each, when the run has them.
 PLOTTED = ("accept_rate", "reward_mean", "loss", "heldout_accuracy", "filter_errors", "num_target_tokens", "round_time")

@@ -49,7 +49,7 @@ from transformers import (
     get_scheduler,
 )
 
-from .batching import (
+from iterft_ray.train.batching import (
     IGNORE_INDEX,
     TRUNCATION_MODES,
     Example,

@@ -26,16 +26,16 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .checkpoint import META, is_checkpoint
-from .config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
-from .failures import Deadline, wait_for
-from .prompt_stream import open_prompts, stream_position, stream_row
-from .prompts import (PromptDataError, PromptSource, chat_example_ids, load_chat_tokenizer, load_prompts,
+from iterft_ray.train.checkpoint import META, is_checkpoint
+from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
+from iterft_ray.failures import Deadline, wait_for
+from iterft_ray.data.prompt_stream import open_prompts, stream_position, stream_row
+from iterft_ray.data.prompts import (PromptDataError, PromptSource, chat_example_ids, load_chat_tokenizer, load_prompts,
                       with_chat_template)
-from .ray_trainer import RayIterativeSFTTrainer, combine_summaries
-from .records import RunRecorder, write_generations
-from .storage import StoragePath
-from .tasks import Task
+from iterft_ray.ray_trainer import RayIterativeSFTTrainer, combine_summaries
+from iterft_ray.run.records import RunRecorder, write_generations
+from iterft_ray.storage import StoragePath
+from iterft_ray.data.tasks import Task
 
 RUN_RECORD = "run.json"
 # Everything a run writes into loop.output_dir; --overwrite deletes these and nothing else.

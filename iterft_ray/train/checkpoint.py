@@ -29,8 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .storage import StoragePath
-from .weights import full_adapter_state
+from iterft_ray.storage import StoragePath
+from iterft_ray.weights.snapshot import full_adapter_state
 
 TENSORS, META = "training_state.safetensors", "training_state.json"
 

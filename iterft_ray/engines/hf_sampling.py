@@ -14,12 +14,12 @@ import torch
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .config import SamplingConfig
+from iterft_ray.config import SamplingConfig
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: pa.Table) -> list[list[int]]:
     """The tokens to sample from: the table's `prompt_ids` when it has them (a chat template's tokens,
-    made by `iterft_ray.prompts.with_chat_template`, used unchanged), else `tokenizer(prompt)`."""
+    made by `iterft_ray.data.prompts.with_chat_template`, used unchanged), else `tokenizer(prompt)`."""
     if "prompt_ids" in prompts.column_names:
         return prompts.column("prompt_ids").to_pylist()
     return tokenizer(prompts.column("prompt").to_pylist())["input_ids"]

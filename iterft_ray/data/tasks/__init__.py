@@ -10,7 +10,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-from iterft_ray.tasks import addition
+from iterft_ray.data.tasks import addition
 
 _TASKS = {"addition": addition}
 

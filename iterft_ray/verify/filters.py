@@ -16,7 +16,7 @@ There are two kinds of filter:
   samples of a prompt are in one batch, so per-prompt selection (best-of-k) works.
 
 Built-ins are module-level classes, not closures, because filters travel to Ray actors
-by pickle. The verifiers `math_answer` and `python_tests` live in `iterft_ray.verifiers`.
+by pickle. The verifiers `math_answer` and `python_tests` live in `iterft_ray.verify.verifiers`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import cloudpickle
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from iterft_ray.tasks import get_task
-from iterft_ray.verifiers import math_answer, python_tests
+from iterft_ray.data.tasks import get_task
+from iterft_ray.verify.verifiers import math_answer, python_tests
 
 RowFilter = Callable[[str, str, dict], Union[bool, float]]
 
@@ -509,7 +509,7 @@ class _FilterProcess:
         ours, theirs = socket.socketpair()
         # The worker imports what this process can (a test module, a Ray working_dir).
         path = os.pathsep.join(os.path.abspath(p) for p in sys.path)
-        command = f"from iterft_ray.filters import _serve_calls; _serve_calls({theirs.fileno()})"
+        command = f"from iterft_ray.verify.filters import _serve_calls; _serve_calls({theirs.fileno()})"
         self.process = subprocess.Popen(
             [sys.executable, "-c", command],
             pass_fds=[theirs.fileno()],

@@ -22,8 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import DataConfig, ModelConfig
-from .tasks import Task, get_task
+from iterft_ray.config import DataConfig, ModelConfig
+from iterft_ray.data.tasks import Task, get_task
 
 # Rows per shard of a JSONL file or a dataset: the unit that is read, shuffled and skipped at once.
 SHARD_ROWS = 4096
@@ -239,7 +239,7 @@ def load_chat_tokenizer(model: ModelConfig):
     """The run's tokenizer, loaded on the driver, for `data.chat_template`; it must have a template."""
     from transformers import AutoTokenizer
 
-    from .tiny import resolve_model_path
+    from iterft_ray.tiny import resolve_model_path
 
     path = model.tokenizer or resolve_model_path(model.name_or_path, **model.tiny_overrides)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .prompts import PromptDataError, PromptSource
+from iterft_ray.data.prompts import PromptDataError, PromptSource
 
 
 def stream_position(row: int, num_rows: int) -> dict[str, int]:
