@@ -77,10 +77,12 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     import ray
 
     from iterft_ray.config import load_config
-    from iterft_ray.run.loop import FilterErrorsError, IterativeLoop, check_start
-    from iterft_ray.failures import ActorFailedError, PlacementError, RoundTimeoutError
+    from iterft_ray.run.loop import FilterErrorsError, IterativeLoop
+    from iterft_ray.run.run_dir import check_start
+    from iterft_ray.actors.failures import ActorFailedError, RoundTimeoutError
+    from iterft_ray.actors.placement import PlacementError
     from iterft_ray.data.prompts import PromptDataError
-    from iterft_ray.ray_trainer import init_ray
+    from iterft_ray.ray_start import init_ray
 
     try:
         run_config = load_config(config_data(config, overrides))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -20,6 +21,9 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     PreTrainedTokenizerFast,
 )
+
+if TYPE_CHECKING:
+    from iterft_ray.config import ModelConfig
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -166,3 +170,10 @@ def resolve_model_path(name_or_path: str, **tiny_overrides) -> str:
     if tiny_overrides:
         raise ValueError(f"model.tiny_overrides: only for built-in tiny models {sorted(TINY_CONFIGS)}")
     return name_or_path
+
+
+def model_files(model: ModelConfig) -> tuple[str, str]:
+    """(model path, tokenizer path) of a `ModelConfig` on this node: the one place a config's model becomes
+    files a loader reads (a tiny name is built here first; `model.tokenizer` defaults to the model's own)."""
+    path = resolve_model_path(model.name_or_path, **model.tiny_overrides)
+    return path, model.tokenizer or path

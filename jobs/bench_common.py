@@ -57,9 +57,9 @@ def init_ray(num_cpus: int | None = None, worker_niceness: int | None = 0, match
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        from iterft_ray.ray_trainer import _listen_on_loopback_only
+        from iterft_ray.ray_internals import listen_on_loopback_only
 
-        _listen_on_loopback_only()
+        listen_on_loopback_only()
         if worker_niceness is not None:
             kwargs["_system_config"] = {**kwargs.get("_system_config", {}), "worker_niceness": worker_niceness}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)

@@ -44,7 +44,7 @@ from bench_common import (add_niceness_option, column, environment, init_ray_fro
                           print_environment, print_table, verdict, write_json)
 from iterft_ray.actors.generator import GeneratorActor
 from iterft_ray.cli import resolve_config
-from iterft_ray.config import SamplingConfig
+from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines.hf_sampling import sample_rollouts
 from iterft_ray.data.tasks import get_task
 from iterft_ray.tiny import resolve_model_path
@@ -109,8 +109,8 @@ def main() -> None:
     path = resolve_model_path("tiny-llama", **model_overrides)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_model(path).eval()
-    actor = GeneratorActor.options(num_cpus=args.actor_cpus).remote("tiny-llama", 0, SamplingConfig(), None, False,
-                                                                   model_overrides)
+    actor = GeneratorActor.options(num_cpus=args.actor_cpus).remote(
+        ModelConfig("tiny-llama", tiny_overrides=model_overrides), 0, SamplingConfig())
     weights = publish_weights(model, 0)
 
     task = get_task("addition", digits=2, num_train=max(args.prompts, 512))

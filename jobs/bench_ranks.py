@@ -50,12 +50,14 @@ def rank_state(actor) -> dict:
 def measure(ranks: int, layers: int, sequences: int, reps: int, warmup: int) -> dict:
     import ray
 
-    from iterft_ray.actors.trainer_actor import TrainerGroup
+    from iterft_ray.actors.trainer_group import TrainerGroup
+    from iterft_ray.config import ModelConfig, ResourcesConfig
 
     texts = [(("%d+%d=%d;" % (i, 7 * i, 8 * i)) * 8)[:63] for i in range(sequences)]  # 64 tokens with BOS
     args = {"optim": "adamw_torch", "learning_rate": 1e-4, "per_device_train_batch_size": sequences // ranks,
             "train_sampling_strategy": "sequential", "report_to": "none", "output_dir": "runs/bench-ranks"}
-    group = TrainerGroup("tiny-llama", args, ranks=ranks, tiny_overrides={**OVERRIDES, "num_hidden_layers": layers})
+    model = ModelConfig("tiny-llama", tiny_overrides={**OVERRIDES, "num_hidden_layers": layers})
+    group = TrainerGroup(model, args, ResourcesConfig(trainer_ranks=ranks))
     try:
         times = []
         for rep in range(warmup + reps):
@@ -65,7 +67,7 @@ def measure(ranks: int, layers: int, sequences: int, reps: int, warmup: int) -> 
                 times.append(time.perf_counter() - start)
             print(f"  {ranks} rank(s) rep {rep + 1}: {time.perf_counter() - start:.2f} s "
                   f"(updates {stats['updates']})", flush=True)
-        states = group.call("__ray_call__", rank_state)
+        states = group.call(rank_state)
         peaks = group.peak_memory()
         total = ray.get(group.ranks[0].__ray_call__.remote(
             lambda a: sum(p.numel() for p in a.trainer.model.parameters()) * (a.world_size if a.trainer.sharded else 1)))

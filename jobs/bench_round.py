@@ -66,6 +66,7 @@ from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.verify.filters import RolloutScorer
 from iterft_ray.engines.hf_sampling import sample_rollouts
 from iterft_ray.data.tasks import get_task
+from iterft_ray.engines.seeding import shard_seed
 from iterft_ray.tiny import resolve_model_path
 from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
 
@@ -124,7 +125,7 @@ class InProcessRounds:
         model = self.trainer.model
         model.eval()
         # The seed IterativeLoop gives generator shard 0 of round r.
-        table = sample_rollouts(model, self.tokenizer, prompts, self.params, self.cfg.loop.seed * 1_000_003 + r * 1009,
+        table = sample_rollouts(model, self.tokenizer, prompts, self.params, shard_seed(self.cfg.loop.seed, r, 0),
                                 self.trainer.state.global_step, 0, r)
         t.append(time.perf_counter())
         scored = self.scorer.score(table)

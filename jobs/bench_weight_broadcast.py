@@ -29,7 +29,9 @@ from pathlib import Path
 import ray
 
 from iterft_ray.config import ResourcesConfig, SamplingConfig
+from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
+from iterft_ray.weights.sync import publish_from
 from iterft_ray.tiny import build_tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -74,13 +76,20 @@ def main() -> None:
             sampling=SamplingConfig(engine="hf"))
         nbytes = ray.get(rt.weights).nbytes
 
+        def next_version() -> int:
+            """The same weights under a newer version (generators load only newer versions)."""
+            return rt.trainer.call(TrainerRank.advance_version, rt.trainer.version() + 1)[0]
+
         def object_store() -> None:
-            ref, version = rt.trainer.publish()
-            ray.get([g.sync.remote([ref], version, True) for g in rt.generators])
+            next_version()
+            ref, version = publish_from(rt.trainer)
+            ray.get([g.sync.remote([ref], version) for g in rt.generators])
 
         def broadcast() -> None:
-            rt._broadcast_weights()
-            ray.get([g.sync.remote([rt.weights], rt.version, True) for g in rt.generators])
+            sync = rt.weight_sync
+            sync.version = next_version()
+            sync._broadcast()
+            ray.get([g.sync.remote([sync.snapshot], sync.version) for g in rt.generators])
 
         print(f"model: {nbytes / 1e9:.3f} GB per version; trainer on the head, 2 generators on the second node")
         print_environment(environment())

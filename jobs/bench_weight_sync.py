@@ -38,7 +38,7 @@ import ray
 import torch
 
 from iterft_ray.actors.generator import GeneratorActor
-from iterft_ray.config import SamplingConfig
+from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.tiny import build_tiny_model
 from iterft_ray.train.trainer import load_model
 from iterft_ray.weights.snapshot import publish_weights, snapshot_from_model, weights_checksum
@@ -86,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_weight_sync_") as tmp:
         path = str(build_tiny_model("tiny-llama", tmp, **MODEL_CONFIG))
         model = load_model(path).eval()
-        generators = [GeneratorActor.options(num_cpus=1).remote(path, i, SamplingConfig(engine="hf"))
+        generators = [GeneratorActor.options(num_cpus=1).remote(ModelConfig(path), i, SamplingConfig(engine="hf"))
                       for i in range(args.generators)]
         ray.get([g.__ray_ready__.remote() for g in generators])
     n_params = sum(t.numel() for t in model.state_dict().values())

@@ -18,7 +18,8 @@ from ray_head import free_port, loopback_env, ray_head
 
 from iterft_ray.config import ResourcesConfig, SamplingConfig
 from iterft_ray.run.loop import IterativeLoop
-from iterft_ray.failures import ActorFailedError, PlacementError, RoundTimeoutError
+from iterft_ray.actors.failures import ActorFailedError, RoundTimeoutError
+from iterft_ray.actors.placement import PlacementError
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 
 REPO = Path(__file__).resolve().parents[1]

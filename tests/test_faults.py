@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray import IterativeSFTConfig, IterativeSFTTrainer
 from iterft_ray.train.checkpoint import load_training_state, save_training_state
-from iterft_ray.run.loop import IterativeLoop, latest_checkpoint
+from iterft_ray.run.loop import IterativeLoop
+from iterft_ray.run.run_dir import latest_checkpoint
 from iterft_ray.weights.snapshot import weights_checksum
 
 TIMING = {"generate_time", "filter_time", "train_time", "sync_time", "round_time"}
@@ -137,7 +138,8 @@ def test_dead_trainer_is_restored_from_checkpoint_not_fresh(local_ray, tmp_path)
         assert latest_checkpoint(run_dir).name == "round-0003"
         assert at_checkpoint != restored and saved  # round 3 trained on from round 2's weights
         infos = ray.get([g.info.remote() for g in loop.rl.generators])
-        assert all(i["checksum"] == restored for i in infos)  # generators reloaded, though versions went back
+        assert all(i["checksum"] == restored for i in infos)  # generators reloaded: the restored trainer's
+        assert all(i["version"] == loop.rl.version > stats[0]["weight_version"] for i in infos)  # version moved on
     finally:
         loop.shutdown()
 

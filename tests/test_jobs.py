@@ -104,7 +104,7 @@ EMBEDDED = """
 import ray
 from ray._private.authentication import authentication_utils as auth_utils
 from iterft_ray.config import ResourcesConfig
-from iterft_ray.ray_trainer import init_ray
+from iterft_ray.ray_start import init_ray
 init_ray(ResourcesConfig())
 print(ray.get_runtime_context().gcs_address, auth_utils.is_token_auth_enabled())
 """

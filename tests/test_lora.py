@@ -11,10 +11,11 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from iterft_ray.actors.trainer_actor import TrainerGroup
+from iterft_ray.actors.trainer_group import TrainerGroup
+from iterft_ray.weights.sync import publish_from
 from iterft_ray.train.checkpoint import load_training_state, save_training_state
 from iterft_ray.cli import run
-from iterft_ray.config import LoraConfig, load_config
+from iterft_ray.config import LoraConfig, ModelConfig, ResourcesConfig, load_config
 from iterft_ray.engines.hf import HFEngine
 from iterft_ray.tiny import resolve_model_path
 from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
@@ -95,7 +96,7 @@ def _overrides(model_path, out, rounds):
 
 
 def _checkpoint_version(path) -> int:
-    return json.loads((path / "training_state.json").read_text())["global_step"]
+    return json.loads((path / "training_state.json").read_text())["extra"]["weight_version"]
 
 
 def _worst_logprob_error(model, rows) -> float:
@@ -173,13 +174,13 @@ COMMON = {"learning_rate": 1e-1, "train_sampling_strategy": "sequential", "repor
 
 
 def _lora_group(ranks, checkpoint=None, **args):
-    return TrainerGroup("tiny-llama", {**COMMON, **args}, ranks=ranks, checkpoint=checkpoint,
-                        lora=LoraConfig(r=4, alpha=16))
+    return TrainerGroup(ModelConfig("tiny-llama", lora=LoraConfig(r=4, alpha=16)), {**COMMON, **args},
+                        ResourcesConfig(trainer_ranks=ranks), checkpoint)
 
 
 def _adapter(group):
     """The published version of a group's adapter: (its weights as tensors, the snapshot)."""
-    ref, version = group.publish()
+    ref, version = publish_from(group)
     snapshot = ray.get(ref)
     assert snapshot.version == version and snapshot.adapter_config is not None
     return {k: torch.from_numpy(v.copy()) for k, v in snapshot.arrays.items()}, snapshot

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from iterft_ray import IterativeSFTConfig, IterativeSFTTrainer
-from iterft_ray.actors.trainer_actor import TrainerGroup
+from iterft_ray.actors.trainer_group import TrainerGroup
+from iterft_ray.config import ModelConfig, ResourcesConfig
 
 TEXTS = ["12+30=42", "7+5=12", "100+1=101", "3+3=6"]
 # SGD at this rate moves weights by ~1e-7, far below bf16's resolution near 1e-2 (~4e-5).
@@ -49,8 +50,9 @@ def test_bf16_checkpoint_trains_fp32_master_and_moves_below_bf16_resolution(bf16
 def test_sharded_ranks_compute_in_bf16_and_keep_fp32_masters(bf16_checkpoint):
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
-        two = TrainerGroup(bf16_checkpoint, {**TINY_UPDATE, "bf16": True, "use_cpu": True, "output_dir": "runs/t"},
-                           ranks=2)
+        two = TrainerGroup(ModelConfig(str(bf16_checkpoint)),
+                           {**TINY_UPDATE, "bf16": True, "use_cpu": True, "output_dir": "runs/t"},
+                           ResourcesConfig(trainer_ranks=2))
         try:
             def step_seeing_dtypes(actor):
                 model = actor.trainer.model
@@ -66,7 +68,7 @@ def test_sharded_ranks_compute_in_bf16_and_keep_fp32_masters(bf16_checkpoint):
                     if s.get("momentum_buffer") is not None}
                 return seen, masters, before, after
 
-            results = two.call("__ray_call__", step_seeing_dtypes)
+            results = two.call(step_seeing_dtypes)
             for seen, masters, before, after in results:
                 assert seen and set(seen) == {torch.bfloat16}  # MixedPrecisionPolicy: bf16 compute
                 assert masters == {torch.float32}

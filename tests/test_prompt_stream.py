@@ -16,8 +16,9 @@ import ray
 
 from iterft_ray.train.checkpoint import META
 from iterft_ray.config import load_config
-from iterft_ray.run.loop import IterativeLoop, check_start
-from iterft_ray.data.prompt_stream import PromptStream, stream_position, stream_row
+from iterft_ray.run.loop import IterativeLoop
+from iterft_ray.run.run_dir import check_start
+from iterft_ray.data.prompt_stream import PromptStream
 from iterft_ray.data.prompts import PromptDataError, PromptFile, read_prompt_file
 
 
@@ -77,10 +78,12 @@ def test_epochs_are_seeded_shuffles_and_a_reopened_stream_goes_on_alike(tmp_path
 
     # A resumed run opens a new stream at a stored position: mid-shard, and in the second epoch.
     for r in (3, total // n + 1):
-        position = stream_position(r * n, total)
+        straight = PromptStream(source, seed=5)
+        straight.cursor = r * n
+        position = straight.position
         resumed = PromptStream(source, seed=5)
-        start = stream_row(json.loads(json.dumps(position)), total)
-        assert [ids(resumed.rows(start + k * n, n)) for k in range(2)] == [ids(taken[r]), ids(taken[r + 1])]
+        resumed.seek(json.loads(json.dumps(position)))
+        assert [ids(resumed.next_rows(n)) for k in range(2)] == [ids(taken[r]), ids(taken[r + 1])]
         resumed.close()
 
 

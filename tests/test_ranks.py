@@ -7,7 +7,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from iterft_ray.actors.trainer_actor import TrainerGroup, TrainerRankError
+from iterft_ray.actors.trainer_group import TrainerGroup, TrainerRankError
+from iterft_ray.config import ModelConfig, ResourcesConfig
+from iterft_ray.weights.sync import publish_from
 from iterft_ray.weights.snapshot import weights_checksum
 
 TEXTS = ["12+30=42", "7+5=12", "100+1=101", "3+3=6", "45+45=90", "9+90=99", "1+1=2", "20+22=42"]
@@ -23,11 +25,11 @@ def local_ray():
 
 
 def group(ranks, checkpoint=None, **args):
-    return TrainerGroup("tiny-llama", {**COMMON, **args}, ranks=ranks, checkpoint=checkpoint)
+    return TrainerGroup(ModelConfig("tiny-llama"), {**COMMON, **args}, ResourcesConfig(trainer_ranks=ranks), checkpoint)
 
 
 def full_weights(g):
-    snapshot = ray.get(g.publish()[0])
+    snapshot = ray.get(publish_from(g)[0])
     return {k: torch.from_numpy(v.copy()) for k, v in snapshot.arrays.items()}
 
 
@@ -100,10 +102,10 @@ def test_a_failing_rank_is_raised_with_its_rank_while_the_others_wait_in_a_colle
             torch.distributed.barrier()  # never met: would wait until the process-group timeout (30 min)
 
         with pytest.raises(TrainerRankError, match=r"(?s)trainer rank 1 failed.*ValueError: broken on rank 1"):
-            two.call("__ray_call__", rank1_fails_rank0_waits)
+            two.call(rank1_fails_rank0_waits)
         # The asynchronous form (how the driver starts a round's training) raises the same way.
         with pytest.raises(TrainerRankError, match=r"(?s)trainer rank 1 failed.*ValueError: broken on rank 1"):
-            two.gather(two.call_async("__ray_call__", rank1_fails_rank0_waits))
+            two.gather(two.call_async(rank1_fails_rank0_waits))
     finally:
         two.shutdown()
 

@@ -10,6 +10,7 @@ import torch
 
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
+from iterft_ray.weights.sync import publish_from
 
 TASK = {"task": "addition", "task_options": {"num_train": 64, "num_heldout": 8, "num_warmup": 8}}
 
@@ -134,7 +135,7 @@ def test_two_rank_gloo_trainer_equals_one_rank_on_whole_batch():
         assert s1["num_sequences"] == s2["num_sequences"] == 6
         assert s1["updates"] == s2["updates"] == 1
         assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
-        a, b = ray.get(one.trainer.publish()[0]), ray.get(two.trainer.publish()[0])
+        a, b = ray.get(publish_from(one.trainer)[0]), ray.get(publish_from(two.trainer)[0])
         for name in a.arrays:
             torch.testing.assert_close(torch.from_numpy(a.arrays[name].copy()), torch.from_numpy(b.arrays[name].copy()),
                                        atol=1e-6, rtol=1e-5)

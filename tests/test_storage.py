@@ -21,7 +21,8 @@ import yaml
 from safetensors.torch import load as load_safetensors
 
 from iterft_ray.cli import main
-from iterft_ray.run.loop import IterativeLoop, latest_checkpoint
+from iterft_ray.run.loop import IterativeLoop
+from iterft_ray.run.run_dir import latest_checkpoint
 from iterft_ray.storage import StoragePath
 from ray_head import free_port
 

@@ -45,7 +45,7 @@ def test_iterft_run_finds_a_filter_module_in_the_working_directory(tmp_path):
 
 def test_a_cluster_run_ships_the_working_directory_modules(tmp_path, monkeypatch):
     """Nodes of a cluster lack the driver's directory: its *.py files go as runtime_env py_modules."""
-    from iterft_ray.ray_trainer import _working_dir_modules
+    from iterft_ray.ray_start import _working_dir_modules
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)

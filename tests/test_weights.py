@@ -169,7 +169,7 @@ def test_an_hf_replica_on_cpu_samples_from_the_shared_snapshot_itself(llama_path
     (and unwritten) while it uses them, and the next version re-points them."""
     from iterft_ray.config import SamplingConfig
     from iterft_ray.engines.hf import HFEngine
-    from iterft_ray.ray_trainer import prompt_table
+    from iterft_ray.data.prompts import prompt_table
 
     torch.set_num_threads(1)
     model = perturbed(load(llama_path))

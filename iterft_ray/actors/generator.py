@@ -8,10 +8,10 @@ import time
 import pyarrow as pa
 import ray
 
-from iterft_ray.config import LoraConfig, SamplingConfig
+from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines import create_engine
-from iterft_ray.tiny import resolve_model_path
-from iterft_ray.weights.snapshot import WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, WeightSnapshot, receive_weights
+from iterft_ray.weights.broadcast import WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, receive_weights
+from iterft_ray.weights.snapshot import WeightSnapshot
 
 
 # "weights": joining the trainer's `WeightGroup` and receiving a broadcast run on a thread of their own,
@@ -23,11 +23,9 @@ class GeneratorActor:
     than the one it has: the one broadcast to it (`receive_weights`) if that is the version asked for, else
     the one in the object store."""
 
-    def __init__(self, model_path: str, generator_id: int, sampling: SamplingConfig, tokenizer_path: str | None = None,
-                 trust_remote_code: bool = False, tiny_overrides: dict | None = None, lora: LoraConfig | None = None):
+    def __init__(self, model: ModelConfig, generator_id: int, sampling: SamplingConfig):
         self.generator_id = generator_id
-        model_path = resolve_model_path(model_path, **(tiny_overrides or {}))
-        self.engine = create_engine(model_path, tokenizer_path, trust_remote_code, sampling, lora)
+        self.engine = create_engine(model, sampling)
         self.version = -1  # the weights on disk; the first snapshot always loads
         self.loads = 0
         self.load_seconds: float | None = None
@@ -53,12 +51,12 @@ class GeneratorActor:
         self.sync(weights, version)
         return self.engine.sample(prompts, sampling, seed, self.version, self.generator_id, round_index)
 
-    def sync(self, weights: list[ray.ObjectRef], version: int, force: bool = False) -> int:
-        """Load snapshot `version` if it is newer than the replica's (or `force`); return the version held.
+    def sync(self, weights: list[ray.ObjectRef], version: int) -> int:
+        """Load snapshot `version` if it is newer than the replica's; return the version held.
 
-        `force` is for a trainer restored from a checkpoint, whose versions restart below ours.
+        Versions only go up (a restored trainer's move on past every version published before).
         """
-        if force or version > self.version:
+        if version > self.version:
             received, self.received = self.received, None
             if received is not None and received.version == version:
                 snapshot, self.loaded_from = received, "broadcast"

@@ -26,14 +26,34 @@ import pyarrow as pa
 from iterft_ray.data.prompts import PromptDataError, PromptSource
 
 
-def stream_position(row: int, num_rows: int) -> dict[str, int]:
-    """Row `row` of the endless sequence as {epoch, rows}: what a checkpoint stores."""
-    return {"epoch": row // num_rows, "rows": row % num_rows}
+class PromptCursor:
+    """The run's place in the endless sequence of epochs of a prompt source: the source owns it.
 
+    `next_rows(count)` hands out the next rows and moves on; `position` is the place as a
+    checkpoint stores it, `{epoch, rows}`, and `seek(position)` goes back to one (a resume, a
+    restored trainer). Subclasses give `num_rows` and `rows(start, count)`.
+    """
 
-def stream_row(position: dict[str, int], num_rows: int) -> int:
-    """The inverse of `stream_position` (a position past the end of a shrunk source starts the next epoch)."""
-    return position["epoch"] * num_rows + min(position["rows"], num_rows)
+    num_rows: int
+    cursor: int = 0  # rows handed out so far, over all epochs
+
+    def rows(self, start: int, count: int) -> pa.Table:
+        raise NotImplementedError
+
+    def next_rows(self, count: int) -> pa.Table:
+        """The next `count` rows (the cursor moves only when they were read)."""
+        table = self.rows(self.cursor, count)
+        self.cursor += count
+        return table
+
+    @property
+    def position(self) -> dict[str, int]:
+        """Where the next rows start, as {epoch, rows}."""
+        return {"epoch": self.cursor // self.num_rows, "rows": self.cursor % self.num_rows}
+
+    def seek(self, position: dict[str, int]) -> None:
+        """Go to a stored `position` (one past the end of a source that shrank starts the next epoch)."""
+        self.cursor = position["epoch"] * self.num_rows + min(position["rows"], self.num_rows)
 
 
 def open_prompts(prompts: pa.Table | PromptSource, seed: int) -> TablePrompts | PromptStream:
@@ -41,7 +61,7 @@ def open_prompts(prompts: pa.Table | PromptSource, seed: int) -> TablePrompts | 
     return TablePrompts(prompts, seed) if isinstance(prompts, pa.Table) else PromptStream(prompts, seed)
 
 
-class TablePrompts:
+class TablePrompts(PromptCursor):
     """A table's rows in a seeded shuffle per epoch (`random.Random(seed + epoch)`)."""
 
     def __init__(self, table: pa.Table, seed: int):
@@ -61,7 +81,7 @@ class TablePrompts:
         pass
 
 
-class PromptStream:
+class PromptStream(PromptCursor):
     """A prompt source's rows in a seeded order per epoch, read ahead by Ray Data (needs Ray started).
 
     Rounds ask for consecutive ranges, and the open stream goes on from where the last one

@@ -239,9 +239,9 @@ def load_chat_tokenizer(model: ModelConfig):
     """The run's tokenizer, loaded on the driver, for `data.chat_template`; it must have a template."""
     from transformers import AutoTokenizer
 
-    from iterft_ray.tiny import resolve_model_path
+    from iterft_ray.tiny import model_files
 
-    path = model.tokenizer or resolve_model_path(model.name_or_path, **model.tiny_overrides)
+    path = model_files(model)[1]
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     if not tokenizer.chat_template:
         raise ValueError(f"data.chat_template: true, but the tokenizer of {model.tokenizer or model.name_or_path} "
@@ -357,3 +357,20 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def prompt_table(prompts: pa.Table | list[str] | list[dict]) -> pa.Table:
+    """Prompts as an Arrow table with `prompt_id` and `prompt` (ids 0..n-1 when not given)."""
+    if isinstance(prompts, pa.Table):
+        table = prompts
+    elif prompts and all(isinstance(p, str) for p in prompts):
+        table = pa.table({"prompt": list(prompts)})
+    elif prompts and all(isinstance(p, dict) for p in prompts):
+        table = pa.Table.from_pylist(list(prompts))
+    else:
+        raise TypeError("prompts: expected a non-empty list of strings or dicts, or a pyarrow Table")
+    if "prompt" not in table.column_names:
+        raise ValueError(f"prompts: no 'prompt' column (columns: {table.column_names})")
+    if "prompt_id" not in table.column_names:
+        table = table.append_column("prompt_id", pa.array(range(table.num_rows), pa.int64()))
+    return table

@@ -6,20 +6,21 @@ Both engines load a `WeightSnapshot` in place and return the same rollout table
 
 from __future__ import annotations
 
-from iterft_ray.config import LoraConfig, SamplingConfig
+from iterft_ray.config import ModelConfig, SamplingConfig
+from iterft_ray.tiny import model_files
 
 
-def create_engine(model_path: str, tokenizer_path: str | None, trust_remote_code: bool, config: SamplingConfig,
-                  lora: LoraConfig | None = None):
-    """The engine `config.engine` names, loaded with the weights at `model_path`.
+def create_engine(model: ModelConfig, config: SamplingConfig):
+    """The engine `config.engine` names, loaded with `model`'s weights (a tiny name is built here first).
 
-    `lora`: the run trains this adapter, so the engine must be able to serve it (vLLM decides
+    `model.lora`: the run trains this adapter, so the engine must be able to serve it (vLLM decides
     at start-up; the hf engine adds the adapter when the first adapter snapshot arrives).
     """
+    model_path, tokenizer_path = model_files(model)
     if config.engine == "vllm":
         from iterft_ray.engines.vllm import VLLMEngine  # vllm is an optional dependency
 
-        return VLLMEngine(model_path, tokenizer_path, trust_remote_code, lora)
+        return VLLMEngine(model_path, tokenizer_path, model.trust_remote_code, model.lora)
     from iterft_ray.engines.hf import HFEngine
 
-    return HFEngine(model_path, tokenizer_path, trust_remote_code)
+    return HFEngine(model_path, tokenizer_path, model.trust_remote_code)

@@ -28,6 +28,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from iterft_ray.config import LoraConfig, SamplingConfig
+from iterft_ray.engines.seeding import request_seed
 from iterft_ray.engines.hf_sampling import prompt_token_ids, rollout_table, stop_token_ids
 from iterft_ray.weights.snapshot import WeightSnapshot, _from_array, _reading_shared_arrays, weights_checksum
 
@@ -106,7 +107,7 @@ class VLLMEngine:
                 top_p=config.top_p,
                 top_k=config.top_k,
                 max_tokens=config.max_new_tokens,
-                seed=(seed * 1_000_003 + i) % (1 << 63),
+                seed=request_seed(seed, i),
                 stop_token_ids=self.stops,
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,  # completions are decoded once, like the hf engine's

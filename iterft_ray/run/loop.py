@@ -8,40 +8,24 @@ while the trainer trains, at most `loop.max_staleness` rounds behind.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import tempfile
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import ray
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from iterft_ray.train.checkpoint import META, is_checkpoint
-from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, load_config, save_config
-from iterft_ray.failures import Deadline, wait_for
-from iterft_ray.data.prompt_stream import open_prompts, stream_position, stream_row
-from iterft_ray.data.prompts import (PromptDataError, PromptSource, chat_example_ids, load_chat_tokenizer, load_prompts,
-                      with_chat_template)
+from iterft_ray.actors.failures import Deadline, wait_for
+from iterft_ray.config import RunConfig, load_config
+from iterft_ray.data.prompt_stream import open_prompts
+from iterft_ray.data.prompts import PromptDataError, chat_example_ids, with_chat_template
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer, combine_summaries
 from iterft_ray.run.records import RunRecorder, write_generations
+from iterft_ray.run.run_dir import RunStart, check_start, checkpoint_dir, latest_checkpoint, trainer_output_dir
 from iterft_ray.storage import StoragePath
-from iterft_ray.data.tasks import Task
-
-RUN_RECORD = "run.json"
-# Everything a run writes into loop.output_dir; --overwrite deletes these and nothing else.
-RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "checkpoints", "tensorboard", "trainer")
-# A directory with any of these holds a run's results (a run that stopped while starting left none).
-RUN_RESULTS = ("metrics.jsonl", "rounds", "checkpoints", "tensorboard")
 
 
 class FilterErrorsError(RuntimeError):
@@ -70,18 +54,14 @@ class IterativeLoop:
             self.heldout = with_chat_template(self.heldout, self.chat_tokenizer, c.data.system_prompt)
         self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
-            c.model.name_or_path,
-            {"output_dir": _trainer_output_dir(self.out, self.run_id), "report_to": "none", "seed": c.loop.seed,
+            c.model,
+            {"output_dir": trainer_output_dir(self.out, self.run_id), "report_to": "none", "seed": c.loop.seed,
              **c.trainer},
-            tokenizer=c.model.tokenizer,
             resources=c.resources,
             sampling=c.sampling,
             filters=c.filters,
             filter_timeout_s=c.loop.filter_timeout_s,
-            trust_remote_code=c.model.trust_remote_code,
-            tiny_overrides=c.model.tiny_overrides,
             checkpoint=start.checkpoint,
-            lora=c.model.lora,
         )
         try:
             start.prepare_directory(c)
@@ -90,7 +70,7 @@ class IterativeLoop:
             self.initial_heldout_accuracy: float | None = None
             self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
             self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
-            self._prompts_from = (0, 0)  # (round, row): round `round` takes the prompts from row `row` of the stream
+            self._round_positions: dict[int, dict[str, int]] = {}  # async: where prefetched rounds' prompts began
             if start.checkpoint is not None:
                 self._restore_loop_state(self.rl.trainer.restored)
                 print(f"resumed from {start.checkpoint}: next round {self.round_index + 1}", flush=True)
@@ -161,18 +141,11 @@ class IterativeLoop:
             try:
                 s = self.round()
                 stats[s["round"]] = s
-            except ray.exceptions.RayActorError as error:
-                if not self._trainer_lost(error):
+            except ray.exceptions.RayActorError:
+                if self.rl.trainer_alive():
                     raise
                 self.recover_trainer()
         return [stats[k] for k in sorted(stats)]
-
-    def _trainer_lost(self, error: Exception) -> bool:
-        try:
-            ray.get([r.version.remote() for r in self.rl.trainer.ranks], timeout=30)
-            return False
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return True
 
     def recover_trainer(self) -> StoragePath:
         """Bring back a dead trainer from the newest checkpoint and rewind the loop to it."""
@@ -192,9 +165,11 @@ class IterativeLoop:
         self.initial_heldout_accuracy = state.get("initial_heldout_accuracy")
         self._rounds_at_version = {int(k): v for k, v in state["rounds_at_version"].items()}
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
-        position = state.get("prompt_position")  # absent in checkpoints from before streamed prompts
-        self._prompts_from = (self.round_index, stream_row(position, self.prompts.num_rows) if position
-                              else self.round_index * self.config.loop.prompts_per_round)
+        self._round_positions.clear()
+        if "prompt_position" in state:
+            self.prompts.seek(state["prompt_position"])
+        else:  # checkpoints from before streamed prompts: every round took the next prompts_per_round
+            self.prompts.cursor = self.round_index * self.config.loop.prompts_per_round
         self.recorder.truncate(self.round_index)
 
     def warm_up(self) -> dict[str, Any] | None:
@@ -230,8 +205,7 @@ class IterativeLoop:
         try:
             return self._generate(r)
         except PromptDataError as error:
-            checkpoint = self.out / "checkpoints" / f"round-{self.round_index:04d}"
-            if self.round_index and latest_checkpoint(self.out) != checkpoint:
+            if self.round_index and latest_checkpoint(self.out) != checkpoint_dir(self.out, self.round_index):
                 self.save_checkpoint()
             saved = f"rounds 1-{self.round_index} are saved in {self.out}; " if self.round_index else ""
             raise PromptDataError(f"{error} (round {r + 1} stopped before it started; {saved}"
@@ -251,19 +225,13 @@ class IterativeLoop:
                     return  # round `ahead` meets the bad row again when it starts, after this round is saved
 
     def _generate(self, r: int) -> list[ray.ObjectRef]:
-        prompts = self._round_prompts(r)
+        """Sample round r on the weights at hand, from the next prompts of the source (rounds come in order)."""
+        position = self.prompts.position
+        prompts = self.prompts.next_rows(self.config.loop.prompts_per_round)
+        self._round_positions[r] = position
         if self.chat_tokenizer is not None:
             prompts = with_chat_template(prompts, self.chat_tokenizer, self.config.data.system_prompt)
         return self.rl.generate(prompts, seed=self.config.loop.seed, round_index=r)
-
-    def _round_prompts(self, r: int) -> pa.Table:
-        """Round r's prompts: the next window of the prompt stream (a seeded shuffle per epoch)."""
-        return self.prompts.rows(self._prompt_row(r), self.config.loop.prompts_per_round)
-
-    def _prompt_row(self, r: int) -> int:
-        """Where round r's prompts start in the stream: counted from the position the run started or resumed at."""
-        first_round, first_row = self._prompts_from
-        return first_row + (r - first_round) * self.config.loop.prompts_per_round
 
     def scale_generators(self, count: int) -> None:
         """Change the number of generators between rounds; new ones load the current weights before sampling."""
@@ -284,14 +252,16 @@ class IterativeLoop:
 
     def save_checkpoint(self) -> StoragePath:
         """Checkpoint under checkpoints/round-NNNN: Hugging Face model + training state + loop state."""
-        target = self.out / "checkpoints" / f"round-{self.round_index:04d}"
+        target = checkpoint_dir(self.out, self.round_index)
+        # The next round's place in the prompt stream: where its prompts began if it was prefetched.
+        position = self._round_positions.get(self.round_index, self.prompts.position)
+        self._round_positions = {k: v for k, v in self._round_positions.items() if k >= self.round_index}
         self.rl.save(target, {
             "round_index": self.round_index,
             "initial_heldout_accuracy": self.initial_heldout_accuracy,
             "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
             "run_id": self.run_id,
-            # The next round's place in the prompt stream, {epoch, rows}: a resume goes on from it.
-            "prompt_position": stream_position(self._prompt_row(self.round_index), self.prompts.num_rows),
+            "prompt_position": position,
         })
         return target
 
@@ -354,174 +324,6 @@ class IterativeLoop:
         self.prompts.close()
         self.recorder.close()
         self.rl.shutdown()
-
-
-@dataclass
-class RunStart:
-    """What starting a config means, decided before anything starts: its prompts, and fresh or resumed."""
-
-    out: StoragePath
-    run_id: str
-    prompts: pa.Table | PromptSource  # a task's table, or a file or dataset opened to stream
-    heldout: pa.Table | None
-    task: Task | None
-    rounds: int  # loop.rounds of the config
-    checkpoint: StoragePath | None = None  # resume from it
-    rounds_done: int = 0
-    overwrite: bool = False
-    chat_tokenizer: Any = None  # the run's tokenizer, when data.chat_template is on
-
-    @property
-    def complete(self) -> bool:
-        """A resumed run that already has every round of its config."""
-        return self.checkpoint is not None and self.rounds_done >= self.rounds
-
-    def prepare_directory(self, config: RunConfig) -> None:
-        """The only writes of a start: delete the old run (--overwrite), record the run and its config."""
-        if self.overwrite:
-            for name in RUN_FILES:
-                (self.out / name).delete()
-        self.out.mkdir()
-        (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n")
-        save_config(config, self.out / "config.yaml")
-
-
-def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunStart:
-    """Check everything about starting `config` that needs no actor, and write nothing.
-
-    Prompts load, warm-up has data, the model and tokenizer exist, and the output directory
-    is either free (a fresh run), or holds this very run to resume. Errors name the key.
-    """
-    if resume and overwrite:
-        raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
-                         "give one")
-    prompts, heldout, task = _load_prompts(config)
-    check_model_sources(config.model)
-    chat_tokenizer = load_chat_tokenizer(config.model) if config.data.chat_template else None
-    out = _output_dir(config.loop.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
-    start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite,
-                     chat_tokenizer=chat_tokenizer)
-    if resume:
-        _check_resume(config, start)
-    elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
-        raise ValueError(
-            f"loop.output_dir: {out} already holds a run{_describe_run(out)}; continue it with --resume, "
-            "choose another loop.output_dir, or start again with --overwrite (deletes that run's files)"
-        )
-    return start
-
-
-def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table | None, Task | None]:
-    """The run's prompts, with the settings that cannot apply to them refused by name."""
-    data, passes = config.data, config.loop.warmup_passes
-    if data.prompts_file is not None or data.dataset is not None:
-        key = "data.prompts_file" if data.prompts_file is not None else "data.dataset"
-        if data.task_options:
-            raise ValueError(f"data.task_options: options of a task, but prompts come from {key}; remove them")
-        if passes:
-            raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up need a task's warm-up examples, and "
-                             f"{key} has none; set loop.warmup_passes: 0 or use a data.task")
-        if data.prompts_file is not None and not Path(data.prompts_file).is_file():
-            raise ValueError(f"data.prompts_file: no such file {data.prompts_file}")
-        try:
-            prompts, heldout, task = load_prompts(data)
-        except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
-        if "messages" in prompts.column_names and not data.chat_template:
-            raise ValueError(f"{key}: {prompts.name} has a 'messages' column, which needs the "
-                             "tokenizer's chat template; set data.chat_template: true")
-        return prompts, heldout, task
-    try:
-        prompts, heldout, task = load_prompts(data)
-    except ValueError as e:  # the task's own message says which option
-        raise ValueError(f"data.task, data.task_options: {e}") from None
-    if passes and not task.warmup_examples:
-        raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up, but data.task {data.task!r} has no "
-                         "warm-up examples with these data.task_options; set loop.warmup_passes: 0")
-    return prompts, heldout, task
-
-
-def _check_resume(config: RunConfig, start: RunStart) -> None:
-    """A resume continues the run in loop.output_dir, from its own newest checkpoint, with its own config."""
-    out = start.out
-    if not out.is_dir():
-        raise ValueError(f"loop.output_dir: {out} does not exist, so there is no run to resume; "
-                         "check the path, or start a run there without --resume")
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        raise ValueError(f"loop.output_dir: {out} holds no checkpoint to resume from; "
-                         "start the run again with --overwrite")
-    saved_path = out / "config.yaml"
-    if not saved_path.is_file():
-        raise ValueError(f"loop.output_dir: {out} has a checkpoint but no config.yaml, so it is not a run to resume")
-    saved = _flatten(build(RunConfig, yaml.safe_load(saved_path.read_text())).to_dict())
-    given = _flatten(config.to_dict())
-    differ = [k for k in sorted(saved.keys() | given.keys())
-              if saved.get(k) != given.get(k) and k not in CHANGEABLE_ON_RESUME]
-    if differ:
-        changes = "; ".join(f"{k}: {saved.get(k)!r} in the run, {given.get(k)!r} now" for k in differ)
-        raise ValueError(f"{', '.join(differ)}: differ from the config of the run in {out} ({changes}); "
-                         f"a resume may change only {', '.join(CHANGEABLE_ON_RESUME)}")
-    extra = json.loads((checkpoint / META).read_text())["extra"]
-    record = out / RUN_RECORD
-    run_id = json.loads(record.read_text())["run_id"] if record.is_file() else extra.get("run_id")
-    if extra.get("run_id") not in (None, run_id):
-        raise ValueError(f"loop.output_dir: the newest checkpoint {checkpoint} belongs to another run than {out} "
-                         f"records ({extra['run_id']} vs {run_id}); the directory mixes runs, start again with "
-                         "--overwrite")
-    start.run_id = run_id or start.run_id
-    start.checkpoint, start.rounds_done = checkpoint, extra["round_index"]
-
-
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    """`{"loop": {"rounds": 2}}` -> `{"loop.rounds": 2}`: one level, as keys are written in errors."""
-    flat = {}
-    for name, value in config.items():
-        if isinstance(value, dict):
-            flat.update({f"{name}.{key}": v for key, v in value.items()})
-        else:
-            flat[name] = value
-    return flat
-
-
-def _describe_run(out: StoragePath) -> str:
-    """` (run 1a2b3c, 3 rounds recorded)`, as far as the directory says."""
-    parts = []
-    record = out / RUN_RECORD
-    if record.is_file():
-        parts.append(f"run {json.loads(record.read_text())['run_id'][:8]}")
-    rounds = out / "rounds"
-    if rounds.is_dir():
-        parts.append(f"rounds recorded: {len(list(rounds.iterdir()))}")
-    return f" ({', '.join(parts)})" if parts else ""
-
-
-def latest_checkpoint(run_dir: StoragePath | str | Path) -> StoragePath | None:
-    """The newest complete checkpoint of a run, read from where the run lives (a crash while saving leaves
-    a .tmp beside it on local disk, and a checkpoint without its training_state.json in a store)."""
-    found = [p for p in (StoragePath.of(run_dir) / "checkpoints").iterdir()
-             if re.fullmatch(r"round-\d{4}", p.name) and is_checkpoint(p)]
-    return max(found, key=lambda p: p.name, default=None)
-
-
-def _output_dir(location: str) -> StoragePath:
-    """loop.output_dir as a StoragePath, the store asked once here so a bad URI or credentials fail at the start."""
-    try:
-        out = StoragePath(location)
-        out.check_reachable()
-    except (ValueError, OSError) as e:
-        raise ValueError(f"loop.output_dir: {location} cannot be used: {e}") from None
-    return out
-
-
-def _trainer_output_dir(out: StoragePath, run_id: str) -> str:
-    """TrainingArguments.output_dir: under the run on local disk; for a run in a store, a directory on the
-    trainer's node (transformers makes it with plain file calls, and writes there only what trainer.report_to asks)."""
-    if out.is_local:
-        return os.fspath(out / "trainer")
-    return os.path.join(tempfile.gettempdir(), f"iterft-trainer-{run_id}")
 
 
 def _bar(iterable, desc: str, total: int | None = None):

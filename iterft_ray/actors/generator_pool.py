@@ -1,0 +1,71 @@
+"""GeneratorPool: the generator actors, how many there are, which prompts each samples, with which seed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from iterft_ray.actors.generator import GeneratorActor
+from iterft_ray.config import ModelConfig, SamplingConfig
+from iterft_ray.engines.seeding import shard_seed
+
+
+def split(table: pa.Table, parts: int) -> list[pa.Table]:
+    """Cut a table into `parts` contiguous slices of near-equal size (prompts stay whole)."""
+    size, extra = divmod(table.num_rows, parts)
+    out, start = [], 0
+    for i in range(parts):
+        n = size + (1 if i < extra else 0)
+        out.append(table.slice(start, n))
+        start += n
+    return out
+
+
+class GeneratorPool:
+    """Generator actors of one model and engine; `options` are each actor's Ray options (resources, restarts)."""
+
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, options: dict[str, Any]):
+        self.model, self.sampling, self.options = model, sampling, options
+        self.actors: list[ray.actor.ActorHandle] = []
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __iter__(self):
+        return iter(self.actors)
+
+    def __getitem__(self, index: int) -> ray.actor.ActorHandle:
+        return self.actors[index]
+
+    def scale(self, count: int) -> bool:
+        """Grow or shrink to `count` generators; returns whether the count changed. A new generator holds the
+        weights on disk until its first call loads the version it is given."""
+        changed = count != len(self.actors)
+        while len(self.actors) < count:
+            self.actors.append(GeneratorActor.options(**self.options).remote(self.model, len(self.actors),
+                                                                             self.sampling))
+        for gone in self.actors[count:]:
+            ray.kill(gone)
+        del self.actors[count:]
+        return changed
+
+    def generate(self, prompts: pa.Table, weights: ray.ObjectRef, version: int, sampling: SamplingConfig,
+                 seed: int, round_index: int) -> list[ray.ObjectRef]:
+        """One contiguous shard of `prompts` per generator, sampled with weight `version` (at least) and the
+        shard's own seed; returns one rollout reference per non-empty shard."""
+        shards = split(prompts, len(self.actors))
+        return [
+            g.generate.remote(ray.put(shard), [weights], version, sampling, shard_seed(seed, round_index, i),
+                              round_index)
+            for i, (g, shard) in enumerate(zip(self.actors, shards))
+            if shard.num_rows
+        ]
+
+    def node_ids(self) -> list[str]:
+        return ray.get([g.node_id.remote() for g in self.actors])
+
+    def shutdown(self) -> None:
+        for g in self.actors:
+            ray.kill(g)

@@ -1,0 +1,168 @@
+"""Placement: what a run asks Ray for, refused before any actor starts when the cluster can never hold it,
+and bounded by `resources.start_timeout_s` while actors wait for nodes.
+
+An example of what this stops: a filter actor that asks for half a CPU on a 2-CPU head the
+trainer and a generator already fill. `check_cluster_fits` compares the whole run's request
+with what a fixed cluster has, and `wait_started` gives every actor `resources.start_timeout_s`
+to be placed; both raise `PlacementError` naming what was asked and what is there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from iterft_ray.actors.failures import ActorRoster, Deadline, RoundTimeoutError, _producer, describe_actor, wait_for
+from iterft_ray.config import ResourcesConfig
+from iterft_ray.ray_internals import autoscaler_maxima, autoscaler_node_types, readonly_node_type
+
+
+class PlacementError(RuntimeError):
+    """The run's actors cannot all be placed on the cluster: never (too big), or not within the start timeout."""
+
+
+
+@dataclass(frozen=True)
+class ActorRequest:
+    """`count` actors of one role, each asking Ray for `bundle` (`{"CPU": 1, "generator": 1}`)."""
+
+    role: str
+    count: int
+    bundle: dict[str, float]
+
+
+def actor_requests(resources: ResourcesConfig) -> list[ActorRequest]:
+    """What the whole run asks Ray for: trainer ranks, generators, filter actors (the one place it is spelt out)."""
+    r = resources
+
+    def bundle(cpus: float, gpus: float, custom: str) -> dict[str, float]:
+        b = {"CPU": cpus, "GPU": gpus, custom: 1 if r.custom_resources else 0}
+        return {k: float(v) for k, v in b.items() if v}
+
+    return [
+        ActorRequest("trainer rank", r.trainer_ranks, bundle(r.trainer_cpus, r.trainer_gpus, "trainer")),
+        ActorRequest("generator", r.num_generators, bundle(r.generator_cpus, r.generator_gpus, "generator")),
+        ActorRequest("filter actor", r.filter_pool_size, bundle(r.filter_cpus, 0, "filter")),
+    ]
+
+
+def actor_options(bundle: dict[str, float]) -> dict[str, Any]:
+    """`bundle` as `.options(...)` of an actor: num_cpus, num_gpus and the custom resources."""
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0), "resources": custom or None}
+
+
+def total_request(requests: list[ActorRequest]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for q in requests:
+        for k, v in q.bundle.items():
+            total[k] = total.get(k, 0.0) + v * q.count
+    return total
+
+
+def check_cluster_fits(requests: list[ActorRequest]) -> None:
+    """Refuse, before any actor starts, a run that the cluster can never hold.
+
+    On a fixed cluster (no autoscaler, or Ray's read-only one) the whole request must fit
+    in the nodes' total resources and each actor on one node. An autoscaling cluster that
+    publishes its maxima in Ray's cluster config (read as Ray Train reads them) is held to
+    those; one that does not (the autoscaler of `ray up` keeps its node types to itself)
+    is not checked here, and `wait_started` bounds the wait for its nodes instead.
+    Fragmentation (enough in total, but not in the right places) also shows only there.
+    """
+    asked = total_request(requests)
+    maxima = autoscaler_maxima()
+    if maxima:
+        short = {k: v for k, v in asked.items() if v > maxima.get(k, 0) + 1e-9}
+        if short:
+            most = format_resources({k: maxima.get(k, 0) for k in asked})
+            raise PlacementError(_too_big(requests, asked, f"this cluster's autoscaler grows it to at most {most}"))
+        return
+    if _autoscales():
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in asked}
+    there = f"this cluster ({len(nodes)} node{'s' * (len(nodes) != 1)}, no autoscaler) has {format_resources(have)}"
+    if any(v > have[k] + 1e-9 for k, v in asked.items()):
+        raise PlacementError(_too_big(requests, asked, there))
+    for q in requests:
+        if q.count and not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in q.bundle.items()) for n in nodes):
+            raise PlacementError(
+                f"resources: a {q.role} asks for {format_resources(q.bundle)}, and no node of this cluster has that "
+                f"much (nodes: {'; '.join(format_resources({k: n.get(k, 0.0) for k in q.bundle}) for n in nodes)}); "
+                f"{_keys_of(q.role)}"
+            )
+
+
+def _too_big(requests: list[ActorRequest], asked: dict[str, float], there: str) -> str:
+    parts = ", ".join(f"{q.count} {q.role}{'s' * (q.count != 1)} x {format_resources(q.bundle)}"
+                      for q in requests if q.count)
+    return (f"resources: the run asks for {parts}: {format_resources(asked)} in all, but {there}, so not every "
+            f"actor could ever start; lower the counts or per-actor resources (resources.trainer_ranks, "
+            f"num_generators, filter_pool_size, *_cpus, *_gpus) or give the cluster more")
+
+
+def _keys_of(role: str) -> str:
+    key = {"trainer rank": "trainer", "generator": "generator", "filter actor": "filter"}[role]
+    return f"lower resources.{key}_cpus / resources.{key}_gpus or add a bigger node"
+
+
+def _autoscales() -> bool:
+    """Whether an autoscaler with node types of its own runs (may add nodes), as its status says.
+
+    Ray starts a read-only autoscaler on a head without an autoscaling config; its node
+    types are the live nodes (`node_<id>`). No status yet, or autoscaler v2 (another
+    status format): counted as autoscaling, so nothing is refused on a guess.
+    """
+    types = autoscaler_node_types()
+    if types is None:
+        return True
+    live = {readonly_node_type(n["NodeID"]) for n in ray.nodes()}
+    return not types or not types <= live
+
+
+def wait_started(actors: list[tuple[str, ray.actor.ActorHandle, dict[str, float]]], deadline: Deadline,
+                 roster: ActorRoster, requests: list[ActorRequest]) -> None:
+    """Wait until every actor has been placed and has run its constructor, by `deadline`.
+
+    `actors` are (name, handle, what it asks for). An actor whose constructor fails is
+    raised as `ActorFailedError`; one still waiting for a node at the deadline as
+    `PlacementError`, with what the run asks for and what the cluster has (in all, and free).
+    """
+    try:
+        wait_for([a.__ray_ready__.remote() for _, a, _ in actors], deadline, "start", roster, fetch=True)
+    except RoundTimeoutError:
+        raise placement_timeout(deadline, not_started(actors), requests) from None
+
+
+def not_started(actors: list[tuple[str, ray.actor.ActorHandle, dict[str, float]]]) -> list[str]:
+    """Each of `actors` (name, handle, request) whose constructor has not run, described with its request."""
+    ready = {a.__ray_ready__.remote(): (name, bundle) for name, a, bundle in actors}
+    _, pending = ray.wait(list(ready), num_returns=len(ready), timeout=1.0, fetch_local=False)
+    return [f"{describe_actor(_producer(r), ready[r][0])} asking for {format_resources(ready[r][1])}" for r in pending]
+
+
+def placement_timeout(deadline: Deadline, waiting: list[str], requests: list[ActorRequest]) -> PlacementError:
+    """The error for actors (`waiting`: each named, with its request) not started by the start deadline."""
+    asked = total_request(requests)
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return PlacementError(
+        f"{deadline.key}: after {deadline.seconds:g} s these actors have not started: {'; '.join(waiting)}. "
+        f"The run asks for {format_resources(asked)} in all; the cluster has "
+        f"{format_resources({k: total.get(k, 0.0) for k in asked})}, of which "
+        f"{format_resources({k: free.get(k, 0.0) for k in asked})} is free (other jobs' actors may hold the rest, "
+        f"or the autoscaler could not add a node that fits). Lower the run's resources, free the cluster, or raise "
+        f"{deadline.key} if nodes are still coming"
+    )
+
+
+def format_resources(resources: dict[str, float]) -> str:
+    """`{CPU: 2, GPU: 1}`: whole numbers without a fraction."""
+
+    def num(v: float) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+    return "{" + ", ".join(f"{k}: {num(v)}" for k, v in sorted(resources.items())) + "}"
+

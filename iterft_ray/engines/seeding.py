@@ -1,0 +1,14 @@
+"""Sampling seeds, derived from `loop.seed` in one place: a shard retried after a generator died, a round
+re-run after a restore, and a benchmark's single-process round all sample the same rows."""
+
+from __future__ import annotations
+
+
+def shard_seed(seed: int, round_index: int, shard: int) -> int:
+    """The seed of prompt shard `shard` (one generator's call) of round `round_index`."""
+    return seed * 1_000_003 + round_index * 1009 + shard
+
+
+def request_seed(shard_seed_: int, request: int) -> int:
+    """The seed of the `request`-th prompt of a shard, for engines seeded per request (vLLM's `seed`)."""
+    return (shard_seed_ * 1_000_003 + request) % (1 << 63)

@@ -1,0 +1,205 @@
+"""The run directory: what belongs to a run in `loop.output_dir`, and whether a config may start there.
+
+A fresh run needs a directory that holds no run (or `--overwrite`); a resume needs this very
+run, its own config (but for the keys a resume may change) and a complete checkpoint. All of
+it is checked before any actor starts, and nothing is written until `RunStart.prepare_directory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, save_config
+from iterft_ray.data.prompts import PromptSource, load_chat_tokenizer, load_prompts
+from iterft_ray.data.tasks import Task
+from iterft_ray.storage import StoragePath
+from iterft_ray.train.checkpoint import META, is_checkpoint
+
+RUN_RECORD = "run.json"
+# Everything a run writes into loop.output_dir; --overwrite deletes these and nothing else.
+RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "checkpoints", "tensorboard", "trainer")
+# A directory with any of these holds a run's results (a run that stopped while starting left none).
+RUN_RESULTS = ("metrics.jsonl", "rounds", "checkpoints", "tensorboard")
+
+
+def checkpoint_dir(out: StoragePath, round_index: int) -> StoragePath:
+    """Where the checkpoint after `round_index` rounds lives: checkpoints/round-NNNN."""
+    return out / "checkpoints" / f"round-{round_index:04d}"
+
+
+@dataclass
+class RunStart:
+    """What starting a config means, decided before anything starts: its prompts, and fresh or resumed."""
+
+    out: StoragePath
+    run_id: str
+    prompts: pa.Table | PromptSource  # a task's table, or a file or dataset opened to stream
+    heldout: pa.Table | None
+    task: Task | None
+    rounds: int  # loop.rounds of the config
+    checkpoint: StoragePath | None = None  # resume from it
+    rounds_done: int = 0
+    overwrite: bool = False
+    chat_tokenizer: Any = None  # the run's tokenizer, when data.chat_template is on
+
+    @property
+    def complete(self) -> bool:
+        """A resumed run that already has every round of its config."""
+        return self.checkpoint is not None and self.rounds_done >= self.rounds
+
+    def prepare_directory(self, config: RunConfig) -> None:
+        """The only writes of a start: delete the old run (--overwrite), record the run and its config."""
+        if self.overwrite:
+            for name in RUN_FILES:
+                (self.out / name).delete()
+        self.out.mkdir()
+        (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n")
+        save_config(config, self.out / "config.yaml")
+
+
+def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunStart:
+    """Check everything about starting `config` that needs no actor, and write nothing.
+
+    Prompts load, warm-up has data, the model and tokenizer exist, and the output directory
+    is either free (a fresh run), or holds this very run to resume. Errors name the key.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
+                         "give one")
+    prompts, heldout, task = _load_prompts(config)
+    check_model_sources(config.model)
+    chat_tokenizer = load_chat_tokenizer(config.model) if config.data.chat_template else None
+    out = _output_dir(config.loop.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
+    start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite,
+                     chat_tokenizer=chat_tokenizer)
+    if resume:
+        _check_resume(config, start)
+    elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
+        raise ValueError(
+            f"loop.output_dir: {out} already holds a run{_describe_run(out)}; continue it with --resume, "
+            "choose another loop.output_dir, or start again with --overwrite (deletes that run's files)"
+        )
+    return start
+
+
+def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table | None, Task | None]:
+    """The run's prompts, with the settings that cannot apply to them refused by name."""
+    data, passes = config.data, config.loop.warmup_passes
+    if data.prompts_file is not None or data.dataset is not None:
+        key = "data.prompts_file" if data.prompts_file is not None else "data.dataset"
+        if data.task_options:
+            raise ValueError(f"data.task_options: options of a task, but prompts come from {key}; remove them")
+        if passes:
+            raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up need a task's warm-up examples, and "
+                             f"{key} has none; set loop.warmup_passes: 0 or use a data.task")
+        if data.prompts_file is not None and not Path(data.prompts_file).is_file():
+            raise ValueError(f"data.prompts_file: no such file {data.prompts_file}")
+        try:
+            prompts, heldout, task = load_prompts(data)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        if "messages" in prompts.column_names and not data.chat_template:
+            raise ValueError(f"{key}: {prompts.name} has a 'messages' column, which needs the "
+                             "tokenizer's chat template; set data.chat_template: true")
+        return prompts, heldout, task
+    try:
+        prompts, heldout, task = load_prompts(data)
+    except ValueError as e:  # the task's own message says which option
+        raise ValueError(f"data.task, data.task_options: {e}") from None
+    if passes and not task.warmup_examples:
+        raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up, but data.task {data.task!r} has no "
+                         "warm-up examples with these data.task_options; set loop.warmup_passes: 0")
+    return prompts, heldout, task
+
+
+def _check_resume(config: RunConfig, start: RunStart) -> None:
+    """A resume continues the run in loop.output_dir, from its own newest checkpoint, with its own config."""
+    out = start.out
+    if not out.is_dir():
+        raise ValueError(f"loop.output_dir: {out} does not exist, so there is no run to resume; "
+                         "check the path, or start a run there without --resume")
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        raise ValueError(f"loop.output_dir: {out} holds no checkpoint to resume from; "
+                         "start the run again with --overwrite")
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        raise ValueError(f"loop.output_dir: {out} has a checkpoint but no config.yaml, so it is not a run to resume")
+    saved = _flatten(build(RunConfig, yaml.safe_load(saved_path.read_text())).to_dict())
+    given = _flatten(config.to_dict())
+    differ = [k for k in sorted(saved.keys() | given.keys())
+              if saved.get(k) != given.get(k) and k not in CHANGEABLE_ON_RESUME]
+    if differ:
+        changes = "; ".join(f"{k}: {saved.get(k)!r} in the run, {given.get(k)!r} now" for k in differ)
+        raise ValueError(f"{', '.join(differ)}: differ from the config of the run in {out} ({changes}); "
+                         f"a resume may change only {', '.join(CHANGEABLE_ON_RESUME)}")
+    extra = json.loads((checkpoint / META).read_text())["extra"]
+    record = out / RUN_RECORD
+    run_id = json.loads(record.read_text())["run_id"] if record.is_file() else extra.get("run_id")
+    if extra.get("run_id") not in (None, run_id):
+        raise ValueError(f"loop.output_dir: the newest checkpoint {checkpoint} belongs to another run than {out} "
+                         f"records ({extra['run_id']} vs {run_id}); the directory mixes runs, start again with "
+                         "--overwrite")
+    start.run_id = run_id or start.run_id
+    start.checkpoint, start.rounds_done = checkpoint, extra["round_index"]
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """`{"loop": {"rounds": 2}}` -> `{"loop.rounds": 2}`: one level, as keys are written in errors."""
+    flat = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def _describe_run(out: StoragePath) -> str:
+    """` (run 1a2b3c, 3 rounds recorded)`, as far as the directory says."""
+    parts = []
+    record = out / RUN_RECORD
+    if record.is_file():
+        parts.append(f"run {json.loads(record.read_text())['run_id'][:8]}")
+    rounds = out / "rounds"
+    if rounds.is_dir():
+        parts.append(f"rounds recorded: {len(list(rounds.iterdir()))}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def latest_checkpoint(run_dir: StoragePath | str | Path) -> StoragePath | None:
+    """The newest complete checkpoint of a run, read from where the run lives (a crash while saving leaves
+    a .tmp beside it on local disk, and a checkpoint without its training_state.json in a store)."""
+    found = [p for p in (StoragePath.of(run_dir) / "checkpoints").iterdir()
+             if re.fullmatch(r"round-\d{4}", p.name) and is_checkpoint(p)]
+    return max(found, key=lambda p: p.name, default=None)
+
+
+def _output_dir(location: str) -> StoragePath:
+    """loop.output_dir as a StoragePath, the store asked once here so a bad URI or credentials fail at the start."""
+    try:
+        out = StoragePath(location)
+        out.check_reachable()
+    except (ValueError, OSError) as e:
+        raise ValueError(f"loop.output_dir: {location} cannot be used: {e}") from None
+    return out
+
+
+def trainer_output_dir(out: StoragePath, run_id: str) -> str:
+    """TrainingArguments.output_dir: under the run on local disk; for a run in a store, a directory on the
+    trainer's node (transformers makes it with plain file calls, and writes there only what trainer.report_to asks)."""
+    if out.is_local:
+        return os.fspath(out / "trainer")
+    return os.path.join(tempfile.gettempdir(), f"iterft-trainer-{run_id}")

@@ -1,0 +1,135 @@
+"""WeightSync: a weight version's whole trip, from the trainer's ranks to every generator's engine.
+
+    publish: the ranks put their weights once (one rank: all of them; N ranks: their shards,
+             assembled into one snapshot by a worker of its own; LoRA: the adapter only)
+    transport: "object_store" (generators on other nodes pull the snapshot) or "broadcast"
+             (the trainer's rank 0 sends each version in buckets over a `WeightGroup`, and the
+             snapshot is still put for a generator that joins or restarts in between)
+    load:    each generator loads the version it is asked for, when newer than its own
+             (`GeneratorActor.sync`; the engines' own load functions sit beside the engines)
+
+This is the one place that owns the current version and its snapshot reference. Versions only
+go up: a trainer restored from an older checkpoint is moved on past every version published
+before it, so a generator never has to be told to load an older number.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import ray
+
+from iterft_ray.actors.failures import ActorRoster, Deadline, wait_for
+from iterft_ray.actors.generator_pool import GeneratorPool
+from iterft_ray.actors.trainer_actor import TrainerRank
+from iterft_ray.actors.trainer_group import TrainerGroup
+from iterft_ray.config import ResourcesConfig
+from iterft_ray.weights.snapshot import assemble_snapshot
+
+
+@ray.remote(num_cpus=0)
+def _assemble_task(shards: list[ray.ObjectRef]):
+    """Full weights from the ranks' shards, in a worker of its own so no rank holds a full copy."""
+    return assemble_snapshot(ray.get(shards))
+
+
+def publish_from(trainer: TrainerGroup) -> tuple[ray.ObjectRef, int]:
+    """The trainer's current weights as one snapshot reference, and their version (the ranks are called
+    together): one rank puts all of them, N ranks their shards (assembled by `_assemble_task`), LoRA the adapter."""
+    refs = [r[0] for r in trainer.call(TrainerRank.publish)]
+    version = trainer.version()
+    if trainer.model.lora is not None or len(refs) == 1:  # an adapter: whole on rank 0, no assembly
+        return refs[0], version
+    return _assemble_task.remote(refs), version
+
+
+class WeightSync:
+    """The current weight version of a trainer and how it reaches a pool of generators."""
+
+    def __init__(self, trainer: TrainerGroup, generators: GeneratorPool, resources: ResourcesConfig,
+                 roster: Callable[[], ActorRoster]):
+        """Publishes the trainer's current weights; `roster` names the actors in errors."""
+        self.trainer, self.generators, self.resources, self.roster = trainer, generators, resources, roster
+        self.snapshot, self.version = publish_from(trainer)
+        self.transport = self._resolve_transport()
+        self._form_group()
+
+    def publish(self, version: int | None = None) -> int:
+        """Put the trainer's weights in the object store if they are newer than the published version (and
+        broadcast them, with that transport); generators load them on their next call. Returns the version.
+
+        `version` is the trainer's current version when the caller knows it (a step's statistics carry it),
+        which saves asking the trainer.
+        """
+        current = self.trainer.version() if version is None else version
+        if current > self.version:
+            self.snapshot, self.version = publish_from(self.trainer)
+            if self.transport == "broadcast":
+                self._broadcast()
+        return self.version
+
+    def sync(self, version: int | None = None, deadline: Deadline | None = None) -> int:
+        """`publish`, then every generator loads the version (by `deadline`); returns the version."""
+        self.publish(version)
+        loads = [g.sync.remote([self.snapshot], self.version) for g in self.generators.actors]
+        wait_for(loads, deadline, "sync", self.roster(), fetch=True)
+        return self.version
+
+    def trainer_replaced(self, trainer: TrainerGroup) -> None:
+        """A trainer restored from a checkpoint takes over: its version moves on past every version published
+        so far, and every generator loads its weights now."""
+        self.trainer = trainer
+        trainer.call(TrainerRank.advance_version, self.version + 1)
+        self.snapshot, self.version = publish_from(trainer)
+        self._form_group()
+        ray.get([g.sync.remote([self.snapshot], self.version) for g in self.generators.actors])
+
+    def generators_changed(self) -> None:
+        """The pool grew or shrank: the transport is chosen again and a broadcast group formed anew."""
+        self.transport = self._resolve_transport()
+        self._form_group()
+
+    def _resolve_transport(self) -> str:
+        """`resources.weight_transport` resolved: "auto" is "broadcast" when a generator runs on another node
+        than the trainer (of one rank, full weights), else "object_store"."""
+        transport = self.resources.weight_transport
+        if transport != "auto":
+            return transport
+        if len(self.trainer.ranks) != 1 or self.trainer.model.lora is not None:  # shards, or a few MB of adapter
+            return "object_store"
+        trainer_node = self.trainer.call(TrainerRank.placement, on="rank0")[0][0]
+        return "broadcast" if any(node != trainer_node for node in self.generators.node_ids()) else "object_store"
+
+    def _form_group(self) -> None:
+        """With the broadcast transport: (re)form the `WeightGroup` of the trainer's rank 0 and every generator."""
+        if self.transport != "broadcast" or not len(self.generators):
+            return
+        size = len(self.generators) + 1
+        backend = "nccl" if self.resources.trainer_gpus > 0 and self.resources.generator_gpus > 0 else "gloo"
+        address, layout = self.trainer.call(TrainerRank.open_weight_group, size, on="rank0")[0]
+        layout_ref = ray.put(layout)
+        joins = self.trainer.call_async(TrainerRank.join_weight_group, address, size, backend, on="rank0")
+        joins += [g.join_weight_group.remote(address, i + 1, size, backend, layout_ref)
+                  for i, g in enumerate(self.generators.actors)]
+        ray.get(joins)
+
+    def _broadcast(self) -> None:
+        """Broadcast the current version from the trainer's rank 0 to every generator.
+
+        The snapshot is in the object store as well (put on the trainer's node, pulled by nobody), so a
+        generator that missed a broadcast still loads the version it is asked for. A generator that Ray
+        restarted since the group formed has no place in it: the group is formed again and the broadcast
+        tried once more.
+        """
+        for attempt in (1, 2):
+            refs = self.trainer.call_async(TrainerRank.broadcast_weights, on="rank0")
+            refs += [g.receive_weights.remote(self.version) for g in self.generators.actors]
+            try:
+                ray.get(refs)
+                return
+            except ray.exceptions.RayTaskError:
+                if attempt == 2:
+                    raise
+                self._form_group()
+
+
