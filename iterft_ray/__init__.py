@@ -9,7 +9,14 @@ _LAZY = {
     "IterativeSFTTrainer": ".train.trainer",
     "IterativeLoop": ".run.loop",
     "RayIterativeSFTTrainer": ".ray_trainer",
+    "RunConfig": ".config",
     "load_config": ".config",
+    # The errors a run stops with, for a driver script to catch.
+    "ActorFailedError": ".actors.failures",
+    "RoundTimeoutError": ".actors.failures",
+    "PlacementError": ".actors.placement",
+    "FilterErrorsError": ".run.loop",
+    "PromptDataError": ".data.prompts",
 }
 __all__ = sorted(_LAZY)
 

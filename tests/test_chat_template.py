@@ -15,7 +15,8 @@ import ray
 from transformers import AutoTokenizer
 
 from iterft_ray.run.loop import IterativeLoop
-from iterft_ray.data.prompts import chat_example_ids, read_prompt_file, with_chat_template
+from iterft_ray.data.chat import chat_example_ids, with_chat_template
+from iterft_ray.data.prompts import read_prompt_file
 from iterft_ray.engines.hf_sampling import stop_token_ids
 from iterft_ray.tiny import IM_END, build_tiny_model
 

@@ -236,7 +236,9 @@ def test_a_trainer_restored_from_a_checkpoint_takes_the_same_prompts_as_the_run_
         loop.shutdown()
     again = pq.read_table(out / "rounds" / "0003" / "generations.parquet")
     assert set(again["prompt_id"].to_pylist()) == set(first["prompt_id"].to_pylist())
-    assert again.equals(first)
+    # The same rows, bit for bit; only the weight version moved on (a restored trainer's versions only go up).
+    assert again.drop_columns(["weight_version"]).equals(first.drop_columns(["weight_version"]))
+    assert min(again["weight_version"].to_pylist()) > max(first["weight_version"].to_pylist())
     rounds = [set(pq.read_table(out / "rounds" / r / "generations.parquet")["prompt_id"].to_pylist())
               for r in ("0001", "0002")]
     assert len(rounds[0]) == 8 and rounds[0] | rounds[1] == set(range(13))  # epoch 1: every prompt once

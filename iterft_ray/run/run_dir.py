@@ -20,7 +20,8 @@ import pyarrow as pa
 import yaml
 
 from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, save_config
-from iterft_ray.data.prompts import PromptSource, load_chat_tokenizer, load_prompts
+from iterft_ray.data.chat import load_chat_tokenizer
+from iterft_ray.data.prompts import PromptSource, load_prompts
 from iterft_ray.data.tasks import Task
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.checkpoint import META, is_checkpoint

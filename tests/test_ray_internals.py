@@ -1,0 +1,68 @@
+"""Every private Ray API the package uses, called against a real Ray: a Ray upgrade that moves one fails here."""
+
+import numpy as np
+import pytest
+import ray
+
+from iterft_ray import ray_internals
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class _Probe:
+    def own_id(self) -> str:
+        return ray.get_runtime_context().get_actor_id()
+
+
+def test_checked_on_the_locked_ray():
+    assert ray.__version__ == ray_internals.CHECKED_ON
+
+
+def test_actor_id_and_record(local_ray):
+    probe = _Probe.remote()
+    actor = ray_internals.actor_id(probe)
+    assert actor == ray.get(probe.own_id.remote())
+    record = ray_internals.actor_record(actor)
+    assert record["ActorClassName"] == "_Probe" and record["State"] == "ALIVE"
+    assert record["Address"]["NodeID"] == ray.get_runtime_context().get_node_id()
+    assert {"Pid", "NumRestarts"} <= set(record)
+    ray.kill(probe)
+    assert ray_internals.actor_record("ff" * 16) == {}
+
+
+def test_autoscaler_readers(local_ray):
+    assert ray_internals.autoscaler_maxima() == {}  # no autoscaler published maxima
+    node = ray.get_runtime_context().get_node_id()
+    name = ray_internals.readonly_node_type(node)
+    assert isinstance(name, str) and node in name
+    types = ray_internals.autoscaler_node_types()
+    assert types is None or types <= {name}  # a local head: at most Ray's read-only autoscaler's own node
+
+
+def test_object_store_buffers_are_recognised(local_ray):
+    array = ray.get(ray.put(np.zeros(1 << 20, np.uint8)))
+    base = array
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    assert ray_internals.is_object_store_buffer(base)
+    assert not ray_internals.is_object_store_buffer(np.zeros(4).base)
+
+
+def test_loopback_switch_and_job_detection(monkeypatch):
+    from ray._private import ray_constants
+
+    monkeypatch.delenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_internals.listen_on_loopback_only()
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
+    assert not ray_internals.inside_ray_job()
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}")
+    assert ray_internals.inside_ray_job()
