@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,39 @@ if typing.TYPE_CHECKING:
 VLLM_MAX_LORA_RANK = 512
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A range a number field must lie in, kept on the field itself so a rename carries it along.
+
+    `build` checks a given value against its field's bounds, in order, after the type check;
+    the error reads "<key>: expected <expected>, got <value>".
+    """
+
+    holds: Callable[[float], bool]
+    expected: str
+
+
+POSITIVE = Bound(lambda v: v > 0, "a positive number")
+NON_NEGATIVE = Bound(lambda v: v >= 0, "a number >= 0")
+AT_MOST_ONE = Bound(lambda v: v <= 1, "a number in (0, 1]")  # after POSITIVE: the interval (0, 1]
+IN_ZERO_ONE = Bound(lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def bounded(default: Any, *bounds: Bound) -> Any:
+    """A dataclass field with `default` whose given value `build` checks against `bounds`."""
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def positive(default: Any) -> Any:
+    """A field for a count, size, rate or timeout: a given value must be > 0."""
+    return bounded(default, POSITIVE)
+
+
+def non_negative(default: Any) -> Any:
+    """A field where 0 means none (GPUs, retries, warm-up passes): a given value must be >= 0."""
+    return bounded(default, NON_NEGATIVE)
+
+
 @dataclass
 class LoraConfig:
     """A LoRA adapter (peft) trained instead of the full model: only its weights train, save and sync.
@@ -32,8 +66,8 @@ class LoraConfig:
     "all-linear" alone).
     """
 
-    r: int = 8
-    alpha: float = 16.0
+    r: int = positive(8)
+    alpha: float = positive(16.0)
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -102,12 +136,12 @@ class DataConfig:
 class SamplingConfig:
     """Generation settings of the generator actors."""
 
-    num_samples: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 16
-    batch_size: int = 256
+    num_samples: int = positive(4)
+    temperature: float = non_negative(1.0)
+    top_p: float = bounded(1.0, IN_ZERO_ONE)
+    top_k: int = non_negative(0)
+    max_new_tokens: int = positive(16)
+    batch_size: int = positive(256)
     # How generators sample: "hf" (transformers generate) or "vllm" (a vLLM engine per generator).
     engine: str = "hf"
 
@@ -123,14 +157,14 @@ class SamplingConfig:
 class ResourcesConfig:
     """How many of each actor, and what each asks Ray for."""
 
-    trainer_ranks: int = 1
-    trainer_cpus: float = 1
-    trainer_gpus: float = 0
-    num_generators: int = 1
-    generator_cpus: float = 1
-    generator_gpus: float = 0
-    filter_pool_size: int = 1
-    filter_cpus: float = 0.5
+    trainer_ranks: int = positive(1)
+    trainer_cpus: float = non_negative(1)
+    trainer_gpus: float = non_negative(0)
+    num_generators: int = positive(1)
+    generator_cpus: float = non_negative(1)
+    generator_gpus: float = non_negative(0)
+    filter_pool_size: int = positive(1)
+    filter_cpus: float = non_negative(0.5)
     # On a cluster made from cluster/*.yaml, actors also ask for the `trainer`,
     # `generator` and `filter` resources so they land on their node types.
     custom_resources: bool = False
@@ -138,12 +172,12 @@ class ResourcesConfig:
     # it was running retried at most max_task_retries times; past either, the run stops and
     # names the actor, its node and its last error. Bounded so that an actor that dies on
     # every call (out of memory loading a snapshot, a selector that crashes) ends the run.
-    max_restarts: int = 3
-    max_task_retries: int = 3
+    max_restarts: int = non_negative(3)
+    max_task_retries: int = non_negative(3)
     # Seconds for every actor of the run to be placed and started; past it the run stops
     # and names what it asked for and what the cluster has (an autoscaling cluster gets
     # this long to add nodes).
-    start_timeout_s: float = 600.0
+    start_timeout_s: float = positive(600.0)
     # How a new weight version reaches the generators: "object_store" (one `ray.put`; a generator on
     # another node pulls the whole snapshot), "broadcast" (the trainer broadcasts it in buckets over a
     # torch.distributed group with the generators: Gloo on CPU, NCCL when all have GPUs), or "auto":
@@ -164,22 +198,22 @@ class ResourcesConfig:
 class LoopConfig:
     """The rounds: how many, how big, what is recorded."""
 
-    rounds: int = 10
-    prompts_per_round: int = 256
+    rounds: int = positive(10)
+    prompts_per_round: int = positive(256)
     async_mode: bool = False
-    max_staleness: int = 1
-    eval_every: int = 1
-    save_every: int = 5
+    max_staleness: int = positive(1)
+    eval_every: int = positive(1)
+    save_every: int = positive(5)
     output_dir: str = "runs/iterft"
     seed: int = 0
-    filter_timeout_s: float = 10.0
+    filter_timeout_s: float = positive(10.0)
     # Passes of supervised warm-up over the task's warm-up examples before round 1.
-    warmup_passes: int = 0
+    warmup_passes: int = non_negative(0)
     # A round in which at least this share of rows failed in a filter stops the run.
-    max_filter_error_rate: float = 1.0
+    max_filter_error_rate: float = bounded(1.0, POSITIVE, AT_MOST_ONE)
     # A round (generate, filter, train, sync, held-out check; not the checkpoint save) not
     # done in this many seconds stops the run, naming the actors it still waits for.
-    round_timeout_s: float = 3600.0
+    round_timeout_s: float = positive(3600.0)
 
 
 @dataclass
@@ -199,21 +233,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_POSITIVE = {
-    "model.lora.r", "model.lora.alpha", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size", "resources.trainer_ranks",
-    "resources.num_generators", "resources.filter_pool_size", "loop.rounds", "loop.prompts_per_round",
-    "loop.max_staleness", "loop.eval_every", "loop.save_every", "loop.filter_timeout_s", "loop.max_filter_error_rate",
-    "loop.round_timeout_s", "resources.start_timeout_s",
-}
-_NON_NEGATIVE = {
-    "sampling.temperature", "sampling.top_k", "resources.trainer_cpus", "resources.trainer_gpus", "resources.generator_cpus",
-    "resources.generator_gpus", "resources.filter_cpus", "loop.warmup_passes", "resources.max_restarts",
-    "resources.max_task_retries",
-}
-
-
 def build(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from a plain dict, checking keys, types and ranges."""
+    """Build dataclass `cls` from a plain dict, checking keys, types and the ranges its fields carry (`bounded`)."""
     if not isinstance(data, dict):
         raise TypeError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -229,6 +250,9 @@ def build(cls: type, data: Any, where: str = "") -> Any:
                 raise ValueError(f"{key}: required")
             continue
         values[name] = _coerce(hints[name], data[name], key)
+        for bound in f.metadata.get("bounds", ()):
+            if not bound.holds(values[name]):
+                raise ValueError(f"{key}: expected {bound.expected}, got {values[name]}")
     return cls(**values)
 
 
@@ -273,10 +297,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected a finite number, got an integer too large for a float") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"{key}: expected a finite number, got {value}")
-    if key in _POSITIVE and value <= 0:
-        raise ValueError(f"{key}: expected a positive number, got {value}")
-    if key in _NON_NEGATIVE and value < 0:
-        raise ValueError(f"{key}: expected a number >= 0, got {value}")
     return value
 
 
@@ -318,26 +338,26 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         config.data.task = None  # the default task gives way to a prompts file or a dataset
     if config.data.task is None and config.data.prompts_file is None and config.data.dataset is None:
         raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
-    if not 0 < config.loop.max_filter_error_rate <= 1:
-        raise ValueError(
-            f"loop.max_filter_error_rate: expected a number in (0, 1], got {config.loop.max_filter_error_rate}"
-        )
     config.trainer = _check_trainer_args(config.trainer)
-    if not 0 < config.sampling.top_p <= 1:
-        raise ValueError(f"sampling.top_p: expected a number in (0, 1], got {config.sampling.top_p}")
     _check_filters(config.filters)
-    _check_lora(config)
+    check_lora_serving(config.model.lora, config.sampling)
+    _check_lora_transport(config)
     return config
 
 
-def _check_lora(config: RunConfig) -> None:
-    """What a LoRA run cannot do, refused at load rather than in an actor."""
-    if config.model.lora is None:
-        return
-    if config.sampling.engine == "vllm" and config.model.lora.r > VLLM_MAX_LORA_RANK:
+def check_lora_serving(lora: LoraConfig | None, sampling: SamplingConfig) -> None:
+    """Refuse an adapter the sampling engine cannot serve, before any actor starts.
+
+    Public because configs built in Python (`RayIterativeSFTTrainer`) skip `load_config`.
+    """
+    if lora is not None and sampling.engine == "vllm" and lora.r > VLLM_MAX_LORA_RANK:
         raise ValueError(f"model.lora.r: sampling.engine: vllm serves adapters of rank up to {VLLM_MAX_LORA_RANK}, "
-                         f"got {config.model.lora.r}")
-    if config.resources.weight_transport == "broadcast":
+                         f"got {lora.r}")
+
+
+def _check_lora_transport(config: RunConfig) -> None:
+    """A LoRA version is its adapter alone, which only the object store moves; refused at load, not in an actor."""
+    if config.model.lora is not None and config.resources.weight_transport == "broadcast":
         raise ValueError("model.lora, resources.weight_transport: a LoRA version is its adapter, a few MB that "
                          "the object store moves; 'broadcast' sends full weights. Use 'auto' or 'object_store'")
 
