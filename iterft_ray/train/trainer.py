@@ -469,10 +469,6 @@ class IterativeSFTTrainer(Trainer):
             self.log({"grad_norm": float(window["grad_norm"]) / window["updates"], "learning_rate": lr})
             self._logged_since = self._new_log_window()
 
-    def log_step(self, stats: dict[str, float]) -> None:
-        """Send a `step()`'s statistics to `report_to` (the driver calls this once per round)."""
-        self.log({k: float(v) for k, v in stats.items() if k not in ("global_step",)})
-
 
 def _as_list(value: Any) -> Any:
     """`value` as a list when it is a non-string sequence; anything else unchanged for the checks to name."""
