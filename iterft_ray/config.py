@@ -409,7 +409,8 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
     other sections'; the rest (enums given as strings, dicts or JSON strings) are left to
     TrainingArguments.
     """
-    from iterft_ray.train.trainer import IterativeSFTConfig, refused_arg
+    from iterft_ray.train.refused_args import refused_arg
+    from iterft_ray.train.trainer import IterativeSFTConfig
 
     hints = typing.get_type_hints(IterativeSFTConfig)
     known = {f.name for f in dataclasses.fields(IterativeSFTConfig) if f.init}

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from accelerate.utils.memory import clear_device_cache
 from peft import PeftModel, get_peft_model
 from transformers.integrations.liger import apply_liger_kernel
-from transformers.utils import is_liger_kernel_available
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -58,35 +57,11 @@ from iterft_ray.train.batching import (
     examples_from_tensors,
     plan_micro_batches,
 )
+from iterft_ray.train.refused_args import REFUSED_ARGS, refused_arg
 
 # Schedules that make sense with no known end; any other needs `max_steps`.
 _OPEN_ENDED_SCHEDULES = ("linear", "constant", "constant_with_warmup")
 _SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
-
-# TrainingArguments keys for parallelism this trainer does not take from `args`: `step()`
-# never runs `Trainer.train()`, where accelerate would act on them, and the ranks are
-# sharded with FSDP2 by the trainer group (`resources.trainer_ranks`). `ddp_backend` and
-# `ddp_timeout` are honoured there (the process group's backend and timeout).
-REFUSED_ARGS = {
-    "fsdp": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
-    "fsdp_config": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
-    "deepspeed": "DeepSpeed is not supported; ranks are sharded with FSDP2 (resources.trainer_ranks)",
-    "parallelism_config": "ranks are sharded with FSDP2 by setting resources.trainer_ranks",
-    "ddp_find_unused_parameters": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
-    "ddp_bucket_cap_mb": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
-    "ddp_broadcast_buffers": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
-    "ddp_static_graph": "ranks are not wrapped in DDP (they are sharded with FSDP2)",
-}
-
-
-def refused_arg(key: str, value: Any) -> str | None:
-    """Why `trainer.<key>: value` cannot take effect here, or None when it can."""
-    if key in REFUSED_ARGS and value not in (None, "", [], {}):  # every one of them defaults to unset
-        return f"trainer.{key}: not supported ({REFUSED_ARGS[key]}); got {value!r}"
-    if key == "use_liger_kernel" and value and not is_liger_kernel_available():
-        return "trainer.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel)"
-    return None
-
 
 @dataclass
 class IterativeSFTConfig(TrainingArguments):
