@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils.memory import clear_device_cache
 from peft import PeftModel, get_peft_model
@@ -58,6 +57,7 @@ from iterft_ray.train.batching import (
     plan_micro_batches,
 )
 from iterft_ray.train.refused_args import REFUSED_ARGS, refused_arg
+from iterft_ray.train.sharding import all_reduce_max, all_reduce_sum, shard_model, world_size
 
 # Schedules that make sense with no known end; any other needs `max_steps`.
 _OPEN_ENDED_SCHEDULES = ("linear", "constant", "constant_with_warmup")
@@ -173,11 +173,11 @@ class IterativeSFTTrainer(Trainer):
         # resolution must still move them, and the optimizer state follows their dtype.
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.to(torch.float32)
-        self.sharded = _world_size() > 1
+        self.sharded = world_size() > 1
         if self.sharded:
             if torch.cuda.is_available():  # FSDP2 shards onto the rank's own device (set by the rank group)
                 self.model.to(torch.device("cuda", torch.cuda.current_device()))
-            _shard(self.model, bf16=bool(args.bf16))
+            shard_model(self.model, bf16=bool(args.bf16))
         self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
         if self.sharded:
             # FSDP2 owns the collectives; accelerate would wrap the sharded model in DDP.
@@ -325,7 +325,7 @@ class IterativeSFTTrainer(Trainer):
             seed=self.args.seed + self.state.global_step,
         )
         # Every rank must run the same number of updates: the largest shard sets it.
-        num_updates = int(_all_reduce_max(torch.tensor(float(len(plan)))).item())
+        num_updates = int(all_reduce_max(torch.tensor(float(len(plan)))).item())
         plan += [[]] * (num_updates - len(plan))
 
         # Counts are taken on the CPU and the loss summed on the device, so the loop
@@ -336,7 +336,7 @@ class IterativeSFTTrainer(Trainer):
         for micro_batches in plan:
             batches = [self.data_collator([examples[i] for i in mb]) for mb in micro_batches]
             local_targets = sum(self._count_targets(b["labels"]) for b in batches)
-            update_targets = _all_reduce_sum(torch.tensor(float(local_targets))).item()
+            update_targets = all_reduce_sum(torch.tensor(float(local_targets))).item()
             if update_targets == 0:
                 continue
             for batch in batches:
@@ -346,7 +346,7 @@ class IterativeSFTTrainer(Trainer):
             # Sharded ranks run the same number of forward/backward passes (each one
             # gathers parameters and reduces gradients together); a rank short of
             # micro-batches runs ones that train nothing.
-            most = int(_all_reduce_max(torch.tensor(float(len(batches)))).item())
+            most = int(all_reduce_max(torch.tensor(float(len(batches)))).item())
             batches += [self._empty_batch()] * (most - len(batches))
             for batch in batches:
                 batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -370,7 +370,7 @@ class IterativeSFTTrainer(Trainer):
             clear_device_cache(garbage_collection=True)
 
         elapsed = time.perf_counter() - start
-        totals = _all_reduce_sum(
+        totals = all_reduce_sum(
             torch.tensor([loss_sum.item(), target_tokens, input_tokens, pad_tokens, len(examples)], dtype=torch.float64)
         )
         loss_sum, target_tokens, input_tokens, pad_tokens, num_sequences = totals.tolist()
@@ -493,47 +493,3 @@ def _check_tensor_list(
             raise ValueError(f"{name}[{i}]: expected shape {tuple(like[i].shape)} like input_ids[{i}], got {tuple(t.shape)}")
         if vocab_size is not None and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
             raise ValueError(f"{name}[{i}]: token ids must lie in [0, {vocab_size}), got {int(t.min())}..{int(t.max())}")
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-    """Reduce a small tensor over the rank group (a no-op on one process); NCCL needs it on the GPU."""
-    if _world_size() == 1:
-        return t
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-    reduced = t.to(device)
-    dist.all_reduce(reduced, op=op)
-    return reduced.to(t.device)
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    return _all_reduce(t, dist.ReduceOp.SUM)
-
-
-def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    return _all_reduce(t, dist.ReduceOp.MAX)
-
-
-def _shard(model: torch.nn.Module, bf16: bool) -> None:
-    """`fully_shard` each decoder layer (the model's `_no_split_modules`), then the root.
-
-    Gradients are summed, not averaged, over ranks: each rank's loss is already divided
-    by the update's target tokens over all ranks.
-    """
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy()
-    if bf16:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
-    for module in list(model.modules()):
-        if type(module).__name__ in layer_classes:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: Gloo has no PREMUL_SUM or AVG
