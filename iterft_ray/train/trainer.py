@@ -14,10 +14,11 @@ PEFT model is sharded like a full one (the frozen base included, so it is not re
 
 Nothing here knows about Ray. When `torch.distributed` is initialised with more than
 one rank (a rank group made by the Ray trainer actor), the model is sharded with
-FSDP2 (`fully_shard` per decoder layer and the root): each rank holds 1/N of the
-parameters, gradients and optimizer state, trains on its own shard of the batch,
-and FSDP2 reduce-scatters the gradients. Master weights and optimizer state are
-fp32 whatever dtype the checkpoint was saved in; `bf16=True` computes in bf16.
+FSDP2 (sharding.py): each rank holds 1/N of the parameters, gradients and optimizer
+state, trains on its own shard of the batch, and FSDP2 reduce-scatters the gradients.
+Master weights and optimizer state are fp32 whatever dtype the checkpoint was saved
+in; `bf16=True` computes in bf16. `step()`'s arguments are checked in inputs.py, the
+refused `TrainingArguments` listed in refused_args.py.
 """
 
 from __future__ import annotations
@@ -47,15 +48,8 @@ from transformers import (
     get_scheduler,
 )
 
-from iterft_ray.train.batching import (
-    IGNORE_INDEX,
-    TRUNCATION_MODES,
-    Example,
-    PaddingCollator,
-    encode_texts,
-    examples_from_tensors,
-    plan_micro_batches,
-)
+from iterft_ray.train.batching import IGNORE_INDEX, TRUNCATION_MODES, Example, PaddingCollator, plan_micro_batches
+from iterft_ray.train.inputs import step_examples
 from iterft_ray.train.refused_args import REFUSED_ARGS, refused_arg
 from iterft_ray.train.sharding import all_reduce_max, all_reduce_sum, shard_model, world_size
 
@@ -254,51 +248,18 @@ class IterativeSFTTrainer(Trainer):
     def build_examples(self, input_ids, attention_mask, labels, texts, texts_labels) -> list[Example]:
         """Validate `step()` arguments, before anything changes, and turn them into examples.
 
-        Any sequence is taken for a list (TRL's own tests pass `datasets` columns).
+        Apart from `train_examples` so a rank group can build the whole batch once and train
+        each rank on its shard of it.
         """
-        input_ids, attention_mask, labels, texts, texts_labels = (
-            _as_list(v) for v in (input_ids, attention_mask, labels, texts, texts_labels)
+        return step_examples(
+            input_ids, attention_mask, labels, texts, texts_labels,
+            tokenizer=self.tokenizer,
+            is_encoder_decoder=self.is_encoder_decoder,
+            vocab_size=self._vocab_size(),
+            max_positions=self._max_positions(),
+            max_length=self.max_length,
+            truncation_mode=self.truncation_mode,
         )
-        if (texts is None) == (input_ids is None):
-            raise ValueError("texts, input_ids: give exactly one of them")
-        if texts is not None:
-            if attention_mask is not None or labels is not None:
-                raise ValueError("attention_mask, labels: only with input_ids; with texts use texts_labels")
-            _check_str_list("texts", texts)
-            if texts_labels is not None:
-                _check_str_list("texts_labels", texts_labels, len(texts))
-            elif self.is_encoder_decoder:
-                raise ValueError("texts_labels: required for a seq2seq model (the targets of the texts)")
-            input_ids, labels = encode_texts(self.tokenizer, texts, texts_labels, self.is_encoder_decoder)
-        else:
-            if texts_labels is not None:
-                raise ValueError("texts_labels: only with texts; with input_ids use labels")
-            _check_tensor_list("input_ids", input_ids, vocab_size=self._vocab_size())
-            if attention_mask is not None:
-                _check_tensor_list("attention_mask", attention_mask, like=input_ids)
-                if any(bool(((m != 0) & (m != 1)).any()) for m in attention_mask):
-                    raise ValueError("attention_mask: expected only 0 and 1")
-            if labels is not None:
-                like = None if self.is_encoder_decoder else input_ids
-                _check_tensor_list("labels", labels, like=like, count=len(input_ids))
-                vocab = self._vocab_size()
-                for i, lab in enumerate(labels):
-                    if not bool(((lab == IGNORE_INDEX) | ((lab >= 0) & (lab < vocab))).all()):
-                        raise ValueError(f"labels[{i}]: token ids must lie in [0, {vocab}) or be {IGNORE_INDEX}")
-            elif self.is_encoder_decoder:
-                raise ValueError("labels: required for a seq2seq model (the target token ids)")
-        examples = examples_from_tensors(
-            input_ids, attention_mask, labels, self.is_encoder_decoder, self.max_length, self.truncation_mode
-        )
-        limit = self._max_positions()
-        for i, example in enumerate(examples):
-            if limit is not None and len(example["input_ids"]) > limit:
-                name = "texts" if texts is not None else "input_ids"
-                raise ValueError(
-                    f"{name}[{i}]: {len(example['input_ids'])} tokens, more than the model's {limit} positions; "
-                    "set max_length"
-                )
-        return examples
 
     def _max_positions(self) -> int | None:
         config = self.accelerator.unwrap_model(self.model).config
@@ -443,53 +404,3 @@ class IterativeSFTTrainer(Trainer):
         if self.args.logging_strategy != "no" and self.state.global_step % every == 0:
             self.log({"grad_norm": float(window["grad_norm"]) / window["updates"], "learning_rate": lr})
             self._logged_since = self._new_log_window()
-
-
-def _as_list(value: Any) -> Any:
-    """`value` as a list when it is a non-string sequence; anything else unchanged for the checks to name."""
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, list, tuple)):
-        return list(value)
-    return value
-
-
-def _check_str_list(name: str, value: Any, count: int | None = None) -> None:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name}: expected a list of strings, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{name}: expected a non-empty list")
-    if count is not None and len(value) != count:
-        raise ValueError(f"{name}: expected {count} items (one per text), got {len(value)}")
-    for i, s in enumerate(value):
-        if not isinstance(s, str):
-            raise TypeError(f"{name}[{i}]: expected a string, got {type(s).__name__}")
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{name}[{i}]: not valid Unicode text ({e.reason})") from None
-
-
-def _check_tensor_list(
-    name: str,
-    value: Any,
-    like: Sequence[torch.Tensor] | None = None,
-    count: int | None = None,
-    vocab_size: int | None = None,
-) -> None:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name}: expected a list of 1-D tensors, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{name}: expected a non-empty list")
-    count = len(like) if like is not None else count
-    if count is not None and len(value) != count:
-        raise ValueError(f"{name}: expected {count} tensors (one per input_ids), got {len(value)}")
-    for i, t in enumerate(value):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 1 or t.numel() == 0:
-            raise ValueError(f"{name}[{i}]: expected a non-empty 1-D tensor, got shape {tuple(t.shape)}")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name}[{i}]: expected an integer tensor, got {t.dtype}")
-        if like is not None and t.shape != like[i].shape:
-            raise ValueError(f"{name}[{i}]: expected shape {tuple(like[i].shape)} like input_ids[{i}], got {tuple(t.shape)}")
-        if vocab_size is not None and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
-            raise ValueError(f"{name}[{i}]: token ids must lie in [0, {vocab_size}), got {int(t.min())}..{int(t.max())}")
