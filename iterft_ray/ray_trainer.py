@@ -26,7 +26,7 @@ from iterft_ray.actors.placement import (actor_options, actor_requests, check_cl
                                          not_started, placement_timeout, wait_started)
 from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.actors.trainer_group import TrainerGroup
-from iterft_ray.config import VLLM_MAX_LORA_RANK, ModelConfig, ResourcesConfig, SamplingConfig
+from iterft_ray.config import ModelConfig, ResourcesConfig, SamplingConfig, check_lora_serving
 from iterft_ray.data.prompts import prompt_table
 from iterft_ray.ray_start import init_ray
 from iterft_ray.storage import StoragePath
@@ -86,10 +86,7 @@ class RayIterativeSFTTrainer:
         self.model = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=model)
         self.resources = resources or ResourcesConfig()
         self.sampling = sampling or SamplingConfig()
-        lora = self.model.lora
-        if lora is not None and self.sampling.engine == "vllm" and lora.r > VLLM_MAX_LORA_RANK:
-            raise ValueError(f"model.lora.r: sampling.engine: vllm serves adapters of rank up to "
-                             f"{VLLM_MAX_LORA_RANK}, got {lora.r}")
+        check_lora_serving(self.model.lora, self.sampling)
         init_ray(self.resources)
         self._requests = {q.role: q for q in actor_requests(self.resources)}
         check_cluster_fits(list(self._requests.values()))
