@@ -9,7 +9,7 @@ import cloudpickle
 import ray
 
 from iterft_ray.data.rollouts import RolloutBatch, summarize
-from iterft_ray.verify.filters import RolloutScorer
+from iterft_ray.verify.scoring import RolloutScorer
 
 
 @ray.remote
