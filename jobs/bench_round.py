@@ -63,7 +63,7 @@ from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
 from iterft_ray.cli import resolve_config
 from iterft_ray.config import load_config
 from iterft_ray.run.loop import IterativeLoop
-from iterft_ray.verify.filters import RolloutScorer
+from iterft_ray.verify.scoring import RolloutScorer
 from iterft_ray.engines.hf_sampling import sample_rollouts
 from iterft_ray.data.tasks import get_task
 from iterft_ray.engines.seeding import shard_seed

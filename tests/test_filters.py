@@ -10,17 +10,16 @@ import pytest
 import ray
 
 from iterft_ray.verify.filters import (
-    RolloutScorer,
     best_of_k,
     deduplicate,
     exact_answer,
     length_bounds,
     regex,
     resolve_filter,
-    score_rollouts,
     score_threshold,
     top_fraction,
 )
+from iterft_ray.verify.scoring import RolloutScorer, score_rollouts
 
 
 def prefers_short(prompt: str, completion: str, meta: dict) -> float:

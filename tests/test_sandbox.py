@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from iterft_ray.verify.filters import resolve_filter, score_rollouts
+from iterft_ray.verify.filters import resolve_filter
+from iterft_ray.verify.scoring import score_rollouts
 from iterft_ray.verify.sandbox import SandboxLimits, run_python
 
 QUICK = SandboxLimits(wall_s=5, cpu_s=2, memory_mb=256, processes=8, output_bytes=4096)

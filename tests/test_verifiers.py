@@ -5,7 +5,8 @@ import threading
 import pyarrow as pa
 import pytest
 
-from iterft_ray.verify.filters import resolve_filter, score_rollouts
+from iterft_ray.verify.filters import resolve_filter
+from iterft_ray.verify.scoring import score_rollouts
 
 CASES = [
     # (gold answer, completion, accepted)

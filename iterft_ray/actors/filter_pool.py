@@ -6,25 +6,10 @@ import itertools
 from typing import Any
 
 import cloudpickle
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
-from iterft_ray.verify.filters import RolloutScorer
-
-
-def summarize(scored: pa.Table) -> dict[str, Any]:
-    """Counts a driver needs from a scored batch: rows, accepted, score sum, errors (and the first), weight versions."""
-    versions = pc.value_counts(scored["weight_version"]).to_pylist() if scored.num_rows else []
-    errors = pc.drop_null(scored["filter_error"])
-    return {
-        "rows": scored.num_rows,
-        "accepted": int(pc.sum(scored["accepted"]).as_py() or 0),
-        "score_sum": float(pc.sum(scored["score"]).as_py() or 0.0),
-        "errors": len(errors),
-        "first_error": errors[0].as_py() if len(errors) else None,
-        "weight_versions": {int(v["values"]): int(v["counts"]) for v in versions},
-    }
+from iterft_ray.data.rollouts import RolloutBatch, summarize
+from iterft_ray.verify.scoring import RolloutScorer
 
 
 @ray.remote
@@ -44,7 +29,7 @@ class FilterActor:
         self._override: tuple[bytes, RolloutScorer] | None = None
 
     @ray.method(num_returns=2)
-    def score(self, rollouts: pa.Table, filters: list | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    def score(self, rollouts: RolloutBatch, filters: list | None = None) -> tuple[RolloutBatch, dict[str, Any]]:
         """Score a batch; return (scored batch, its summary). `filters` overrides the configured ones."""
         scored = self._scorer_for(filters).score(rollouts)
         return scored, summarize(scored)

@@ -1,7 +1,7 @@
 """How a generator samples: `hf` (transformers `generate`) or `vllm` (a vLLM engine).
 
 Both engines load a `WeightSnapshot` in place and return the same rollout table
-(`iterft_ray.engines.hf_sampling.rollout_table`); `GeneratorActor` holds one of them.
+(`iterft_ray.data.rollouts.rollout_table`); `GeneratorActor` holds one of them.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoTokenizer
 
 from iterft_ray.config import SamplingConfig
+from iterft_ray.data.rollouts import RolloutBatch
 from iterft_ray.engines.hf_sampling import sample_rollouts
 from iterft_ray.train.trainer import load_model
 from iterft_ray.weights.snapshot import WeightSnapshot, load_snapshot, weights_checksum
@@ -42,7 +43,7 @@ class HFEngine:
         load_snapshot(self.model, snapshot, share=True)
 
     def sample(self, prompts: pa.Table, config: SamplingConfig, seed: int, weight_version: int,
-               generator_id: int, round_index: int) -> pa.Table:
+               generator_id: int, round_index: int) -> RolloutBatch:
         return sample_rollouts(self.model, self.tokenizer, prompts, config, seed, weight_version, generator_id,
                                round_index)
 

@@ -1,10 +1,7 @@
-"""Sampling completions from a model into a rollout batch (an Arrow table). No Ray here.
+"""Sampling completions from a model into a rollout batch with transformers `generate`. No Ray here.
 
-A rollout batch has one row per sample: `sample_id`, `prompt_id`, `prompt`,
-`completion`, `prompt_ids`, `completion_ids` (the sampled tokens, the stop token
-included when the model stopped), `finished`, `logprob_sum`, `weight_version`,
-`generator_id`, and every other column of the prompt table (an `answer`, say)
-repeated per sample. Both engines (`iterft_ray.engines`) build it with `rollout_table`.
+The batch's columns are `iterft_ray.data.rollouts`'s (`SAMPLE_SCHEMA`), built by its
+`rollout_table`, as the vLLM engine's are; the prompt and stop-token helpers here serve both engines.
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBa
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from iterft_ray.config import SamplingConfig
+from iterft_ray.data.rollouts import RolloutBatch, rollout_table
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: pa.Table) -> list[list[int]]:
@@ -73,7 +71,7 @@ def sample_rollouts(
     weight_version: int,
     generator_id: int,
     round_index: int,
-) -> pa.Table:
+) -> RolloutBatch:
     """Sample `config.num_samples` completions per prompt row with transformers `generate`,
     in batches of about `config.batch_size` sequences.
 
@@ -133,36 +131,3 @@ def sample_rollouts(
             out["logprob_sum"].append(total)
     return rollout_table(prompts, tokenizer, prompt_ids_all, out, weight_version, generator_id, round_index)
 
-
-def rollout_table(
-    prompts: pa.Table,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_ids_all: list[list[int]],
-    samples: dict[str, list],
-    weight_version: int,
-    generator_id: int,
-    round_index: int,
-) -> pa.Table:
-    """The rollout batch from per-sample lists (`prompt_index`, `sample`, `completion_ids`,
-    `finished`, `logprob_sum`): the prompt rows repeated per sample, plus the sample columns."""
-    index = pa.array(samples["prompt_index"], pa.int64())
-    rows = prompts.take(index)
-    if "prompt_ids" in rows.column_names:  # given by the caller; the column below holds the same ids
-        rows = rows.drop_columns(["prompt_ids"])
-    completion_ids = samples["completion_ids"]
-    prompt_ids = [prompt_ids_all[i] for i in samples["prompt_index"]]
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    sample_ids = [f"r{round_index}-p{pid}-s{s}" for pid, s in zip(rows.column("prompt_id").to_pylist(), samples["sample"])]
-    columns = {
-        "sample_id": pa.array(sample_ids, pa.string()),
-        "completion": pa.array(completions, pa.string()),
-        "prompt_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
-        "completion_ids": pa.array(completion_ids, pa.list_(pa.int32())),
-        "finished": pa.array(samples["finished"], pa.bool_()),
-        "logprob_sum": pa.array(samples["logprob_sum"], pa.float64()),
-        "weight_version": pa.array([weight_version] * len(index), pa.int64()),
-        "generator_id": pa.array([generator_id] * len(index), pa.int32()),
-    }
-    for name, column in columns.items():
-        rows = rows.append_column(name, column)
-    return rows

@@ -28,8 +28,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from iterft_ray.config import LoraConfig, SamplingConfig
+from iterft_ray.data.rollouts import RolloutBatch, rollout_table
+from iterft_ray.engines.hf_sampling import prompt_token_ids, stop_token_ids
 from iterft_ray.engines.seeding import request_seed
-from iterft_ray.engines.hf_sampling import prompt_token_ids, rollout_table, stop_token_ids
 from iterft_ray.weights.snapshot import WeightSnapshot, _from_array, _reading_shared_arrays, weights_checksum
 
 # On CPU: no torch.compile (start-up 12 s instead of ~60 s on 2 cores for a tiny Llama) and a
@@ -90,7 +91,7 @@ class VLLMEngine:
         self._snapshot, self._checksum = snapshot, None
 
     def sample(self, prompts: pa.Table, config: SamplingConfig, seed: int, weight_version: int,
-               generator_id: int, round_index: int) -> pa.Table:
+               generator_id: int, round_index: int) -> RolloutBatch:
         """Sample `config.num_samples` completions per prompt row; request i of the shard gets seed
         `seed`-derived and fixed, so a retried shard yields the same rows."""
         from vllm import SamplingParams, TokensPrompt

@@ -1,0 +1,158 @@
+"""The rollout batch (`RolloutBatch`): the one table a round passes from generators to filters to the trainer.
+
+A rollout batch is a `pyarrow.Table`, one row per sample, with
+
+- the prompt table's columns, repeated per sample: at least `prompt_id` and `prompt`, and
+  any other the prompt source gives (an `answer`, say; a `prompt_ids` column is replaced
+  by the sample's own);
+- `SAMPLE_SCHEMA`, added by the engine that sampled it (`rollout_table`, both engines);
+- `SCORE_SCHEMA`, added once by the filters (`with_scores`); rejected rows stay, flagged.
+
+It stays a plain Arrow table, not a wrapper class: it travels through Ray's object store
+zero-copy and is written to Parquet as it is. Only the summaries below reach the driver.
+This module imports neither torch nor Ray: a filter actor reads it without the ML stack, an
+engine without Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    import ray
+    from transformers import PreTrainedTokenizerBase
+
+RolloutBatch = pa.Table
+
+# `completion_ids` are the sampled tokens, the stop token included when the model stopped
+# (`finished`); `logprob_sum` is their log-probability under the distribution sampled from.
+SAMPLE_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("completion", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("completion_ids", pa.list_(pa.int32())),
+    ("finished", pa.bool_()),
+    ("logprob_sum", pa.float64()),
+    ("weight_version", pa.int64()),
+    ("generator_id", pa.int32()),
+])
+
+SCORE_SCHEMA = pa.schema([("score", pa.float64()), ("accepted", pa.bool_()), ("filter_error", pa.string())])
+
+# What the filters read: a batch built by hand (a test, a user's own sampler) needs only these.
+FILTER_INPUT_COLUMNS = ("prompt_id", "prompt", "completion")
+
+
+def rollout_table(
+    prompts: pa.Table,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids_all: list[list[int]],
+    samples: dict[str, list],
+    weight_version: int,
+    generator_id: int,
+    round_index: int,
+) -> RolloutBatch:
+    """The rollout batch from per-sample lists (`prompt_index`, `sample`, `completion_ids`,
+    `finished`, `logprob_sum`): the prompt rows repeated per sample, plus `SAMPLE_SCHEMA`.
+
+    Completions are decoded here, once per batch, so both engines decode alike.
+    """
+    index = pa.array(samples["prompt_index"], pa.int64())
+    rows = prompts.take(index)
+    if "prompt_ids" in rows.column_names:  # given by the caller; the column below holds the same ids
+        rows = rows.drop_columns(["prompt_ids"])
+    completion_ids = samples["completion_ids"]
+    prompt_id_column = rows.column("prompt_id").to_pylist()
+    values = {
+        "sample_id": [f"r{round_index}-p{pid}-s{s}" for pid, s in zip(prompt_id_column, samples["sample"])],
+        "completion": tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        "prompt_ids": [prompt_ids_all[i] for i in samples["prompt_index"]],
+        "completion_ids": completion_ids,
+        "finished": samples["finished"],
+        "logprob_sum": samples["logprob_sum"],
+        "weight_version": [weight_version] * len(index),
+        "generator_id": [generator_id] * len(index),
+    }
+    for column in SAMPLE_SCHEMA:
+        rows = rows.append_column(column, pa.array(values[column.name], column.type))
+    return rows
+
+
+def check_unscored(table: RolloutBatch) -> None:
+    """Raise unless `table` has the columns the filters read and none they add (a batch is scored once)."""
+    for column in FILTER_INPUT_COLUMNS:
+        if column not in table.column_names:
+            raise ValueError(f"rollout batch has no {column!r} column; needs {FILTER_INPUT_COLUMNS}")
+    for column in SCORE_SCHEMA.names:
+        if column in table.column_names:
+            raise ValueError(f"rollout batch already has a {column!r} column; score it once")
+
+
+def with_scores(table: RolloutBatch, rows: list[tuple[float, bool, str | None]]) -> RolloutBatch:
+    """`table` with `SCORE_SCHEMA` appended from one (score, accepted, filter_error) per row."""
+    for i, column in enumerate(SCORE_SCHEMA):
+        table = table.append_column(column, pa.array([row[i] for row in rows], column.type))
+    return table
+
+
+def training_rows(table: RolloutBatch) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, completion_ids) of each row with a non-empty completion: what the trainer trains on.
+
+    Pass the accepted rows only; an empty completion has no token to learn from.
+    """
+    nonempty = table.filter(pc.greater(pc.list_value_length(table["completion_ids"]), 0))
+    return list(zip(nonempty["prompt_ids"].to_pylist(), nonempty["completion_ids"].to_pylist()))
+
+
+def summarize(scored: RolloutBatch) -> dict[str, Any]:
+    """Counts a driver needs from a scored batch: rows, accepted, score sum, errors (and the first), weight versions.
+
+    Made beside the batch (in the filter actor), so the driver reads a small dict, never the rows.
+    """
+    versions = pc.value_counts(scored["weight_version"]).to_pylist() if scored.num_rows else []
+    errors = pc.drop_null(scored["filter_error"])
+    return {
+        "rows": scored.num_rows,
+        "accepted": int(pc.sum(scored["accepted"]).as_py() or 0),
+        "score_sum": float(pc.sum(scored["score"]).as_py() or 0.0),
+        "errors": len(errors),
+        "first_error": errors[0].as_py() if len(errors) else None,
+        "weight_versions": {int(v["values"]): int(v["counts"]) for v in versions},
+    }
+
+
+def combine_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """`ScoredRollouts.summary` of summaries already fetched (a driver that waited on them fetched each once)."""
+    rows = sum(p["rows"] for p in parts)
+    accepted = sum(p["accepted"] for p in parts)
+    versions: dict[int, int] = {}
+    for p in parts:
+        for v, n in p["weight_versions"].items():
+            versions[v] = versions.get(v, 0) + n
+    return {
+        "rows": rows,
+        "accepted": accepted,
+        "accept_rate": accepted / rows if rows else 0.0,
+        "reward_mean": sum(p["score_sum"] for p in parts) / rows if rows else 0.0,
+        "filter_errors": sum(p["errors"] for p in parts),
+        "first_filter_error": next((p["first_error"] for p in parts if p["first_error"] is not None), None),
+        "weight_versions": versions,
+    }
+
+
+@dataclass
+class ScoredRollouts:
+    """Scored rollout batches (references) and their summaries (references to small dicts)."""
+
+    tables: list[ray.ObjectRef]
+    summaries: list[ray.ObjectRef]
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over the batches: rows, accepted, accept_rate, reward_mean, errors (and the first), weight_versions."""
+        import ray  # here, not at the top: engines sample without Ray (tests, benchmarks) and import this module
+
+        return combine_summaries(ray.get(self.summaries))
