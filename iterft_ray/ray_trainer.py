@@ -13,7 +13,6 @@ summaries, unless it asks for rows with `collect`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -28,40 +27,10 @@ from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.actors.trainer_group import TrainerGroup
 from iterft_ray.config import ModelConfig, ResourcesConfig, SamplingConfig, check_lora_serving
 from iterft_ray.data.prompts import prompt_table
+from iterft_ray.data.rollouts import ScoredRollouts
 from iterft_ray.ray_start import init_ray
 from iterft_ray.storage import StoragePath
 from iterft_ray.weights.sync import WeightSync
-
-
-@dataclass
-class ScoredRollouts:
-    """Scored rollout batches (references) and their summaries (references to small dicts)."""
-
-    tables: list[ray.ObjectRef]
-    summaries: list[ray.ObjectRef]
-
-    def summary(self) -> dict[str, Any]:
-        """Totals over the batches: rows, accepted, accept_rate, reward_mean, errors (and the first), weight_versions."""
-        return combine_summaries(ray.get(self.summaries))
-
-
-def combine_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """`ScoredRollouts.summary` of summaries already fetched (a driver that waited on them fetched each once)."""
-    rows = sum(p["rows"] for p in parts)
-    accepted = sum(p["accepted"] for p in parts)
-    versions: dict[int, int] = {}
-    for p in parts:
-        for v, n in p["weight_versions"].items():
-            versions[v] = versions.get(v, 0) + n
-    return {
-        "rows": rows,
-        "accepted": accepted,
-        "accept_rate": accepted / rows if rows else 0.0,
-        "reward_mean": sum(p["score_sum"] for p in parts) / rows if rows else 0.0,
-        "filter_errors": sum(p["errors"] for p in parts),
-        "first_filter_error": next((p["first_error"] for p in parts if p["first_error"] is not None), None),
-        "weight_versions": versions,
-    }
 
 
 class RayIterativeSFTTrainer:

@@ -108,6 +108,7 @@ def test_generator_killed_mid_round_loses_and_duplicates_nothing(loop):
     # A longer round (a whole epoch of prompts, long and nearly flat samples, so few stop early): the kill
     # lands while the engine samples.
     loop.config.loop.rounds, loop.config.loop.prompts_per_round = 3, 64
+    loop.prompts.seek({"epoch": loop.prompts.position["epoch"] + 1, "rows": 0})  # round 3 takes a whole epoch
     loop.rl.sampling = dataclasses.replace(loop.rl.sampling, max_new_tokens=256, temperature=2.0)
     stats = _run_round_while(loop, lambda: os.kill(pid, signal.SIGKILL))
     assert stats["round"] == 3

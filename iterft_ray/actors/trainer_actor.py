@@ -20,7 +20,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import torch
 import torch.distributed as dist
@@ -30,6 +29,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
 from iterft_ray.train.checkpoint import load_training_state, save_checkpoint
 from iterft_ray.config import LoraConfig, ModelConfig
+from iterft_ray.data.rollouts import training_rows
 from iterft_ray.storage import StoragePath
 from iterft_ray.tiny import model_files
 from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
@@ -114,7 +114,7 @@ class TrainerRank:
         """Train on the accepted rows of scored rollout batches: the sampled tokens, prompt masked."""
         accepted = [t.filter(t["accepted"]) for t in rollouts if t.num_rows]
         table = pa.concat_tables(accepted) if accepted else None
-        rows = [] if table is None or table.num_rows == 0 else _token_rows(table)
+        rows = [] if table is None or table.num_rows == 0 else training_rows(table)
         mine = rows[self.rank :: self.world_size]
         is_encoder_decoder = self.trainer.is_encoder_decoder
         input_ids, labels = [], []
@@ -224,12 +224,6 @@ def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint:
         return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     torch.manual_seed(seed)
     return get_peft_model(model, lora.peft_config(bool(getattr(model.config, "is_encoder_decoder", False))))
-
-
-def _token_rows(table: pa.Table) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, completion_ids) of each row with a non-empty completion."""
-    nonempty = table.filter(pc.greater(pc.list_value_length(table["completion_ids"]), 0))
-    return list(zip(nonempty["prompt_ids"].to_pylist(), nonempty["completion_ids"].to_pylist()))
 
 
 TrainerActor = ray.remote(TrainerRank)

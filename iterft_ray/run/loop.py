@@ -23,7 +23,8 @@ from iterft_ray.config import RunConfig, load_config
 from iterft_ray.data.prompt_stream import open_prompts
 from iterft_ray.data.chat import chat_example_ids, with_chat_template
 from iterft_ray.data.prompts import PromptDataError
-from iterft_ray.ray_trainer import RayIterativeSFTTrainer, combine_summaries
+from iterft_ray.data.rollouts import combine_summaries
+from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 from iterft_ray.run.records import RunRecorder, write_generations
 from iterft_ray.run.run_dir import RunStart, check_start, checkpoint_dir, latest_checkpoint, trainer_output_dir
 from iterft_ray.storage import StoragePath
