@@ -1,6 +1,12 @@
-"""Shared fixtures: tiny models built once per session, loaded through from_pretrained."""
+"""Shared fixtures: tiny models built once per session, loaded through from_pretrained; one local Ray for
+the modules that can share one."""
 
 import os
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from iterft_ray.tiny import build_tiny_model  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +32,152 @@ def llama_path(tiny_paths):
 @pytest.fixture(scope="session")
 def t5_path(tiny_paths):
     return tiny_paths["tiny-t5"]
+
+
+# ---------------------------------------------------------------- one local Ray for the session
+
+
+class SharedRay:
+    """One embedded local Ray that the modules which need no cluster of their own share, instead of each
+    starting (and stopping) one: a start is seconds of CPU on a small machine.
+
+    Started on first use (`up()`) and left running for the next module; a module or test that needs Ray
+    down (one that starts its own, or checks that nothing started one) calls `down()`, and the next `up()`
+    starts it again. Loopback only and token auth on, with a token of its own (`loopback_cluster` in
+    ray_head.py does the same for two-node clusters): RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH stay in
+    os.environ while it runs, so a subprocess that connects to it (a child driver) authenticates.
+
+    Sized for the largest module that shares it (test_ray_loop: 8 CPUs). The job's runtime_env puts this
+    directory on the workers' PYTHONPATH, as `ray job submit --working-dir` would: actors import the test
+    modules' filters and selectors by import string. `up()` gives each user a clean cluster, as a fresh Ray
+    would be: no live actor, no placement group.
+    """
+
+    NUM_CPUS = 8
+
+    def __init__(self):
+        self.running = False
+        self._tmp = None
+        self._saved = None
+
+    def up(self):
+        import ray
+
+        if self.running and ray.is_initialized():
+            self._clear()
+            return
+        if ray.is_initialized():
+            raise RuntimeError("another Ray is connected; the module that started it must shut it down")
+        self._start()
+
+    def down(self):
+        import ray
+
+        if not self.running:
+            return
+        self.running = False
+        try:
+            ray.shutdown()
+        finally:
+            self._restore()
+
+    def _start(self):
+        import ray
+        from ray._private import ray_constants
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        self._tmp = Path(tempfile.mkdtemp(prefix="iftshared", dir="/tmp"))
+        (self._tmp / "token").write_text(secrets.token_hex(32))
+        self._saved = (dict(os.environ), ray_constants.ENABLE_RAY_CLUSTER)
+        for key in [k for k in os.environ if k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))]:
+            del os.environ[key]
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self._tmp / "token"),
+                          RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        reset_auth_token_state()
+        try:
+            ray.init(address="local", num_cpus=self.NUM_CPUS, include_dashboard=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+        except BaseException:
+            self._restore()
+            raise
+        self.running = True
+
+    def _restore(self):
+        from ray._private import ray_constants
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        if self._saved is not None:
+            environ, flag = self._saved
+            os.environ.clear()
+            os.environ.update(environ)
+            ray_constants.ENABLE_RAY_CLUSTER = flag
+            self._saved = None
+        reset_auth_token_state()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def _clear(self, wait_s: float = 20.0):
+        """Give the module a clean cluster, as a fresh Ray would be: wait for the actors and placement groups
+        that earlier modules let go of to be gone; if any are still held, start a fresh Ray instead."""
+        from ray._private import state
+        import ray
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            alive = [a for a in state.actors().values() if a["State"] != "DEAD"]
+            pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
+            if not alive and not pgs:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        self.down()
+        self._start()
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """The session's one local Ray (see SharedRay): `shared_ray.up()` in a module's Ray fixture."""
+    shared = SharedRay()
+    yield shared
+    shared.down()
+
+
+@pytest.fixture
+def ray_up(shared_ray):
+    """The shared Ray, up and clean, for one test (a module-scoped fixture calls `shared_ray.up()` itself)."""
+    shared_ray.up()
+    return shared_ray
+
+
+@pytest.fixture
+def ray_down(shared_ray):
+    """No Ray connected: the shared one taken down, for a test that checks that nothing started one."""
+    shared_ray.down()
+
+
+@pytest.fixture(scope="module")
+def own_ray(shared_ray):
+    """For a module that starts a Ray of its own (its own cluster shape or settings): the shared one taken down
+    first, since one process connects to one Ray."""
+    shared_ray.down()
+
+
+def _ray_group(items) -> int:
+    """0: needs no Ray; 1: shares the session's Ray; 2: starts Ray of its own."""
+    names = set().union(*(item.fixturenames for item in items))
+    return 2 if "own_ray" in names else 1 if "shared_ray" in names else 0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Run the modules that share the session's Ray one after another, so that it starts once rather than
+    once per run of them: after the modules that need no Ray, before those that start their own. The order
+    within a module is kept. Any order works; this one only starts Ray less often."""
+    modules = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    group = {name: _ray_group(module_items) for name, module_items in modules.items()}
+    items.sort(key=lambda item: group[item.nodeid.split("::")[0]])

@@ -58,7 +58,7 @@ def test_tiny_chat_model_has_template_and_two_stop_tokens(chat_path, tokenizer):
     assert stop_token_ids(GenerationConfig.from_pretrained(chat_path), tokenizer) == [im_end, tokenizer.eos_token_id]
 
 
-def test_bad_settings_are_refused_before_ray_starts(llama_path, chat_path, tmp_path):
+def test_bad_settings_are_refused_before_ray_starts(llama_path, chat_path, tmp_path, ray_down):
     assert not ray.is_initialized()
     with pytest.raises(ValueError, match=r"data\.chat_template: true, but the tokenizer .* has no chat template"):
         IterativeLoop(_config(str(llama_path), tmp_path / "a", chat_template=True))
@@ -104,11 +104,9 @@ def test_warm_up_examples_use_the_template_and_end_the_turn(tokenizer):
     assert input_ids.count(tokenizer.bos_token_id) == 1
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=6, include_dashboard=False)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def ray_local(ray_up):
+    """The session's Ray (tests/conftest.py)."""
 
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])

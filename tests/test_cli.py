@@ -65,7 +65,7 @@ def run_error(capsys) -> str:
 
 
 @pytest.fixture
-def no_ray():
+def no_ray(ray_down):
     assert not ray.is_initialized()
     yield
     assert not ray.is_initialized()  # nothing started
@@ -190,13 +190,10 @@ def test_plot_has_whole_rounds_the_run_name_and_filter_errors(tmp_path, capsys, 
 # ---------------------------------------------------------------- runs on a local Ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    # Filter actors import this module's filters by import string, as with `ray job submit --working-dir`.
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}})
-    yield
-    ray.shutdown()
+@pytest.fixture
+def local_ray(ray_up):
+    """The session's Ray (tests/conftest.py): filter actors import this module's filters by import string,
+    as with `ray job submit --working-dir`."""
 
 
 def assert_nothing_left():

@@ -133,7 +133,7 @@ def test_autoscaled_run_places_generators_on_new_nodes_then_scales_down(fake_clu
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(own_ray):
     """A head (trainer, filter) and a second node (generator: 2) from ray.cluster_utils.Cluster.
 
     Loopback only, token auth on (`loopback_cluster`).

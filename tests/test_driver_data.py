@@ -11,7 +11,7 @@ from iterft_ray.run.loop import IterativeLoop
 
 
 @pytest.fixture
-def driver_alone_on_head():
+def driver_alone_on_head(own_ray):
     """A head with no CPUs (the driver only) and a worker node for every actor, from ray.cluster_utils.Cluster;
     loopback and token auth (`loopback_cluster`). A rollout the driver fetched gets a copy on the head."""
     with loopback_cluster("iftd", {"num_cpus": 0}, {"num_cpus": 4},

@@ -44,8 +44,8 @@ hanging = HangingSelector()
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    # Like `ray job submit --working-dir`: actors import this module's selectors by import string.
+def local_ray(own_ray):
+    # A Ray of its own, of 4 CPUs that the tests fill on purpose. Like `ray job submit --working-dir`: actors import this module's selectors by import string.
     ray.init(address="local", num_cpus=4, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     yield

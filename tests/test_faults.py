@@ -63,11 +63,9 @@ def test_training_state_round_trip_is_exact(llama_path, tmp_path):
     assert not list((tmp_path / "ckpt").glob("*.bin")) and not list((tmp_path / "ckpt").glob("*.pt"))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=6, include_dashboard=False)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def local_ray(ray_up):
+    """The session's Ray (tests/conftest.py)."""
 
 
 def _run_round_while(loop, fault):

@@ -398,7 +398,7 @@ def test_unpicklable_filters_are_an_error_before_any_process_starts():
         RolloutScorer([holds_a_lock])
 
 
-def test_a_filter_actor_scores_rows_at_once_and_kills_a_spinning_filter(tmp_path):
+def test_a_filter_actor_scores_rows_at_once_and_kills_a_spinning_filter(tmp_path, ray_up):
     from iterft_ray.actors.filter_pool import FilterPool
 
     table = _rollouts(["82"] * 3 + ["spin"])
@@ -406,16 +406,14 @@ def test_a_filter_actor_scores_rows_at_once_and_kills_a_spinning_filter(tmp_path
     table = table.append_column("company", pa.array([3] * 4))
     table = table.append_column("pid_dir", pa.array([str(tmp_path)] * 4))
     table = table.append_column("weight_version", pa.array([0] * 4, pa.int64()))
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
-    try:
-        pool = FilterPool([spins_in_c, waits_for_company], size=1, timeout_s=20, processes=4)
-        scored_ref, summary_ref = pool.score(ray.put(table))
-        scored, summary = ray.get([scored_ref, summary_ref])
-        small = ray.put(table.slice(0, 1))
-        override_pids = [ray.get(pool.score(small, [returns_pid])[0])["score"][0].as_py() for _ in range(2)]
-    finally:
-        ray.shutdown()
+    # On the session's Ray (tests/conftest.py), whose workers import this module by name, as with
+    # `ray job submit --working-dir`.
+    pool = FilterPool([spins_in_c, waits_for_company], size=1, timeout_s=20, processes=4)
+    scored_ref, summary_ref = pool.score(ray.put(table))
+    scored, summary = ray.get([scored_ref, summary_ref])
+    small = ray.put(table.slice(0, 1))
+    override_pids = [ray.get(pool.score(small, [returns_pid])[0])["score"][0].as_py() for _ in range(2)]
+    del pool  # its actor goes, as it did with the Ray that ended here
 
     assert summary["rows"] == 4 and summary["accepted"] == 3 and summary["errors"] == 1
     assert scored["filter_error"][3].as_py() == "spins_in_c: TimeoutError: timeout after 20s"

@@ -58,13 +58,9 @@ def test_recorder_plot_shows_every_round_after_close(tmp_path):
     assert image.shape[0] == round(PANEL_INCHES * 2 * PLOT_DPI)  # loss and accept_rate
 
 
-def test_demo_config_two_rounds_writes_every_file(tmp_path):
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        code = main(["run", "demo", "--set", "loop.rounds=2", "--set", f"loop.output_dir={tmp_path / 'run'}",
-                     "--set", "loop.save_every=1"])
-    finally:
-        ray.shutdown()
+def test_demo_config_two_rounds_writes_every_file(tmp_path, ray_up):
+    code = main(["run", "demo", "--set", "loop.rounds=2", "--set", f"loop.output_dir={tmp_path / 'run'}",
+                 "--set", "loop.save_every=1"])  # on the session's Ray (tests/conftest.py)
     assert code == 0
     assert_run_files(tmp_path / "run", rounds=2)
     assert (tmp_path / "run" / "checkpoints" / "round-0001").exists()

@@ -82,11 +82,9 @@ def test_only_the_adapter_trains_and_a_trainer_restored_from_its_checkpoint_step
 # ---------------------------------------------------------------- `iterft run` with model.lora
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def local_ray(ray_up):
+    """The session's Ray (tests/conftest.py)."""
 
 
 def _overrides(model_path, out, rounds):

@@ -47,33 +47,30 @@ def test_bf16_checkpoint_trains_fp32_master_and_moves_below_bf16_resolution(bf16
         assert trainer.accelerator.mixed_precision == "bf16"  # autocast on one rank
 
 
-def test_sharded_ranks_compute_in_bf16_and_keep_fp32_masters(bf16_checkpoint):
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+def test_sharded_ranks_compute_in_bf16_and_keep_fp32_masters(bf16_checkpoint, ray_up):
+    # On the session's Ray (tests/conftest.py).
+    two = TrainerGroup(ModelConfig(str(bf16_checkpoint)),
+                       {**TINY_UPDATE, "bf16": True, "use_cpu": True, "output_dir": "runs/t"},
+                       ResourcesConfig(trainer_ranks=2))
     try:
-        two = TrainerGroup(ModelConfig(str(bf16_checkpoint)),
-                           {**TINY_UPDATE, "bf16": True, "use_cpu": True, "output_dir": "runs/t"},
-                           ResourcesConfig(trainer_ranks=2))
-        try:
-            def step_seeing_dtypes(actor):
-                model = actor.trainer.model
-                seen = []
-                layer = model.model.layers[0].self_attn.q_proj
-                hook = layer.register_forward_pre_hook(lambda m, _: seen.append(m.weight.dtype))
-                before = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
-                actor.trainer.train_examples(actor.trainer.build_examples(None, None, None, TEXTS, None)[actor.rank::2])
-                hook.remove()
-                after = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
-                masters = {p.dtype for p in model.parameters()} | {
-                    s["momentum_buffer"].dtype for s in actor.trainer.optimizer.optimizer.state.values()
-                    if s.get("momentum_buffer") is not None}
-                return seen, masters, before, after
+        def step_seeing_dtypes(actor):
+            model = actor.trainer.model
+            seen = []
+            layer = model.model.layers[0].self_attn.q_proj
+            hook = layer.register_forward_pre_hook(lambda m, _: seen.append(m.weight.dtype))
+            before = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
+            actor.trainer.train_examples(actor.trainer.build_examples(None, None, None, TEXTS, None)[actor.rank::2])
+            hook.remove()
+            after = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
+            masters = {p.dtype for p in model.parameters()} | {
+                s["momentum_buffer"].dtype for s in actor.trainer.optimizer.optimizer.state.values()
+                if s.get("momentum_buffer") is not None}
+            return seen, masters, before, after
 
-            results = two.call(step_seeing_dtypes)
-            for seen, masters, before, after in results:
-                assert seen and set(seen) == {torch.bfloat16}  # MixedPrecisionPolicy: bf16 compute
-                assert masters == {torch.float32}
-                assert_update_below_bf16_moved_master(before, after)
-        finally:
-            two.shutdown()
+        results = two.call(step_seeing_dtypes)
+        for seen, masters, before, after in results:
+            assert seen and set(seen) == {torch.bfloat16}  # MixedPrecisionPolicy: bf16 compute
+            assert masters == {torch.float32}
+            assert_update_below_bf16_moved_master(before, after)
     finally:
-        ray.shutdown()
+        two.shutdown()

@@ -23,10 +23,8 @@ from iterft_ray.data.prompts import PromptDataError, PromptFile, read_prompt_fil
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+def local_ray(shared_ray):
+    shared_ray.up()  # the session's Ray (tests/conftest.py)
 
 
 def addition_rows(n, start=0):

@@ -18,10 +18,8 @@ COMMON = {"learning_rate": 1e-2, "train_sampling_strategy": "sequential", "repor
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+def local_ray(shared_ray):
+    shared_ray.up()  # the session's Ray (tests/conftest.py)
 
 
 def group(ranks, checkpoint=None, **args):

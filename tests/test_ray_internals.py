@@ -7,11 +7,9 @@ import ray
 from iterft_ray import ray_internals
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def local_ray(ray_up):
+    """The session's Ray (tests/conftest.py)."""
 
 
 @ray.remote(num_cpus=0)

@@ -27,11 +27,10 @@ def odd_prompts(prompt, completion, meta):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    # Like `ray job submit --working-dir`: actors can import this module by its import string.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
-    yield
-    ray.shutdown()
+def local_ray(shared_ray):
+    # The session's Ray (tests/conftest.py; 8 CPUs): like `ray job submit --working-dir`, actors can import
+    # this module by its import string.
+    shared_ray.up()
 
 
 def config(tmp_path, **loop):

@@ -170,7 +170,7 @@ def _without(row: dict, keys: tuple[str, ...]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def s3_ray(s3_server):
+def s3_ray(s3_server, own_ray):
     """One local Ray for the runs below, started with the AWS variables set, so its workers (the trainer
     that uploads checkpoints, the task that writes generations) reach the server as a cluster's nodes would."""
     with pytest.MonkeyPatch.context() as patch:

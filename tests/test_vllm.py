@@ -40,8 +40,8 @@ def model_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loop(model_path, tmp_path_factory):
-    ray.init(address="local", num_cpus=6, include_dashboard=False)
+def loop(model_path, tmp_path_factory, shared_ray):
+    shared_ray.up()  # the session's Ray (tests/conftest.py)
     run_dir = tmp_path_factory.mktemp("run")
     loop = IterativeLoop({
         "model": {"name_or_path": model_path[0]},
@@ -55,7 +55,6 @@ def loop(model_path, tmp_path_factory):
     })
     yield loop
     loop.shutdown()
-    ray.shutdown()
 
 
 def test_stop_tokens_greedy_and_seeded_retry(loop, model_path):

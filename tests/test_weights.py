@@ -15,12 +15,10 @@ INPUT_IDS = [[1, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    # Workers cannot import this test module by name; ship its functions by value.
+def local_ray(shared_ray):
+    # Ship this module's functions by value (as if workers could not import it by name).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    shared_ray.up()  # the session's Ray (tests/conftest.py)
 
 
 def load(path, dtype=torch.float32):
