@@ -11,7 +11,7 @@ repetition, each repetition `--rounds-per-rep` consecutive rounds, after one unt
 warm-up round per side:
 
   inproc     sample_rollouts -> score_rollouts -> train_examples on the accepted rows'
-             token ids with the prompt masked (what TrainerActor.step_rollouts does), in
+             token ids with the prompt masked (what TrainerRank.step_rollouts does), in
              this process, sampling with the trainer's own model (no sync needed)
   ray_sync   IterativeLoop.round(): 1 generator, filter pool of 1, sync mode
   ray_async  IterativeLoop.round(): 2 generators, async mode, max_staleness 1
@@ -137,7 +137,7 @@ class InProcessRounds:
                 "accepted": int(pc.sum(scored["accepted"]).as_py() or 0), "loss": stats["loss"]}
 
     def train(self, scored: pa.Table) -> dict:
-        """TrainerActor.step_rollouts for one rank: accepted rows, prompt ids masked with -100."""
+        """TrainerRank.step_rollouts for one rank: accepted rows, prompt ids masked with -100."""
         table = scored.filter(scored["accepted"])
         table = table.filter(pc.greater(pc.list_value_length(table["completion_ids"]), 0))
         input_ids, labels = [], []

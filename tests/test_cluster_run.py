@@ -116,7 +116,7 @@ def test_autoscaled_run_places_generators_on_new_nodes_then_scales_down(fake_clu
     assert len(set(where["GeneratorActor"])) == 2, "the two generators shared a node (generator nodes offer 1)"
     # (Seconds after the run, well within the idle timeout, every one of them is still up;
     # a dead node lists no resources.)
-    for cls, resource in (("GeneratorActor", "generator"), ("TrainerActor", "trainer"), ("FilterActor", "filter")):
+    for cls, resource in (("GeneratorActor", "generator"), ("TrainerRank", "trainer"), ("FilterActor", "filter")):
         assert where.get(cls), f"no {cls} in the actor table: {placed['actors']}"
         for node in where[cls]:
             assert node != head, f"{cls} ran on the head"
@@ -245,7 +245,7 @@ def test_across_nodes_the_trainer_broadcasts_each_version_to_the_generators(two_
     try:
         assert _actor_node(rt.trainer.ranks[0]) == head
         assert {_actor_node(g) for g in rt.generators} == {worker}
-        assert rt.weight_transport == "broadcast"  # auto: the generators are on another node
+        assert rt.weight_sync.transport == "broadcast"  # auto: the generators are on another node
 
         for _ in range(2):  # the second version goes through the same group
             rt.step(texts=TEXTS)
