@@ -217,6 +217,40 @@ class LoopConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation every loop.eval_every rounds, before round 1 and after the last: held-out prompts graded by verifiers.
+
+    The prompts come from `prompts_file` or `dataset` (as data.prompts_file / data.dataset take them), else
+    from the task's held-out split; `filters` grade them (default: the run's row filters, its selectors
+    left out). Each prompt is answered once greedily (`eval_greedy`) and `num_samples` times at the run's
+    temperature (`eval_pass@k` for k = 1..n, `eval_maj@n`).
+    """
+
+    prompts_file: str | None = None
+    dataset: dict[str, Any] | None = None
+    filters: list[Any] | None = None
+    num_samples: int = non_negative(4)
+    # The metric that makes a checkpoint the best one (a new best is checkpointed when it is evaluated).
+    best_metric: str = "eval_greedy"
+    # Restore the best checkpoint when best_metric falls more than this below its best (None: never).
+    rollback_drop: float | None = non_negative(None)
+    # What final/ holds at the end of the run: the "last" weights or the "best" checkpoint's.
+    final_model: str = "last"
+
+    def __post_init__(self):
+        if self.prompts_file is not None and self.dataset is not None:
+            raise ValueError("eval.prompts_file, eval.dataset: evaluation prompts come from a file or from a "
+                             "dataset, not both; remove one")
+        if self.final_model not in ("last", "best"):
+            raise ValueError(f"eval.final_model: expected 'last' or 'best', got {self.final_model!r}")
+        known = ["eval_greedy", "eval_score_mean"] + [f"eval_pass@{k}" for k in range(1, self.num_samples + 1)]
+        known += [f"eval_maj@{self.num_samples}"] if self.num_samples else []
+        if self.best_metric not in known:
+            raise ValueError(f"eval.best_metric: expected one of {known} (eval.num_samples is {self.num_samples}), "
+                             f"got {self.best_metric!r}")
+
+
+@dataclass
 class RunConfig:
     """Everything one iterative fine-tuning run needs."""
 
@@ -228,6 +262,7 @@ class RunConfig:
     trainer: dict[str, Any] = field(default_factory=dict)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,7 +345,7 @@ def _yaml_float(text: str) -> float | str:
 
 # What may differ between a run's saved config.yaml and the config that resumes it: how
 # long it goes on and how often it evaluates and saves, never what it trains on or how.
-CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "loop.output_dir",
+CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "loop.output_dir", "eval.final_model",
                         "loop.round_timeout_s", "resources.max_restarts", "resources.max_task_retries",
                         "resources.start_timeout_s")
 
@@ -340,6 +375,8 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
     config.trainer = _check_trainer_args(config.trainer)
     _check_filters(config.filters)
+    if config.eval.filters is not None:
+        _check_filters(config.eval.filters, "eval.filters")
     check_lora_serving(config.model.lora, config.sampling)
     _check_lora_transport(config)
     return config
@@ -365,13 +402,13 @@ def _check_lora_transport(config: RunConfig) -> None:
 def resolve_input_paths(data: Any, base: Path) -> Any:
     """Make the relative input paths of a config file's data absolute against `base`, the file's directory.
 
-    `data.prompts_file` always; `model.name_or_path`, `model.tokenizer` and `data.dataset.path`
+    `data.prompts_file` and `eval.prompts_file` always; `model.name_or_path`, `model.tokenizer` and `data.dataset.path`
     when they name something beside the file (else they are a hub id or a built-in name). `loop.output_dir`
     stays relative to the working directory, as built-in configs and TrainingArguments have it.
     """
     if not isinstance(data, dict):
         return data
-    sections = {"data": ("prompts_file",), "model": ("name_or_path", "tokenizer")}
+    sections = {"data": ("prompts_file",), "eval": ("prompts_file",), "model": ("name_or_path", "tokenizer")}
     for name, keys in sections.items():
         section = data.get(name)
         if not isinstance(section, dict):
@@ -383,15 +420,16 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
             beside = base / value
             if key == "prompts_file" or value.startswith(("./", "../")) or beside.exists():
                 section[key] = str(beside.resolve())
-    dataset = data["data"].get("dataset") if isinstance(data.get("data"), dict) else None
-    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str) and dataset["path"]:
-        path = dataset["path"]
-        if not Path(path).expanduser().is_absolute() and (path.startswith(("./", "../")) or (base / path).exists()):
-            dataset["path"] = str((base / path).resolve())
+    for name in ("data", "eval"):
+        dataset = data[name].get("dataset") if isinstance(data.get(name), dict) else None
+        if isinstance(dataset, dict) and isinstance(dataset.get("path"), str) and dataset["path"]:
+            path = dataset["path"]
+            if not Path(path).expanduser().is_absolute() and (path.startswith(("./", "../")) or (base / path).exists()):
+                dataset["path"] = str((base / path).resolve())
     return data
 
 
-def _check_filters(filters: list[Any]) -> None:
+def _check_filters(filters: list[Any], key: str = "filters") -> None:
     """Build each filter spec once here, so a bad one fails at load, before any actor starts."""
     from iterft_ray.verify.filters import resolve_filter
 
@@ -399,7 +437,7 @@ def _check_filters(filters: list[Any]) -> None:
         try:
             resolve_filter(spec)
         except Exception as e:  # a user's filter module may raise anything while importing
-            raise ValueError(f"filters[{i}]: {e}") from e
+            raise ValueError(f"{key}[{i}]: {e}") from e
 
 
 def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:

@@ -134,6 +134,10 @@ class StoragePath:
             f.write(data)
         self._fs.move(tmp, self._path)
 
+    def copy_to(self, target: StoragePath) -> None:
+        """Copy this file to `target` (any store), streamed rather than read whole."""
+        pafs.copy_files(self._path, target._path, source_filesystem=self._fs, destination_filesystem=target._fs)
+
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 

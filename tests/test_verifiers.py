@@ -43,6 +43,9 @@ def test_math_answer_accepts_equal_answers_in_any_notation():
 
     assert scored["accepted"].to_pylist() == [ok for _, _, ok in CASES]
     assert scored["filter_error"].to_pylist() == [None] * len(CASES)
+    # The answer read from each completion, right or wrong: what a majority vote counts.
+    answers = scored["final_answer"].to_pylist()
+    assert answers[:4] == ["1/2", "0.500000000000000", "3/4", "0.600000000000000"]
 
 
 def test_math_answer_works_outside_the_main_thread():
@@ -60,7 +63,7 @@ def test_math_answer_works_outside_the_main_thread():
     thread.join()
 
     assert errors == []
-    assert results == [ok for _, _, ok in CASES]
+    assert [r.value for r in results] == [ok for _, _, ok in CASES]
 
 
 def test_a_hanging_math_answer_is_stopped_by_the_filter_timeout():

@@ -39,9 +39,13 @@ SAMPLE_SCHEMA = pa.schema([
     ("logprob_sum", pa.float64()),
     ("weight_version", pa.int64()),
     ("generator_id", pa.int32()),
+    ("sampling_seed", pa.int64()),
 ])
 
-SCORE_SCHEMA = pa.schema([("score", pa.float64()), ("accepted", pa.bool_()), ("filter_error", pa.string())])
+# `final_answer` is the answer a row filter extracted from the completion (a `Verdict`'s), null when
+# none did: what majority voting (maj@n) counts.
+SCORE_SCHEMA = pa.schema([("score", pa.float64()), ("accepted", pa.bool_()), ("filter_error", pa.string()),
+                          ("final_answer", pa.string())])
 
 # What the filters read: a batch built by hand (a test, a user's own sampler) needs only these.
 FILTER_INPUT_COLUMNS = ("prompt_id", "prompt", "completion")
@@ -55,9 +59,12 @@ def rollout_table(
     weight_version: int,
     generator_id: int,
     round_index: int,
+    seed: int,
 ) -> RolloutBatch:
     """The rollout batch from per-sample lists (`prompt_index`, `sample`, `completion_ids`,
     `finished`, `logprob_sum`): the prompt rows repeated per sample, plus `SAMPLE_SCHEMA`.
+
+    `seed` is the shard's sampling seed (`iterft_ray.engines.seeding.shard_seed`), kept with each row.
 
     Completions are decoded here, once per batch, so both engines decode alike.
     """
@@ -76,6 +83,7 @@ def rollout_table(
         "logprob_sum": samples["logprob_sum"],
         "weight_version": [weight_version] * len(index),
         "generator_id": [generator_id] * len(index),
+        "sampling_seed": [seed] * len(index),
     }
     for column in SAMPLE_SCHEMA:
         rows = rows.append_column(column, pa.array(values[column.name], column.type))
@@ -92,8 +100,8 @@ def check_unscored(table: RolloutBatch) -> None:
             raise ValueError(f"rollout batch already has a {column!r} column; score it once")
 
 
-def with_scores(table: RolloutBatch, rows: list[tuple[float, bool, str | None]]) -> RolloutBatch:
-    """`table` with `SCORE_SCHEMA` appended from one (score, accepted, filter_error) per row."""
+def with_scores(table: RolloutBatch, rows: list[tuple[float, bool, str | None, str | None]]) -> RolloutBatch:
+    """`table` with `SCORE_SCHEMA` appended from one (score, accepted, filter_error, final_answer) per row."""
     for i, column in enumerate(SCORE_SCHEMA):
         table = table.append_column(column, pa.array([row[i] for row in rows], column.type))
     return table

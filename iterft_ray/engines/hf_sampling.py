@@ -129,5 +129,5 @@ def sample_rollouts(
             out["completion_ids"].append(tokens[:length])
             out["finished"].append(done)
             out["logprob_sum"].append(total)
-    return rollout_table(prompts, tokenizer, prompt_ids_all, out, weight_version, generator_id, round_index)
+    return rollout_table(prompts, tokenizer, prompt_ids_all, out, weight_version, generator_id, round_index, seed)
 

@@ -125,7 +125,8 @@ class VLLMEngine:
                 samples["completion_ids"].append(tokens)
                 samples["finished"].append(completion.finish_reason == "stop")
                 samples["logprob_sum"].append(sum(step[t].logprob for step, t in zip(completion.logprobs, tokens)))
-        return rollout_table(prompts, self.tokenizer, prompt_ids_all, samples, weight_version, generator_id, round_index)
+        return rollout_table(prompts, self.tokenizer, prompt_ids_all, samples, weight_version, generator_id, round_index,
+                             seed)
 
     def checksum(self) -> str | None:
         """`weights_checksum` of the snapshot last loaded (vLLM fuses and repacks its own parameters,

@@ -25,9 +25,12 @@ from iterft_ray.data.chat import chat_example_ids, with_chat_template
 from iterft_ray.data.prompts import PromptDataError
 from iterft_ray.data.rollouts import combine_summaries
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
+from iterft_ray.run.evaluation import Evaluation, eval_path, evaluation_filters
+from iterft_ray.run.ledger import describe_filters, write_accepted
 from iterft_ray.run.records import RunRecorder, write_generations
 from iterft_ray.run.run_dir import RunStart, check_start, checkpoint_dir, latest_checkpoint, trainer_output_dir
 from iterft_ray.storage import StoragePath
+from iterft_ray.train.checkpoint import copy_model_files
 
 
 class FilterErrorsError(RuntimeError):
@@ -50,10 +53,15 @@ class IterativeLoop:
         c = self.config
         start = start if start is not None else check_start(c, resume, overwrite)
         self.prompts = open_prompts(start.prompts, c.loop.seed)  # a file or a dataset streams through Ray Data
-        self.heldout, self.task = start.heldout, start.task
+        self.task = start.task
         self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
-        if self.chat_tokenizer is not None and self.heldout is not None:
-            self.heldout = with_chat_template(self.heldout, self.chat_tokenizer, c.data.system_prompt)
+        self.evaluation: Evaluation | None = None
+        if start.heldout is not None:
+            heldout = start.heldout
+            if self.chat_tokenizer is not None:
+                heldout = with_chat_template(heldout, self.chat_tokenizer, c.data.system_prompt)
+            self.evaluation = Evaluation(heldout, evaluation_filters(c), c.eval.num_samples, c.loop.seed)
+        self._ledger_filters = describe_filters(c.filters)
         self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
             c.model,
@@ -69,7 +77,10 @@ class IterativeLoop:
             start.prepare_directory(c)
             self.recorder = RunRecorder(self.out)
             self.round_index = 0
+            self.warmed_up = False
             self.initial_heldout_accuracy: float | None = None
+            self.best: dict[str, Any] | None = None  # {"round", "value"} of the best evaluation so far
+            self.rollbacks = 0  # each one moves the sampling seed on
             self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
             self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
             self._round_positions: dict[int, dict[str, int]] = {}  # async: where prefetched rounds' prompts began
@@ -102,6 +113,7 @@ class IterativeLoop:
         t["filtered"] = time.perf_counter()
         generations = self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet"
         written = write_generations(generations, scored.tables)
+        ledger = write_accepted(self.out, r + 1, self._ledger_filters, scored.tables)
         if summary["filter_errors"]:
             summary["first_filter_error"] = _one_line(summary["first_filter_error"])
             self._stop_on_filter_errors(r, summary, generations, written)
@@ -115,15 +127,22 @@ class IterativeLoop:
         self.round_index += 1
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
         last = self.round_index == c.loop.rounds
-        due = self.heldout is not None and (self._due(c.loop.eval_every) or last)
-        heldout = self.heldout_accuracy(deadline) if due else None
-        self._wait([written], f"round {r + 1} write", deadline, fetch=True)
-        stats = self._round_stats(r, summary, train, heldout, t)
+        due = self.evaluation is not None and (self._due(c.loop.eval_every) or last)
+        evaluated = self.evaluate(deadline) if due else {}
+        self._wait([written, ledger], f"round {r + 1} write", deadline, fetch=True)
+        stats = {**self._round_stats(r, summary, train, t), **evaluated}
+        new_best, rollback = self._judge(evaluated)
+        if rollback:
+            stats["rolled_back_to"] = self.best["round"]
         self.recorder.record(stats)
         print(_summary_line(stats), flush=True)
         # Last, so that a checkpoint of round r means round r's files are complete.
-        if self._due(c.loop.save_every) or last:
+        if self._due(c.loop.save_every) or last or new_best:
             self.save_checkpoint()
+        if rollback:
+            self.roll_back()
+        if last:
+            self.write_final_model()
         return stats
 
     def run(self) -> list[dict[str, Any]]:
@@ -132,12 +151,16 @@ class IterativeLoop:
         If the trainer dies, it is restored from the newest checkpoint and the rounds
         after it are run again; with no checkpoint yet the run stops and says so.
         """
-        if self.round_index == 0:
+        if self.round_index == 0 and not self.warmed_up:
             self.warm_up()
-            if self.heldout is not None:
-                self.initial_heldout_accuracy = self.heldout_accuracy()
-                self.recorder.record({"round": 0, "heldout_accuracy": self.initial_heldout_accuracy})
-                print(f"held-out accuracy before round 1: {self.initial_heldout_accuracy:.1%}", flush=True)
+            self.warmed_up = True
+            if self.evaluation is not None:
+                evaluated = self.evaluate()
+                self.initial_heldout_accuracy = evaluated["eval_greedy"]
+                self.recorder.record({"round": 0, **evaluated})
+                print(f"evaluation before round 1: {_evaluation_line(evaluated)}", flush=True)
+                if self._judge(evaluated)[0]:
+                    self.save_checkpoint()
         stats: dict[int, dict[str, Any]] = {}
         while self.round_index < self.config.loop.rounds:
             try:
@@ -164,7 +187,10 @@ class IterativeLoop:
 
     def _restore_loop_state(self, state: dict[str, Any]) -> None:
         self.round_index = state["round_index"]
+        self.warmed_up = state.get("warmed_up", True)
         self.initial_heldout_accuracy = state.get("initial_heldout_accuracy")
+        self.best = state.get("best")
+        self.rollbacks = state.get("rollbacks", 0)
         self._rounds_at_version = {int(k): v for k, v in state["rounds_at_version"].items()}
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
         self._round_positions.clear()
@@ -233,7 +259,7 @@ class IterativeLoop:
         self._round_positions[r] = position
         if self.chat_tokenizer is not None:
             prompts = with_chat_template(prompts, self.chat_tokenizer, self.config.data.system_prompt)
-        return self.rl.generate(prompts, seed=self.config.loop.seed, round_index=r)
+        return self.rl.generate(prompts, seed=self.config.loop.seed + self.rollbacks, round_index=r)
 
     def scale_generators(self, count: int) -> None:
         """Change the number of generators between rounds; new ones load the current weights before sampling."""
@@ -242,15 +268,52 @@ class IterativeLoop:
         self.rl.scale_generators(count)
         self.config.resources.num_generators = count
 
-    def heldout_accuracy(self, deadline: Deadline | None = None) -> float:
-        """Greedy accuracy on the task's held-out prompts with the current weights (never trained on).
+    def evaluate(self, deadline: Deadline | None = None) -> dict[str, float]:
+        """Evaluate the current weights (see `iterft_ray.run.evaluation`): eval_greedy, eval_pass@k, eval_maj@n,
+        eval_score_mean, and `heldout_accuracy` (the greedy accuracy, as before evaluations had a section).
 
         Bounded by `deadline` (the round's), else by a `loop.round_timeout_s` of its own.
         """
-        rollouts = self.rl.generate(self.heldout, temperature=0.0, num_samples=1, round_index=-1)
-        scored = self.rl.filter(rollouts, [{"name": "exact_answer", "task": self.task.name}])
-        parts = self._wait(scored.summaries, "held-out check", deadline or self._round_deadline(), fetch=True)
-        return combine_summaries(parts)["accept_rate"]
+        if self.evaluation is None:
+            raise ValueError("evaluate: this run has no evaluation prompts (eval.prompts_file, eval.dataset or a "
+                             "data.task with a held-out split)")
+        ref = self.evaluation.start(self.rl, eval_path(self.out, self.round_index), self.round_index)
+        metrics = self._wait([ref], "evaluate", deadline or self._round_deadline(), fetch=True)[0]
+        return {**metrics, "heldout_accuracy": metrics["eval_greedy"]}
+
+    def _judge(self, evaluated: dict[str, float]) -> tuple[bool, bool]:
+        """(a new best, a rollback due) for an evaluation just made; a new best is remembered here."""
+        if not evaluated:
+            return False, False
+        value = evaluated[self.config.eval.best_metric]
+        if self.best is None or value > self.best["value"]:
+            self.best = {"round": self.round_index, "value": value}
+            return True, False
+        drop = self.config.eval.rollback_drop
+        return False, drop is not None and self.best["value"] - value > drop
+
+    def roll_back(self) -> None:
+        """Restore the best checkpoint's weights and optimizer state, move the sampling seed on, and go on
+        from this round (its checkpoint is then rewritten to the restored state, so a resume goes on alike)."""
+        best = checkpoint_dir(self.out, self.best["round"])
+        print(f"round {self.round_index}: {self.config.eval.best_metric} fell more than "
+              f"{self.config.eval.rollback_drop:g} below its best ({self.best['value']:.3f} after round "
+              f"{self.best['round']}); rolling back to {best}", flush=True)
+        self._pending.clear()
+        self.rl.restore_trainer(best)
+        self.rollbacks += 1
+        self._rounds_at_version[self.rl.version] = self.round_index
+        self.save_checkpoint()
+
+    def write_final_model(self) -> StoragePath:
+        """final/: the model of the last round or of the best checkpoint (eval.final_model), a Hugging Face
+        directory (model, tokenizer; no training state)."""
+        source = self.round_index
+        if self.config.eval.final_model == "best" and self.best is not None:
+            source = self.best["round"]
+        final = self.out / "final"
+        copy_model_files(checkpoint_dir(self.out, source), final)
+        return final
 
     def save_checkpoint(self) -> StoragePath:
         """Checkpoint under checkpoints/round-NNNN: Hugging Face model + training state + loop state."""
@@ -260,7 +323,10 @@ class IterativeLoop:
         self._round_positions = {k: v for k, v in self._round_positions.items() if k >= self.round_index}
         self.rl.save(target, {
             "round_index": self.round_index,
+            "warmed_up": self.warmed_up,
             "initial_heldout_accuracy": self.initial_heldout_accuracy,
+            "best": self.best,
+            "rollbacks": self.rollbacks,
             "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
             "run_id": self.run_id,
             "prompt_position": position,
@@ -293,7 +359,7 @@ class IterativeLoop:
         finally:
             bar.close()
 
-    def _round_stats(self, r, summary, train, heldout, t) -> dict[str, Any]:
+    def _round_stats(self, r, summary, train, t) -> dict[str, Any]:
         versions = summary["weight_versions"]
         stats = {
             "round": r + 1,
@@ -318,8 +384,6 @@ class IterativeLoop:
             "sync_time": t["synced"] - t["trained"],
             "round_time": time.perf_counter() - t["start"],
         }
-        if heldout is not None:
-            stats["heldout_accuracy"] = heldout
         return stats
 
     def shutdown(self) -> None:
@@ -342,6 +406,16 @@ def _one_line(text: str | None, limit: int = 300) -> str | None:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _evaluation_line(s: dict[str, Any]) -> str:
+    """An evaluation in one line: greedy accuracy, the largest k's pass@k and maj@n, in percent."""
+    parts = [f"greedy {s['eval_greedy']:.1%}"]
+    ks = [int(key.removeprefix("eval_pass@")) for key in s if key.startswith("eval_pass@")]
+    if ks:
+        parts.append(f"pass@{max(ks)} {s[f'eval_pass@{max(ks)}']:.1%}")
+    parts += [f"{key.removeprefix('eval_')} {value:.1%}" for key, value in s.items() if key.startswith("eval_maj@")]
+    return " ".join(parts)
+
+
 def _summary_line(s: dict[str, Any]) -> str:
     """One line per round; a round that accepted nothing trained on nothing, so its loss is `-`, not nan."""
     loss = "-" if s["loss"] is None or math.isnan(s["loss"]) else f"{s['loss']:.3f}"
@@ -350,8 +424,10 @@ def _summary_line(s: dict[str, Any]) -> str:
         f"loss {loss} | v{s['weight_version']} | gen {s['generate_time']:.1f}s "
         f"filter {s['filter_time']:.1f}s train {s['train_time']:.1f}s sync {s['sync_time']:.1f}s"
     )
-    if "heldout_accuracy" in s:
-        line += f" | held-out {s['heldout_accuracy']:.1%}"
+    if "eval_greedy" in s:
+        line += f" | eval {_evaluation_line(s)}"
+    if "rolled_back_to" in s:
+        line += f" | rolled back to round {s['rolled_back_to']}"
     if s["filter_errors"]:
         line += f" | filter errors {s['filter_errors']}, first: {s['first_filter_error']}"
     return line

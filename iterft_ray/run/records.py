@@ -22,7 +22,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from iterft_ray.storage import StoragePath
 
 # Metrics drawn in plot.png, one panel each, when the run has them.
-PLOTTED = ("accept_rate", "reward_mean", "loss", "heldout_accuracy", "filter_errors", "num_target_tokens", "round_time")
+# "eval_pass@*" is one panel with every pass@k; heldout_accuracy (eval_greedy's old name) only for older runs.
+PLOTTED = ("accept_rate", "reward_mean", "loss", "eval_greedy", "heldout_accuracy", "eval_pass@*", "filter_errors",
+           "num_target_tokens", "round_time")
 PANEL_INCHES, PLOT_DPI = 1.8, 80
 
 
@@ -76,15 +78,18 @@ class RunRecorder:
     def truncate(self, rounds: int) -> None:
         """Keep only the records of rounds 1..rounds: a resumed run records the later ones again.
 
-        metrics.jsonl loses their lines, rounds/ their directories, and TensorBoard is told to
-        drop their events (`purge_step`), so no round shows twice or from a run it was not in.
+        metrics.jsonl loses their lines, rounds/ their directories, eval/ and accepted/ their files,
+        and TensorBoard is told to drop their events (`purge_step`), so no round shows twice or
+        from a run it was not in.
         """
         self._rows = [row for row in self._rows if row["round"] <= rounds]
         if self.metrics_path.exists():
             self._write_metrics()
-        for path in (self.out_dir / "rounds").iterdir():
-            if path.name.isdigit() and int(path.name) > rounds:
-                path.delete()
+        for folder in ("rounds", "eval", "accepted"):
+            for path in (self.out_dir / folder).iterdir():
+                number = path.name.split(".")[0].removeprefix("round-")
+                if number.isdigit() and int(number) > rounds:
+                    path.delete()
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
@@ -169,12 +174,26 @@ def plot_metrics(run_dir: StoragePath | str | Path, rows: list[dict[str, Any]] |
     return out, names
 
 
+def _pass_at_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The eval_pass@k keys the rows have, by k."""
+    keys = {k for r in rows for k, v in r.items() if k.startswith("eval_pass@") and isinstance(v, (int, float))}
+    return sorted(keys, key=lambda k: int(k.removeprefix("eval_pass@")))
+
+
+def plotted_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The panels of plot.png for these rows: each PLOTTED metric they have ("eval_pass@*": every pass@k, one panel)."""
+    have = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if "eval_greedy" in have:
+        have.discard("heldout_accuracy")  # the same numbers
+    return [m for m in PLOTTED if (_pass_at_keys(rows) if m == "eval_pass@*" else m in have)]
+
+
 def metrics_figure(rows: list[dict[str, Any]], title: str) -> tuple[Any, list[str]]:
     """One panel per metric in PLOTTED that the rows have, over whole rounds; returns (figure, metrics drawn)."""
     from matplotlib.figure import Figure  # not pyplot: no global state, safe off the main thread
     from matplotlib.ticker import MaxNLocator
 
-    names = [m for m in PLOTTED if any(isinstance(r.get(m), (int, float)) for r in rows)]
+    names = plotted_metrics(rows)
     n = max(1, len(names))
     fig = Figure(figsize=(6, PANEL_INCHES * n))
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)
@@ -182,9 +201,13 @@ def metrics_figure(rows: list[dict[str, Any]], title: str) -> tuple[Any, list[st
     fig.subplots_adjust(left=0.14, right=0.97, top=1 - 0.3 / n, bottom=0.35 / n, hspace=0.15)
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / n)
     for ax, name in zip(axes[:, 0], names):
-        points = [(r["round"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
-        ax.set_ylabel(name, fontsize=8)
+        curves = _pass_at_keys(rows) if name == "eval_pass@*" else [name]
+        for curve in curves:
+            points = [(r["round"], r[curve]) for r in rows if isinstance(r.get(curve), (int, float))]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=curve)
+        if len(curves) > 1:
+            ax.legend(fontsize=6)
+        ax.set_ylabel("eval_pass@k" if name == "eval_pass@*" else name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole

@@ -23,14 +23,16 @@ from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, build, check_mode
 from iterft_ray.data.chat import load_chat_tokenizer
 from iterft_ray.data.prompts import PromptSource, load_prompts
 from iterft_ray.data.tasks import Task
+from iterft_ray.run.evaluation import load_eval_prompts
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.checkpoint import META, is_checkpoint
 
 RUN_RECORD = "run.json"
 # Everything a run writes into loop.output_dir; --overwrite deletes these and nothing else.
-RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "checkpoints", "tensorboard", "trainer")
+RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "eval", "accepted", "checkpoints",
+             "final", "tensorboard", "trainer")
 # A directory with any of these holds a run's results (a run that stopped while starting left none).
-RUN_RESULTS = ("metrics.jsonl", "rounds", "checkpoints", "tensorboard")
+RUN_RESULTS = ("metrics.jsonl", "rounds", "eval", "accepted", "checkpoints", "final", "tensorboard")
 
 
 def checkpoint_dir(out: StoragePath, round_index: int) -> StoragePath:
@@ -45,7 +47,7 @@ class RunStart:
     out: StoragePath
     run_id: str
     prompts: pa.Table | PromptSource  # a task's table, or a file or dataset opened to stream
-    heldout: pa.Table | None
+    heldout: pa.Table | None  # the evaluation prompts (eval.prompts_file / eval.dataset / the task's held-out split)
     task: Task | None
     rounds: int  # loop.rounds of the config
     checkpoint: StoragePath | None = None  # resume from it
@@ -77,7 +79,11 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     if resume and overwrite:
         raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
                          "give one")
-    prompts, heldout, task = _load_prompts(config)
+    prompts, _, task = _load_prompts(config)
+    heldout = load_eval_prompts(config, task)
+    if heldout is None and config.eval.filters is not None:
+        raise ValueError("eval.filters: there are no evaluation prompts to grade; give eval.prompts_file or "
+                         "eval.dataset (a data.task brings its held-out split)")
     check_model_sources(config.model)
     chat_tokenizer = load_chat_tokenizer(config.model) if config.data.chat_template else None
     out = _output_dir(config.loop.output_dir)

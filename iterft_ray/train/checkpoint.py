@@ -164,6 +164,17 @@ def save_checkpoint(trainer, location: StoragePath | str | Path, extra: dict[str
             target.upload_directory(written, last=META)
 
 
+def copy_model_files(checkpoint: StoragePath | Path, target: StoragePath | Path) -> None:
+    """Copy a checkpoint's Hugging Face files (model or adapter, tokenizer, configs) to `target`, leaving the
+    training state out: a directory `from_pretrained` loads. What was in `target` before is replaced."""
+    checkpoint, target = StoragePath.of(checkpoint), StoragePath.of(target)
+    target.delete()
+    target.mkdir()
+    for path in checkpoint.iterdir():
+        if path.name not in (TENSORS, META) and path.is_file():
+            path.copy_to(target / path.name)
+
+
 def is_checkpoint(path: StoragePath | Path) -> bool:
     """A complete checkpoint: the training state is there (written last, locally by rename, in a store last)."""
     path = StoragePath.of(path)

@@ -2,9 +2,10 @@
 
 There are two kinds of filter:
 
-- A row filter is any callable `f(prompt, completion, meta) -> bool | float`, where
+- A row filter is any callable `f(prompt, completion, meta) -> bool | float | Verdict`, where
   `meta` is the row as a dict without `prompt` and `completion`. A bool is a gate; a
-  number adds to the row's score. Row filters run in worker processes, several rows at
+  number adds to the row's score; a `Verdict` is either, with the final answer the filter
+  read from the completion (what an evaluation's majority vote counts). Row filters run in worker processes, several rows at
   once, and a call past its timeout is killed with its process (`iterft_ray.verify.processes`).
 - A selector is any object with `select(table) -> pyarrow boolean array`. It sees the
   whole batch with `score` and `accepted` columns and returns the new accepted mask. All
@@ -30,9 +31,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from iterft_ray.data.tasks import get_task
+from iterft_ray.verify.verdict import Verdict
 from iterft_ray.verify.verifiers import math_answer, python_tests
 
-RowFilter = Callable[[str, str, dict], Union[bool, float]]
+RowFilter = Callable[[str, str, dict], Union[bool, float, Verdict]]
 
 
 @runtime_checkable
@@ -50,8 +52,9 @@ class _ExactAnswer:
     task: str
     check: Callable[[str, str], bool] = field(repr=False)
 
-    def __call__(self, prompt: str, completion: str, meta: dict) -> bool:
-        return self.check(completion, meta["answer"])
+    def __call__(self, prompt: str, completion: str, meta: dict) -> Verdict:
+        # The task's checkers compare the whole completion, stripped: that is the answer given.
+        return Verdict(self.check(completion, meta["answer"]), completion.strip())
 
 
 @dataclass(frozen=True)

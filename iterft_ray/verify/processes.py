@@ -1,7 +1,7 @@
 """The filter processes: worker processes that run row filters on a batch's rows, each call under a real timeout.
 
 `iterft_ray.verify.scoring` hands them one (prompt, completion, meta) per row and gets back
-one (score, accepted, filter_error); nothing here knows about tables or selectors.
+one (score, accepted, filter_error, final_answer); nothing here knows about tables or selectors.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from iterft_ray.verify.verdict import Verdict
+
 if TYPE_CHECKING:
     from iterft_ray.verify.filters import RowFilter
 
@@ -35,6 +37,7 @@ class _Row:
     args: tuple
     filter_index: int = 0
     total: float | None = None
+    answer: str | None = None  # the first final answer a filter's Verdict gave
     deadline: float = 0.0
 
 
@@ -63,8 +66,8 @@ class FilterProcesses:
             raise ValueError(f"row filters {self.names}: cannot be pickled for a filter process: {e}") from None
         self._workers: list[_FilterProcess] = []
 
-    def score_rows(self, rows: list[tuple], timeout_s: float) -> list[tuple[float, bool, str | None]]:
-        """(score, accepted, filter_error) for each (prompt, completion, meta)."""
+    def score_rows(self, rows: list[tuple], timeout_s: float) -> list[tuple[float, bool, str | None, str | None]]:
+        """(score, accepted, filter_error, final_answer) for each (prompt, completion, meta)."""
         results: list = [None] * len(rows)
         todo = collections.deque(_Row(i, args) for i, args in enumerate(rows))
         while len(self._workers) < min(self.size, len(rows)):
@@ -121,11 +124,15 @@ class FilterProcesses:
                     finish(worker, row, self._reject(row, error), replace=True)
         return results
 
-    def _advance(self, row: _Row, ok: bool, value: Any) -> tuple[float, bool, str | None] | None:
+    def _advance(self, row: _Row, ok: bool, value: Any) -> tuple[float, bool, str | None, str | None] | None:
         """Apply one filter's result; the row's final result, or None when the next filter runs."""
         name = self.names[row.filter_index]
         if not ok:
             return self._reject(row, f"{name}: {value}")
+        if isinstance(value, Verdict):
+            if row.answer is None and value.answer is not None:
+                row.answer = str(value.answer)
+            value = value.value
         if isinstance(value, bool):
             if not value:
                 return self._reject(row, None)
@@ -136,12 +143,12 @@ class FilterProcesses:
         row.filter_index += 1
         if row.filter_index < len(self.row_filters):
             return None
-        return (1.0 if row.total is None else row.total), True, None
+        return (1.0 if row.total is None else row.total), True, None, row.answer
 
     @staticmethod
-    def _reject(row: _Row, error: str | None) -> tuple[float, bool, str | None]:
-        """A rejected row keeps the score so far."""
-        return row.total or 0.0, False, error
+    def _reject(row: _Row, error: str | None) -> tuple[float, bool, str | None, str | None]:
+        """A rejected row keeps the score so far, and the answer it gave (a wrong answer counts in a vote)."""
+        return row.total or 0.0, False, error, row.answer
 
     def close(self) -> None:
         for worker in self._workers:

@@ -73,7 +73,7 @@ class RolloutScorer:
         """The batch with `score`, `accepted` and `filter_error` added (see `score_rollouts`)."""
         check_unscored(table)
         if self._pool is None or table.num_rows == 0:
-            rows = [(1.0, True, None)] * table.num_rows
+            rows = [(1.0, True, None, None)] * table.num_rows
         else:
             calls = zip(
                 table["prompt"].to_pylist(),

@@ -14,13 +14,14 @@ import re
 from dataclasses import dataclass
 
 from iterft_ray.verify.sandbox import SandboxLimits, run_python
+from iterft_ray.verify.verdict import Verdict
 
 
 @dataclass(frozen=True)
 class _MathAnswer:
     name = "math_answer"  # how errors in `filter_error` name it
 
-    def __call__(self, prompt: str, completion: str, meta: dict) -> bool:
+    def __call__(self, prompt: str, completion: str, meta: dict) -> Verdict:
         # Imported here: sympy takes a second to load, and only processes that verify pay it.
         from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -29,7 +30,8 @@ class _MathAnswer:
         gold = parse(f"${meta['answer']}$", parsing_timeout=None)
         extraction = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
         answer = parse(completion, extraction, parsing_timeout=None)
-        return bool(verify(gold, answer, timeout_seconds=None))
+        # The parsed expression's text is the vote: "0.5" and "1/2" both parse to 1/2.
+        return Verdict(bool(verify(gold, answer, timeout_seconds=None)), str(answer[0]) if answer else None)
 
     def __reduce__(self):
         # Unpickled in a filter process: load math-verify while the process starts, not

@@ -1,0 +1,142 @@
+"""Evaluation: held-out prompts sampled by the generators and graded by the run's verifiers.
+
+Each evaluation answers every prompt once greedily and `eval.num_samples` (n) times at the run's
+temperature, scores both in the filter pool with the evaluation's filters, and reduces the
+scored rows to a few numbers in a task beside the driver (the rows never reach the driver):
+
+- `eval_greedy`: the share of prompts whose greedy answer is accepted;
+- `eval_pass@k` for k = 1..n: Chen et al. (2021)'s unbiased estimate of the chance that at
+  least one of k samples is accepted, from the n drawn, averaged over prompts;
+- `eval_maj@n`: the share of prompts whose most frequent `final_answer` (the answer a filter's
+  `Verdict` read) is an accepted one; only when the filters read answers;
+- `eval_score_mean`: the mean score of the sampled answers (of the greedy ones when n is 0).
+
+The rows themselves go to `eval/NNNN.parquet` (NNNN: the round evaluated after), with an
+`eval_mode` column ("greedy" / "sampled"). Evaluation prompts only ever reach the generators
+and the filters, never the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from iterft_ray.config import RunConfig
+from iterft_ray.data.prompts import PromptDataset, PromptFile
+from iterft_ray.data.tasks import Task
+from iterft_ray.storage import StoragePath
+from iterft_ray.verify.filters import Selector, resolve_filter
+
+# The round index an evaluation samples under (its seeds, its sample ids): apart from every training round's.
+EVAL_ROUND_BASE = -1_000_000
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k from n samples of which c passed: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
+    as a running product so that large n does not overflow."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def eval_metrics(table: pa.Table, num_samples: int) -> dict[str, float]:
+    """The evaluation's metrics (see the module docstring) from its scored rows with their `eval_mode`."""
+    greedy = table.filter(pc.equal(table["eval_mode"], "greedy"))
+    sampled = table.filter(pc.equal(table["eval_mode"], "sampled"))
+    metrics = {"eval_greedy": _mean(greedy["accepted"].to_pylist())}
+    by_prompt: dict[Any, list[tuple[bool, str | None]]] = {}
+    for pid, accepted, answer in zip(*(sampled[c].to_pylist() for c in ("prompt_id", "accepted", "final_answer"))):
+        by_prompt.setdefault(pid, []).append((accepted, answer))
+    for k in range(1, num_samples + 1):
+        metrics[f"eval_pass@{k}"] = _mean([pass_at_k(len(rows), sum(a for a, _ in rows), k)
+                                           for rows in by_prompt.values()])
+    if num_samples and any(answer is not None for rows in by_prompt.values() for _, answer in rows):
+        metrics[f"eval_maj@{num_samples}"] = _mean([_majority_accepted(rows) for rows in by_prompt.values()])
+    scores = (sampled if num_samples else greedy)["score"].to_pylist()
+    metrics["eval_score_mean"] = _mean(scores)
+    return metrics
+
+
+def _majority_accepted(rows: list[tuple[bool, str | None]]) -> bool:
+    """Whether the most frequent answer (ties: the one given first) was accepted; no answer read: wrong."""
+    votes = Counter(answer for _, answer in rows if answer is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(answer for _, answer in rows if votes.get(answer) == top)
+    return any(accepted for accepted, answer in rows if answer == winner)
+
+
+def _mean(values: list) -> float:
+    return sum(float(v) for v in values) / len(values) if values else 0.0
+
+
+@ray.remote(num_cpus=0)
+def _reduce_evaluation(path: StoragePath, num_samples: int, greedy_count: int, *tables: pa.Table) -> dict[str, float]:
+    """Label the scored tables greedy / sampled, write them to `path` whole, return their metrics."""
+    labelled = [t.append_column("eval_mode", pa.array(["greedy" if i < greedy_count else "sampled"] * t.num_rows))
+                for i, t in enumerate(tables)]
+    table = pa.concat_tables(labelled, promote_options="default")
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    path.write_bytes(buffer.getvalue())
+    return eval_metrics(table, num_samples)
+
+
+def evaluation_filters(config: RunConfig) -> list[Any]:
+    """The filters that grade evaluation answers: eval.filters, else the run's row filters (no selectors:
+    a best-of-k would reject correct answers beyond the k-th)."""
+    if config.eval.filters is not None:
+        return list(config.eval.filters)
+    return [spec for spec in config.filters if not isinstance(resolve_filter(spec), Selector)]
+
+
+def load_eval_prompts(config: RunConfig, task: Task | None) -> pa.Table | None:
+    """The evaluation prompts: eval.prompts_file or eval.dataset read whole, else the task's held-out split
+    (None when there is neither). Errors name the eval key."""
+    ev = config.eval
+    column = config.data.prompt_column
+    try:
+        if ev.prompts_file is not None:
+            source = PromptFile(ev.prompts_file, column)
+        elif ev.dataset is not None:
+            source = PromptDataset(ev.dataset, column)
+        else:
+            return pa.Table.from_pylist(task.heldout_prompts) if task is not None and task.heldout_prompts else None
+        table = pa.concat_tables([source.read_shard(i) for i in range(len(source.shards))])
+    except (ValueError, FileNotFoundError) as e:
+        key = "eval.prompts_file" if ev.prompts_file is not None else "eval.dataset"
+        raise ValueError(f"{key}: {e}") from None
+    if table.num_rows == 0:
+        raise ValueError(f"{'eval.prompts_file' if ev.prompts_file else 'eval.dataset'}: holds no prompts")
+    return table
+
+
+def eval_path(out: StoragePath, round_index: int) -> StoragePath:
+    """Where a run's evaluation after `round_index` rounds writes its rows: eval/NNNN.parquet."""
+    return out / "eval" / f"{round_index:04d}.parquet"
+
+
+class Evaluation:
+    """One run's evaluation: its prompts, filters and sample count, run with the trainer's current weights."""
+
+    def __init__(self, prompts: pa.Table, filters: list[Any], num_samples: int, seed: int):
+        self.prompts, self.filters, self.num_samples, self.seed = prompts, filters, num_samples, seed
+
+    def start(self, rl, path: StoragePath, round_index: int) -> ray.ObjectRef:
+        """Sample and score the evaluation after `round_index` rounds (its seeds) with `rl`'s current weights;
+        returns a reference to its metrics, which are ready once the rows are written to `path`."""
+        at = EVAL_ROUND_BASE - round_index
+        greedy = rl.filter(rl.generate(self.prompts, temperature=0.0, num_samples=1, round_index=at), self.filters)
+        sampled = rl.filter(rl.generate(self.prompts, seed=self.seed, round_index=at, num_samples=self.num_samples),
+                            self.filters).tables if self.num_samples else []
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        return _reduce_evaluation.options(scheduling_strategy=here).remote(
+            path, self.num_samples, len(greedy.tables), *greedy.tables, *sampled)
