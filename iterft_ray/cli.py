@@ -1,4 +1,4 @@
-"""`iterft run CONFIG | demo | plot RUN_DIR`: the command line (also `python -m iterft_ray`)."""
+"""`iterft run CONFIG | demo | eval RUN_DIR | plot RUN_DIR`: the command line (also `python -m iterft_ray`)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,38 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     return loop, stats
 
 
+def evaluate(run_dir: str, checkpoint: str | None, output: str | None, overrides: list[str],
+             address: str | None) -> dict[str, Any]:
+    """`iterft eval`: evaluate a run's checkpoint (its newest by default), or a config's base model, without
+    training; prints the metrics as one JSON line, last."""
+    import json
+
+    import ray
+
+    from iterft_ray.ray_start import init_ray
+    from iterft_ray.run.eval_command import eval_target, evaluate as run_evaluation, is_run_dir
+
+    try:
+        if is_run_dir(run_dir):
+            if overrides:
+                raise ValueError("--set: a run is evaluated with its own config; --set applies to a config only")
+            target = eval_target(run_dir, checkpoint, output)
+        else:
+            target = eval_target(run_dir, checkpoint, output, config_data(run_dir, overrides))
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
+    print(f"evaluating {target.checkpoint or 'the base model'} on {target.rows}", flush=True)
+    started_ray = not ray.is_initialized()
+    init_ray(target.config.resources, address)
+    try:
+        result = run_evaluation(target)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def demo(overrides: list[str], address: str | None, resume: bool = False, overwrite: bool = False) -> int:
     """Expert iteration from a weak warm-started tiny model; checks the held-out accuracy it promises.
 
@@ -145,16 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a config (a YAML path or a built-in name)")
     p_run.add_argument("config")
     p_demo = sub.add_parser("demo", help="expert iteration on addition with a tiny model, checked")
+    p_eval = sub.add_parser("eval", help="evaluate a run's checkpoint (or a config's base model) without training")
+    p_eval.add_argument("run_dir", metavar="RUN_DIR", help="a run's loop.output_dir, or a config for its base model")
+    p_eval.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the run's newest)")
+    p_eval.add_argument("--output", default=None, help="where the rows and metrics go (default: RUN_DIR/eval)")
     p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl (a path or a URI)")
     p_plot.add_argument("run_dir")
-    for p in (p_run, p_demo):
+    for p in (p_run, p_demo, p_eval):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loop.rounds=2")
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    for p in (p_run, p_demo):
         how = p.add_mutually_exclusive_group()
         how.add_argument("--resume", action="store_true",
                          help="continue the run in loop.output_dir from its newest checkpoint")
         how.add_argument("--overwrite", action="store_true", help="delete the run in loop.output_dir and start afresh")
-    for p in (p_run, p_demo, p_plot):
+    for p in (p_run, p_demo, p_eval, p_plot):
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     sys.path.insert(0, "")  # as under `python -m`: modules in the working directory import (filters: ["mymod:check"])
@@ -174,6 +211,9 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         return demo(args.set, args.address, args.resume, args.overwrite)
+    if args.command == "eval":
+        evaluate(args.run_dir, args.checkpoint, args.output, args.set, args.address)
+        return 0
     from iterft_ray.run.records import plot_metrics
 
     try:

@@ -285,7 +285,7 @@ def build(cls: type, data: Any, where: str = "") -> Any:
                 raise ValueError(f"{key}: required")
             continue
         values[name] = _coerce(hints[name], data[name], key)
-        for bound in f.metadata.get("bounds", ()):
+        for bound in f.metadata.get("bounds", ()) if values[name] is not None else ():
             if not bound.holds(values[name]):
                 raise ValueError(f"{key}: expected {bound.expected}, got {values[name]}")
     return cls(**values)

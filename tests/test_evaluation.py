@@ -1,0 +1,165 @@
+"""Evaluation (eval: section, `iterft eval`), the best checkpoint and its rollback gate, final/, the accepted/ ledger."""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+from iterft_ray.cli import main
+from iterft_ray.run.evaluation import eval_metrics, pass_at_k
+from iterft_ray.run.loop import IterativeLoop
+from iterft_ray.run.records import plotted_metrics
+
+
+def only_version_zero(prompt, completion, meta):
+    """An evaluation filter that passes answers of the untrained weights only: any training is a drop."""
+    return meta["weight_version"] == 0
+
+
+def test_pass_at_k_is_the_chance_that_k_of_n_samples_hold_a_pass():
+    for n, c in [(5, 0), (5, 1), (5, 3), (6, 6), (4, 2)]:
+        samples = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(samples, k))
+            assert math.isclose(pass_at_k(n, c, k), sum(any(s) for s in subsets) / len(subsets)), (n, c, k)
+
+
+def test_eval_metrics_greedy_pass_at_k_and_majority_vote():
+    rows = [  # prompt, mode, accepted, final_answer, score
+        (1, "greedy", True, "7", 1.0), (2, "greedy", False, "3", 0.0),
+        (1, "sampled", True, "7", 1.0), (1, "sampled", False, "8", 0.0), (1, "sampled", True, "7", 1.0),
+        # prompt 2: the wrong "3" wins the vote 2 to 1 although one sample is right
+        (2, "sampled", False, "3", 0.0), (2, "sampled", True, "5", 1.0), (2, "sampled", False, "3", 0.0),
+    ]
+    table = pa.table({name: [r[i] for r in rows] for i, name in
+                      enumerate(["prompt_id", "eval_mode", "accepted", "final_answer", "score"])})
+    metrics = eval_metrics(table, 3)
+    assert metrics["eval_greedy"] == 0.5
+    assert math.isclose(metrics["eval_pass@1"], (2 / 3 + 1 / 3) / 2)
+    assert metrics["eval_pass@3"] == 1.0
+    assert metrics["eval_maj@3"] == 0.5
+    assert math.isclose(metrics["eval_score_mean"], 3 / 6)
+    no_answers = table.set_column(3, "final_answer", pa.nulls(len(rows), pa.string()))
+    assert "eval_maj@3" not in eval_metrics(no_answers, 3)  # a vote needs answers a filter read
+
+
+def _write_jsonl(path: Path, first_id: int, count: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt_id": first_id + i, "prompt": f"What is {i} + {i}?",
+                                        "answer": str(2 * i)}) + "\n" for i in range(count)))
+    return path
+
+
+def _config(tmp_path: Path, **sections) -> dict:
+    config = {
+        "model": {"name_or_path": "tiny-llama"},
+        "data": {"prompts_file": str(_write_jsonl(tmp_path / "train.jsonl", 0, 32))},
+        "filters": [{"name": "length_bounds", "min_chars": 1}],
+        "sampling": {"num_samples": 2, "max_new_tokens": 6},
+        "trainer": {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "optim": "adamw_torch"},
+        "resources": {"num_generators": 1, "filter_pool_size": 1},
+        "loop": {"rounds": 2, "prompts_per_round": 8, "save_every": 1, "eval_every": 1,
+                 "output_dir": str(tmp_path / "run")},
+        "eval": {"prompts_file": str(_write_jsonl(tmp_path / "eval.jsonl", 1000, 6)), "filters": ["math_answer"],
+                 "num_samples": 3},
+    }
+    for name, values in sections.items():
+        config[name].update(values)
+    return config
+
+
+def test_a_run_on_a_prompts_file_evaluates_every_round_and_iterft_eval_reproduces_a_checkpoint(
+        tmp_path, ray_up, capsys):
+    loop = IterativeLoop(_config(tmp_path))
+    try:
+        loop.run()
+    finally:
+        loop.shutdown()
+    run = tmp_path / "run"
+    console = capsys.readouterr().out
+    assert "evaluation before round 1: greedy" in console and console.count("| eval greedy") == 2
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    for m in metrics:
+        assert {"eval_greedy", "eval_pass@1", "eval_pass@2", "eval_pass@3", "eval_score_mean"} <= set(m)
+        assert m["heldout_accuracy"] == m["eval_greedy"]
+    assert {"eval_greedy", "eval_pass@*"} <= set(plotted_metrics(metrics))
+
+    eval_prompts = {f"What is {i} + {i}?" for i in range(6)} - {f"What is {i} + {i}?" for i in range(32)}
+    eval_ids = set(range(1000, 1006))
+    for r in (0, 1, 2):
+        rows = pq.read_table(run / "eval" / f"{r:04d}.parquet")
+        modes = rows["eval_mode"].to_pylist()
+        assert modes.count("greedy") == 6 and modes.count("sampled") == 18
+        assert set(rows["prompt_id"].to_pylist()) == eval_ids
+        if any(a is not None for a in rows["final_answer"].to_pylist()):
+            assert "eval_maj@3" in metrics[r]
+    # Evaluation prompts never reach the trainer: they are in no round's rollouts and no ledger row.
+    for r in (1, 2):
+        trained = pq.read_table(run / "rounds" / f"{r:04d}" / "generations.parquet")
+        assert not set(trained["prompt_id"].to_pylist()) & eval_ids
+        assert not set(trained["prompt"].to_pylist()) & eval_prompts
+
+    # The ledger: one dataset of every round's accepted rows, with provenance; its trained rows are those trained.
+    ledger = datasets.load_dataset("parquet", data_dir=str(run / "accepted"), split="train")
+    assert ledger.num_rows == sum(m["accepted"] for m in metrics[1:])
+    assert {"round", "weight_version", "generator_id", "sampling_seed", "filters", "score", "trained",
+            "prompt_ids", "completion_ids"} <= set(ledger.column_names)
+    assert json.loads(ledger[0]["filters"]) == [{"name": "length_bounds", "min_chars": 1}]
+    for r in (1, 2):
+        generations = pq.read_table(run / "rounds" / f"{r:04d}" / "generations.parquet").to_pylist()
+        expected = {g["sample_id"] for g in generations if g["accepted"] and g["completion_ids"]}
+        mine = [row for row in ledger if row["round"] == r]
+        assert {row["sample_id"] for row in mine if row["trained"]} == expected
+        assert sum(len(row["completion_ids"]) for row in mine if row["trained"]) == metrics[r]["num_target_tokens"]
+        assert {row["sampling_seed"] for row in mine} == {g["sampling_seed"] for g in generations}
+
+    assert main(["eval", str(run), "--checkpoint", str(run / "checkpoints" / "round-0002")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval_greedy"] == metrics[2]["eval_greedy"]
+    assert result["eval_pass@3"] == metrics[2]["eval_pass@3"]
+    again, recorded = (pq.read_table(p) for p in (run / "eval" / "round-0002.parquet", run / "eval" / "0002.parquet"))
+    assert again["completion"].to_pylist() == recorded["completion"].to_pylist()
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_drop_past_eval_rollback_drop_restores_the_best_checkpoint(tmp_path, ray_up, capsys):
+    config = _config(tmp_path, eval={"filters": ["test_evaluation:only_version_zero"], "num_samples": 0,
+                                     "rollback_drop": 0.5, "final_model": "best"})
+    loop = IterativeLoop(config)
+    try:
+        untrained = loop.rl.trainer.checksum()
+        stats = loop.run()
+        assert loop.rollbacks == 2
+        assert loop.rl.trainer.checksum() == untrained  # the best (round 0) weights, restored
+        assert loop.rl.version > max(s["weight_version"] for s in stats)  # a restore is a new version
+    finally:
+        loop.shutdown()
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["eval_greedy"] == 1.0 and [m["eval_greedy"] for m in metrics[1:]] == [0.0, 0.0]
+    assert [m.get("rolled_back_to") for m in metrics[1:]] == [0, 0]
+    assert "rolling back to" in capsys.readouterr().out
+    best = load_file(str(run / "checkpoints" / "round-0000" / "model.safetensors"))
+    final = load_file(str(run / "final" / "model.safetensors"))
+    assert best.keys() == final.keys() and all((best[k] == final[k]).all() for k in best)
+    state = json.loads((run / "checkpoints" / "round-0002" / "training_state.json").read_text())["extra"]
+    assert state["rollbacks"] == 2 and state["best"] == {"round": 0, "value": 1.0}
+
+
+def test_eval_config_errors_name_the_key(tmp_path):
+    from iterft_ray.config import load_config
+
+    with pytest.raises(ValueError, match=r"eval.best_metric: expected one of .*eval_pass@2"):
+        load_config(_config(tmp_path, eval={"num_samples": 2, "best_metric": "eval_pass@5"}))
+    with pytest.raises(ValueError, match="eval.final_model"):
+        load_config(_config(tmp_path, eval={"final_model": "first"}))
+    with pytest.raises(ValueError, match=r"eval.rollback_drop: expected a number >= 0"):
+        load_config(_config(tmp_path, eval={"rollback_drop": -1}))
+    with pytest.raises(ValueError, match=r"eval.filters\[0\]: unknown filter"):
+        load_config(_config(tmp_path, eval={"filters": ["nope"]}))
