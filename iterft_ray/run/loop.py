@@ -26,6 +26,7 @@ from iterft_ray.data.prompts import PromptDataError
 from iterft_ray.data.rollouts import combine_summaries
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 from iterft_ray.run.evaluation import Evaluation, eval_path, evaluation_filters
+from iterft_ray.run.in_flight import delete_in_flight, load_in_flight, save_in_flight
 from iterft_ray.run.ledger import describe_filters, write_accepted
 from iterft_ray.run.records import RunRecorder, write_generations
 from iterft_ray.run.run_dir import RunStart, check_start, checkpoint_dir, latest_checkpoint, trainer_output_dir
@@ -83,7 +84,6 @@ class IterativeLoop:
             self.rollbacks = 0  # each one moves the sampling seed on
             self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
             self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
-            self._round_positions: dict[int, dict[str, int]] = {}  # async: where prefetched rounds' prompts began
             if start.checkpoint is not None:
                 self._restore_loop_state(self.rl.trainer.restored)
                 print(f"resumed from {start.checkpoint}: next round {self.round_index + 1}", flush=True)
@@ -181,7 +181,6 @@ class IterativeLoop:
                 "Start the run again (lower loop.save_every to checkpoint sooner)."
             )
         print(f"trainer lost: restoring {checkpoint} and running the rounds after it again", flush=True)
-        self._pending.clear()
         self._restore_loop_state(self.rl.restore_trainer(checkpoint))
         return checkpoint
 
@@ -193,7 +192,7 @@ class IterativeLoop:
         self.rollbacks = state.get("rollbacks", 0)
         self._rounds_at_version = {int(k): v for k, v in state["rounds_at_version"].items()}
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
-        self._round_positions.clear()
+        self._pending = load_in_flight(self.out, self.round_index, state.get("in_flight", []))
         if "prompt_position" in state:
             self.prompts.seek(state["prompt_position"])
         else:  # checkpoints from before streamed prompts: every round took the next prompts_per_round
@@ -254,9 +253,7 @@ class IterativeLoop:
 
     def _generate(self, r: int) -> list[ray.ObjectRef]:
         """Sample round r on the weights at hand, from the next prompts of the source (rounds come in order)."""
-        position = self.prompts.position
         prompts = self.prompts.next_rows(self.config.loop.prompts_per_round)
-        self._round_positions[r] = position
         if self.chat_tokenizer is not None:
             prompts = with_chat_template(prompts, self.chat_tokenizer, self.config.data.system_prompt)
         return self.rl.generate(prompts, seed=self.config.loop.seed + self.rollbacks, round_index=r)
@@ -299,8 +296,7 @@ class IterativeLoop:
         print(f"round {self.round_index}: {self.config.eval.best_metric} fell more than "
               f"{self.config.eval.rollback_drop:g} below its best ({self.best['value']:.3f} after round "
               f"{self.best['round']}); rolling back to {best}", flush=True)
-        self._pending.clear()
-        self.rl.restore_trainer(best)
+        self.rl.restore_trainer(best)  # rounds already sampling (async mode) are kept: their prompts are drawn
         self.rollbacks += 1
         self._rounds_at_version[self.rl.version] = self.round_index
         self.save_checkpoint()
@@ -316,11 +312,10 @@ class IterativeLoop:
         return final
 
     def save_checkpoint(self) -> StoragePath:
-        """Checkpoint under checkpoints/round-NNNN: Hugging Face model + training state + loop state."""
+        """Checkpoint under checkpoints/round-NNNN: Hugging Face model + training state + loop state, and
+        the rollouts of rounds already sampling (async mode; `iterft_ray.run.in_flight`)."""
         target = checkpoint_dir(self.out, self.round_index)
-        # The next round's place in the prompt stream: where its prompts began if it was prefetched.
-        position = self._round_positions.get(self.round_index, self.prompts.position)
-        self._round_positions = {k: v for k, v in self._round_positions.items() if k >= self.round_index}
+        in_flight = save_in_flight(self.out, self.round_index, self._pending)
         self.rl.save(target, {
             "round_index": self.round_index,
             "warmed_up": self.warmed_up,
@@ -329,8 +324,10 @@ class IterativeLoop:
             "rollbacks": self.rollbacks,
             "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
             "run_id": self.run_id,
-            "prompt_position": position,
+            "prompt_position": self.prompts.position,  # after the prompts of the rounds in flight
+            "in_flight": in_flight,
         })
+        delete_in_flight(self.out, self.round_index)
         return target
 
     def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: StoragePath,

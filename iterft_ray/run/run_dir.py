@@ -30,7 +30,7 @@ from iterft_ray.train.checkpoint import META, is_checkpoint
 RUN_RECORD = "run.json"
 # Everything a run writes into loop.output_dir; --overwrite deletes these and nothing else.
 RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "eval", "accepted", "checkpoints",
-             "final", "tensorboard", "trainer")
+             "in_flight", "final", "tensorboard", "trainer")
 # A directory with any of these holds a run's results (a run that stopped while starting left none).
 RUN_RESULTS = ("metrics.jsonl", "rounds", "eval", "accepted", "checkpoints", "final", "tensorboard")
 
