@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -62,7 +63,6 @@ def require_cuda() -> str:
 
 def require_packages() -> dict[str, str]:
     """Versions of the packages the import chain needs; `fail` on one missing or older than pyproject.toml's."""
-    import tomllib
     from importlib.metadata import version
 
     from packaging.requirements import Requirement
@@ -70,8 +70,9 @@ def require_packages() -> dict[str, str]:
     missing = [pip for name, pip in NEEDED.items() if importlib.util.find_spec(name) is None]
     if missing:
         fail(f"missing {', '.join(missing)}: pip install {' '.join(missing)}")
-    wanted = {r.name: r for r in map(Requirement, tomllib.loads((ROOT / "pyproject.toml").read_text())
-                                     ["project"]["dependencies"])}
+    # pyproject's `dependencies = [...]` read with a pattern: tomllib is Python 3.11+, the project 3.10+.
+    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M).group(1)
+    wanted = {r.name: r for r in map(Requirement, re.findall(r'"([^"]+)"', block))}
     found = {}
     for pip in ("torch", *NEEDED.values()):
         found[pip] = version(pip)
@@ -151,6 +152,23 @@ def sampling_figures(model_path: str, prompts: int, num_samples: int, max_new_to
             "device": str(engine.model.device), "dtype": str(engine.model.dtype)}
 
 
+def figures_line(figures: dict) -> str:
+    """The check's one line: GPU, training padded and packed (tokens/s, MFU), sampling, time, versions."""
+    pad, pack, sampling = figures["train"]["padded"], figures["train"]["packed"], figures["sampling"]
+
+    def mfu(f: dict) -> str:
+        return f"MFU {f['mfu']:.1%}" if f["mfu"] is not None else f"{f['flops_per_s'] / 1e12:.1f} TFLOP/s"
+
+    memory = f", peak memory {pad['max_memory_gb']:.1f} GB" if pad["max_memory_gb"] is not None else ""
+    return (f"gpu_check OK: {figures['gpu']}, Llama {pad['params'] / 1e9:.2f}B bf16 ({pad['attn_implementation']}): "
+            f"train padded {pad['tokens_per_s']:.0f} tok/s {mfu(pad)}, packed {pack['tokens_per_s']:.0f} tok/s "
+            f"{mfu(pack)} ({pack['tokens_per_s'] / pad['tokens_per_s']:.2f}x, pad fraction "
+            f"{pad['pad_fraction']:.2f} -> {pack['pad_fraction']:.2f}, loss {pad['losses'][-1]:.4f} vs "
+            f"{pack['losses'][-1]:.4f}){memory}; hf sampling {sampling['tokens_per_s']:.0f} tok/s "
+            f"({sampling['rows']} rows); {figures['wall_s']:.0f} s; transformers {figures['versions']['transformers']}, "
+            f"torch {figures['versions']['torch']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     p.add_argument("--json", help="also write the figures to this file")
@@ -161,6 +179,9 @@ def main() -> None:
     gpu = require_cuda()  # first: nothing else is worth importing without it
     versions = require_packages()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the loading and saving bars of a 1B model, on stderr
     started = time.perf_counter()
     peak = next((flops for name, flops in PEAK_BF16.items() if name in gpu), None)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
@@ -173,15 +194,7 @@ def main() -> None:
         sampling = sampling_figures(path, prompts=32, num_samples=4, max_new_tokens=128)
     figures = {"gpu": gpu, "peak_bf16_flops": peak, "versions": versions, "train": train, "sampling": sampling,
                "wall_s": time.perf_counter() - started}
-    pad, pack = train["padded"], train["packed"]
-    mfu = (lambda f: f"MFU {f['mfu']:.1%}" if f["mfu"] is not None else f"{f['flops_per_s'] / 1e12:.0f} TFLOP/s")
-    print(f"gpu_check OK: {gpu}, Llama {pad['params'] / 1e9:.2f}B bf16 ({pad['attn_implementation']}): "
-          f"train padded {pad['tokens_per_s']:.0f} tok/s {mfu(pad)}, packed {pack['tokens_per_s']:.0f} tok/s "
-          f"{mfu(pack)} ({pack['tokens_per_s'] / pad['tokens_per_s']:.2f}x, pad fraction "
-          f"{pad['pad_fraction']:.2f} -> {pack['pad_fraction']:.2f}, loss {pad['losses'][-1]:.4f} vs "
-          f"{pack['losses'][-1]:.4f}), peak memory {pad['max_memory_gb']:.1f} GB; hf sampling "
-          f"{sampling['tokens_per_s']:.0f} tok/s ({sampling['rows']} rows); {figures['wall_s']:.0f} s; "
-          f"transformers {versions['transformers']}, torch {versions['torch']}")
+    print(figures_line(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 

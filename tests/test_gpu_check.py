@@ -30,7 +30,12 @@ train = {side: gpu_check.train_figures(path, "cpu", packing=side == "packed", bf
          for side in ("padded", "packed")}
 sampling = gpu_check.sampling_figures(path, prompts=2, num_samples=2, max_new_tokens=6)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "vllm"))
-print(json.dumps({"train": train, "sampling": sampling, "loaded": loaded, "versions": versions}))
+figures = {"gpu": "cpu", "versions": versions, "train": train, "sampling": sampling, "wall_s": 1.0}
+lines = [gpu_check.figures_line(figures)]
+for side in train.values():
+    side.update(mfu=None, max_memory_gb=None)  # a GPU not in the table, as on the CPU
+lines.append(gpu_check.figures_line(figures))
+print(json.dumps({"train": train, "sampling": sampling, "loaded": loaded, "lines": lines}))
 """
 
 
@@ -44,10 +49,11 @@ def test_gpu_check_path_runs_without_ray_or_vllm(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["loaded"] == []
+    assert all(line.startswith("gpu_check OK: cpu, Llama 0.00B") and "\n" not in line for line in figures["lines"])
+    assert "MFU" in figures["lines"][0] and "TFLOP/s" in figures["lines"][1]
     padded, packed = figures["train"]["padded"], figures["train"]["packed"]
     for side in (padded, packed):
-        assert side["tokens_per_s"] > 0 and 0 < side["mfu"] and side["flops_per_s"] == 6 * side["params"] * (
-            side["tokens_per_s"])
+        assert side["tokens_per_s"] > 0 and side["flops_per_s"] == 6 * side["params"] * side["tokens_per_s"]
     assert packed["pad_fraction"] < padded["pad_fraction"]
     assert abs(packed["first_loss"] - padded["first_loss"]) < 1e-2  # the same examples in each update
     assert figures["sampling"]["rows"] == 4 and figures["sampling"]["generated_tokens"] > 0
