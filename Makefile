@@ -38,6 +38,11 @@ test: install
 demo: install
 	$(VENV)/bin/iterft demo
 
+# On a GPU machine whose Python has torch + CUDA, transformers, peft, accelerate and pyarrow but
+# neither Ray nor vLLM: no install (it would bring Ray), the checkout's iterft_ray on PYTHONPATH.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) jobs/gpu_check.py
+
 # Re-resolve requirements/cpu.lock from pyproject.toml and requirements/cpu.in (Linux x86_64, Python 3.11).
 lock:
 	$(PYTHON) -m venv /tmp/iterft-uv && /tmp/iterft-uv/bin/pip install -q uv==$(UV_VERSION)
@@ -45,4 +50,4 @@ lock:
 	  --python-version 3.11 $(TORCH_CPU_SOURCE) --index-strategy unsafe-best-match \
 	  --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 
-.PHONY: install system-deps test demo lock
+.PHONY: install system-deps test demo lock gpu-check

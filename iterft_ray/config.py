@@ -374,12 +374,34 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     if config.data.task is None and config.data.prompts_file is None and config.data.dataset is None:
         raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
     config.trainer = _check_trainer_args(config.trainer)
+    _check_packing(config)
     _check_filters(config.filters)
     if config.eval.filters is not None:
         _check_filters(config.eval.filters, "eval.filters")
     check_lora_serving(config.model.lora, config.sampling)
     _check_lora_transport(config)
     return config
+
+
+def _check_packing(config: RunConfig) -> None:
+    """`trainer.packing` is for causal LMs: with a seq2seq model it is refused here when the model's config
+    is at hand (a built-in tiny model, a local directory), else by the trainer once it has loaded the model."""
+    if not config.trainer.get("packing"):
+        return
+    import json
+
+    from iterft_ray.tiny import TINY_CONFIGS
+
+    name = config.model.name_or_path
+    if name in TINY_CONFIGS:
+        seq2seq = TINY_CONFIGS[name]["model_type"] == "t5"
+    elif (Path(name).expanduser() / "config.json").is_file():
+        seq2seq = bool(json.loads((Path(name).expanduser() / "config.json").read_text()).get("is_encoder_decoder"))
+    else:
+        return
+    if seq2seq:
+        raise ValueError(f"trainer.packing: only for causal LMs; {name} is a seq2seq model, which keeps padding "
+                         "(set packing: false)")
 
 
 def check_lora_serving(lora: LoraConfig | None, sampling: SamplingConfig) -> None:

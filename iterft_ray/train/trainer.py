@@ -50,6 +50,7 @@ from transformers import (
 
 from iterft_ray.train.batching import IGNORE_INDEX, TRUNCATION_MODES, Example, PaddingCollator, plan_micro_batches
 from iterft_ray.train.inputs import step_examples
+from iterft_ray.train.packing import PackingCollator, check_packed_attention
 from iterft_ray.train.refused_args import REFUSED_ARGS, refused_arg
 from iterft_ray.train.sharding import all_reduce_max, all_reduce_sum, shard_model, world_size
 
@@ -59,7 +60,7 @@ _SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 
 @dataclass
 class IterativeSFTConfig(TrainingArguments):
-    """`TrainingArguments` plus the three settings of `IterativeSFTTrainer`.
+    """`TrainingArguments` plus the settings of `IterativeSFTTrainer`.
 
     Values given to the trainer's constructor win over these.
     """
@@ -67,6 +68,10 @@ class IterativeSFTConfig(TrainingArguments):
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence trained on, in tokens."})
     truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end (drop the start) or keep_start."})
     optimize_device_cache: bool = field(default=False, metadata={"help": "Free cached device memory after each step."})
+    # TRL's `padding_free` more than its `packing`: a micro-batch holds the same examples as padded,
+    # so an update is the same; only the pad tokens go (packing.py).
+    packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's examples into rows with "
+                                                           "restarting position_ids instead of padding (causal LMs)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -143,12 +148,15 @@ class IterativeSFTTrainer(Trainer):
         if optimize_device_cache is None:
             optimize_device_cache = args.optimize_device_cache if from_args else False
         self.optimize_device_cache = optimize_device_cache
+        self.packing = bool(args.packing) if from_args else False
         if peft_config is not None:
             # As TRL's SFTTrainer: the base is frozen and only the adapter trains. Seeded: sharded
             # ranks must start from the same adapter (FSDP2 broadcasts nothing).
             torch.manual_seed(args.seed)
             model = get_peft_model(model, peft_config)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        if self.packing and self.is_encoder_decoder:
+            raise ValueError("trainer.packing: only for causal LMs; a seq2seq model keeps padding (set packing: false)")
         self.tokenizer = tokenizer
 
         super().__init__(
@@ -167,6 +175,8 @@ class IterativeSFTTrainer(Trainer):
         # resolution must still move them, and the optimizer state follows their dtype.
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.to(torch.float32)
+        if self.packing:
+            check_packed_attention(self.model)
         self.sharded = world_size() > 1
         if self.sharded:
             if torch.cuda.is_available():  # FSDP2 shards onto the rank's own device (set by the rank group)
@@ -295,15 +305,16 @@ class IterativeSFTTrainer(Trainer):
         target_tokens = input_tokens = pad_tokens = 0
         grad_norms, lr, updates = [], 0.0, 0
         for micro_batches in plan:
-            batches = [self.data_collator([examples[i] for i in mb]) for mb in micro_batches]
+            batches = [self._collate([examples[i] for i in mb]) for mb in micro_batches]
             local_targets = sum(self._count_targets(b["labels"]) for b in batches)
             update_targets = all_reduce_sum(torch.tensor(float(local_targets))).item()
             if update_targets == 0:
                 continue
             for batch in batches:
-                real = int(batch["attention_mask"].sum())
+                tokens = batch["token_mask"] if self.packing else batch["attention_mask"]
+                real = int(tokens.sum())
                 input_tokens += real
-                pad_tokens += batch["attention_mask"].numel() - real
+                pad_tokens += tokens.numel() - real
             # Sharded ranks run the same number of forward/backward passes (each one
             # gathers parameters and reduces gradients together); a rank short of
             # micro-batches runs ones that train nothing.
@@ -349,11 +360,17 @@ class IterativeSFTTrainer(Trainer):
             "tokens_per_second": input_tokens / elapsed if elapsed > 0 else 0.0,
         }
 
+    def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """A micro-batch: packed rows with `packing`, else `data_collator`'s padded ones."""
+        if self.packing:
+            return PackingCollator(self.tokenizer.pad_token_id)(examples)
+        return self.data_collator(examples)
+
     def _empty_batch(self) -> dict[str, torch.Tensor]:
         """A one-token batch with no targets: it joins the ranks' collectives and adds nothing."""
         pad = self.tokenizer.pad_token_id
         example = {"input_ids": torch.tensor([pad]), "labels": torch.tensor([IGNORE_INDEX])}
-        return self.data_collator([example])
+        return self._collate([example])
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm` and return the norm before clipping, over all ranks' shards."""
@@ -378,6 +395,11 @@ class IterativeSFTTrainer(Trainer):
                 decoder_input_ids=decoder_input_ids,
             ).logits
             targets = labels
+        elif "position_ids" in batch:
+            # Packed rows: no attention mask and no cache (even with `use_cache: true`), or transformers
+            # does not look for the packed sequences in `position_ids` and a row's examples attend to each other.
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            logits, targets = logits[:, :-1], labels[:, 1:]
         else:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             targets = labels[:, 1:]

@@ -11,22 +11,26 @@ out-of-band buffers (pickle protocol 5), so `ray.get` returns read-only arrays t
 point into shared memory; a pickled torch tensor is copied on both put and get
 (measured here: a 1 GB tensor takes 5-7 s to put and ~3 s to get, the same bytes as
 numpy ~1.2 s and ~0 s). `RAY_ENABLE_ZERO_COPY_TORCH_TENSORS` is not needed.
+
+Ray is imported only where a snapshot is put: loading one and checksumming a model need no
+Ray, so the hf engine runs where Ray is not installed (jobs/gpu_check.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-from iterft_ray.ray_internals import is_object_store_buffer
+if TYPE_CHECKING:
+    import ray
 
 # torch dtypes numpy can hold as themselves; any other (bfloat16, float8 ...) is stored
 # as the unsigned integer of the same width and reinterpreted on load.
@@ -115,6 +119,10 @@ def _back_to_back(pieces: list[np.ndarray]) -> bool:
 
 def _in_object_store(array: np.ndarray) -> bool:
     """Whether `array` is a view of a Ray object-store buffer (through views and `as_strided`'s holders)."""
+    if "ray" not in sys.modules:  # no Ray in this process: no object store either
+        return False
+    from iterft_ray.ray_internals import is_object_store_buffer
+
     base = array
     while getattr(base, "base", None) is not None:
         base = base.base
@@ -207,7 +215,13 @@ def publish_weights(model: torch.nn.Module, version: int) -> ray.ObjectRef:
     and Ray copies their bytes into shared memory before returning, so later training
     cannot change the published version and no intermediate copy is made.
     """
-    return ray.put(_snapshot(model, version, copy=False))
+    return _put(_snapshot(model, version, copy=False))
+
+
+def _put(obj: Any) -> ray.ObjectRef:
+    import ray
+
+    return ray.put(obj)
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -242,7 +256,7 @@ def publish_adapter(model: torch.nn.Module, version: int, put: bool = True) -> r
         return None
     snapshot = _snapshot(model, version, copy=False, state=state)
     snapshot.adapter_config = model.peft_config[model.active_adapter]
-    return ray.put(snapshot)
+    return _put(snapshot)
 
 
 @dataclass
@@ -268,7 +282,7 @@ def publish_shard(model: torch.nn.Module, version: int) -> ray.ObjectRef:
             if tuple(t.placements) != (Shard(0),):
                 raise ValueError(f"{name}: expected a tensor sharded along dim 0, got {t.placements}")
             sharded.append(name)
-    return ray.put(WeightShard(_snapshot(model, version, copy=False, local=True), sharded))
+    return _put(WeightShard(_snapshot(model, version, copy=False, local=True), sharded))
 
 
 def assemble_snapshot(shards: list[WeightShard]) -> WeightSnapshot:
