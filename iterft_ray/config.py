@@ -40,6 +40,7 @@ POSITIVE = Bound(lambda v: v > 0, "a positive number")
 NON_NEGATIVE = Bound(lambda v: v >= 0, "a number >= 0")
 AT_MOST_ONE = Bound(lambda v: v <= 1, "a number in (0, 1]")  # after POSITIVE: the interval (0, 1]
 IN_ZERO_ONE = Bound(lambda v: 0 < v <= 1, "a number in (0, 1]")
+BELOW_ONE = Bound(lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def bounded(default: Any, *bounds: Bound) -> Any:
@@ -220,14 +221,17 @@ class LoopConfig:
 class EvalConfig:
     """Evaluation every loop.eval_every rounds, before round 1 and after the last: held-out prompts graded by verifiers.
 
-    The prompts come from `prompts_file` or `dataset` (as data.prompts_file / data.dataset take them), else
-    from the task's held-out split; `filters` grade them (default: the run's row filters, its selectors
+    The prompts come from `prompts_file` or `dataset` (as data.prompts_file / data.dataset take them), or
+    `heldout_fraction` of the training prompts (set aside by a seeded rule, never trained on; at most
+    `max_prompts` of them), else from the task's held-out split; `filters` grade them (default: the run's row filters, its selectors
     left out). Each prompt is answered once greedily (`eval_greedy`) and `num_samples` times at the run's
     temperature (`eval_pass@k` for k = 1..n, `eval_maj@n`).
     """
 
     prompts_file: str | None = None
     dataset: dict[str, Any] | None = None
+    heldout_fraction: float | None = bounded(None, BELOW_ONE)
+    max_prompts: int = positive(512)
     filters: list[Any] | None = None
     num_samples: int = non_negative(4)
     # The metric that makes a checkpoint the best one (a new best is checkpointed when it is evaluated).
@@ -238,9 +242,10 @@ class EvalConfig:
     final_model: str = "last"
 
     def __post_init__(self):
-        if self.prompts_file is not None and self.dataset is not None:
-            raise ValueError("eval.prompts_file, eval.dataset: evaluation prompts come from a file or from a "
-                             "dataset, not both; remove one")
+        given = [k for k in ("prompts_file", "dataset", "heldout_fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{', '.join('eval.' + k for k in given)}: evaluation prompts come from one of them; "
+                             "remove the others")
         if self.final_model not in ("last", "best"):
             raise ValueError(f"eval.final_model: expected 'last' or 'best', got {self.final_model!r}")
         known = ["eval_greedy", "eval_score_mean"] + [f"eval_pass@{k}" for k in range(1, self.num_samples + 1)]

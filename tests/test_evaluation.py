@@ -163,3 +163,28 @@ def test_eval_config_errors_name_the_key(tmp_path):
         load_config(_config(tmp_path, eval={"rollback_drop": -1}))
     with pytest.raises(ValueError, match=r"eval.filters\[0\]: unknown filter"):
         load_config(_config(tmp_path, eval={"filters": ["nope"]}))
+
+
+def test_heldout_fraction_sets_prompts_aside_that_no_round_takes(tmp_path, ray_up):
+    from iterft_ray.data.prompt_stream import open_prompts
+    from iterft_ray.data.prompts import PromptFile
+    from iterft_ray.run.evaluation import held_out_rule
+    from iterft_ray.run.run_dir import check_start
+    from iterft_ray.config import load_config
+
+    config = load_config(_config(tmp_path, eval={"prompts_file": None, "heldout_fraction": 0.25, "max_prompts": 5}))
+    start = check_start(config)
+    held = start.heldout["prompt_id"].to_pylist()
+    rule = held_out_rule(config)
+    everything = PromptFile(config.data.prompts_file).read_shard(0)["prompt_id"].to_pylist()
+    all_held = [pid for pid, h in zip(everything, rule.mask(everything)) if h]
+    assert len(held) == 5 and held == all_held[:5] and 0 < len(all_held) < len(everything)
+    for source in (start.prompts, PromptFile(config.data.prompts_file).read_shard(0)):  # streamed, and a table
+        cursor = open_prompts(source, 0, rule)
+        try:
+            taken = [pid for _ in range(10) for pid in cursor.next_rows(5)["prompt_id"].to_pylist()]
+        finally:
+            cursor.close()
+        trainable = len(everything) - len(all_held)
+        assert not set(taken) & set(all_held)
+        assert sorted(taken[:trainable]) == sorted(set(everything) - set(all_held))  # each once per epoch

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from iterft_ray.data.heldout import HeldOut
 from iterft_ray.data.prompts import PromptDataError, PromptSource
 
 
@@ -35,16 +36,31 @@ class PromptCursor:
     """
 
     num_rows: int
-    cursor: int = 0  # rows handed out so far, over all epochs
+    cursor: int = 0  # rows passed so far, over all epochs (held-out ones included)
+    held_out: HeldOut | None = None  # eval.heldout_fraction: rows the rounds skip
 
     def rows(self, start: int, count: int) -> pa.Table:
         raise NotImplementedError
 
     def next_rows(self, count: int) -> pa.Table:
-        """The next `count` rows (the cursor moves only when they were read)."""
-        table = self.rows(self.cursor, count)
-        self.cursor += count
-        return table
+        """The next `count` rows, skipping held-out ones (the cursor moves only when they were read)."""
+        if self.held_out is None:
+            table = self.rows(self.cursor, count)
+            self.cursor += count
+            return table
+        # Each pass reads exactly as many rows as are still wanted, so it never takes more than it needs and
+        # the ranges stay consecutive (a stream reads on without reopening).
+        parts, need, passed = [], count, 0
+        while need:
+            table = self.held_out.training_part(self.rows(self.cursor + passed, need))
+            passed += need
+            if passed >= self.num_rows and need == count and not table.num_rows:
+                raise PromptDataError(f"eval.heldout_fraction: {self.held_out.fraction} holds out all "
+                                      f"{self.num_rows} prompts; lower it")
+            parts.append(table)
+            need -= table.num_rows
+        self.cursor += passed
+        return pa.concat_tables(parts).combine_chunks()
 
     @property
     def position(self) -> dict[str, int]:
@@ -56,9 +72,13 @@ class PromptCursor:
         self.cursor = position["epoch"] * self.num_rows + min(position["rows"], self.num_rows)
 
 
-def open_prompts(prompts: pa.Table | PromptSource, seed: int) -> TablePrompts | PromptStream:
-    """The rounds' view of a run's prompts: a task's table in memory, a file or dataset streamed."""
-    return TablePrompts(prompts, seed) if isinstance(prompts, pa.Table) else PromptStream(prompts, seed)
+def open_prompts(prompts: pa.Table | PromptSource, seed: int,
+                 held_out: HeldOut | None = None) -> TablePrompts | PromptStream:
+    """The rounds' view of a run's prompts: a task's table in memory, a file or dataset streamed; `held_out`
+    prompts are skipped."""
+    cursor = TablePrompts(prompts, seed) if isinstance(prompts, pa.Table) else PromptStream(prompts, seed)
+    cursor.held_out = held_out
+    return cursor
 
 
 class TablePrompts(PromptCursor):

@@ -68,8 +68,8 @@ def eval_target(run_or_config: str, checkpoint: str | None = None, output: str |
 def evaluate(target: EvalTarget) -> dict[str, Any]:
     """Run the evaluation of `target` on the Ray at hand (started by the caller); returns its metrics."""
     c = target.config
-    _, _, task = load_prompts(c.data)
-    prompts = load_eval_prompts(c, task)
+    train, _, task = load_prompts(c.data)
+    prompts = load_eval_prompts(c, task, train)
     if prompts is None:
         raise ValueError("eval: this config has no evaluation prompts; give eval.prompts_file or eval.dataset")
     if c.data.chat_template:

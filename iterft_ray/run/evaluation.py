@@ -29,7 +29,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from iterft_ray.config import RunConfig
-from iterft_ray.data.prompts import PromptDataset, PromptFile
+from iterft_ray.data.heldout import HeldOut, held_out_prompts
+from iterft_ray.data.prompts import PromptDataset, PromptFile, PromptSource
 from iterft_ray.data.tasks import Task
 from iterft_ray.storage import StoragePath
 from iterft_ray.verify.filters import Selector, resolve_filter
@@ -98,11 +99,23 @@ def evaluation_filters(config: RunConfig) -> list[Any]:
     return [spec for spec in config.filters if not isinstance(resolve_filter(spec), Selector)]
 
 
-def load_eval_prompts(config: RunConfig, task: Task | None) -> pa.Table | None:
-    """The evaluation prompts: eval.prompts_file or eval.dataset read whole, else the task's held-out split
-    (None when there is neither). Errors name the eval key."""
+def held_out_rule(config: RunConfig) -> HeldOut | None:
+    """The rule that sets eval.heldout_fraction of the training prompts aside (None without one)."""
+    fraction = config.eval.heldout_fraction
+    return None if fraction is None else HeldOut(fraction, config.loop.seed)
+
+
+def load_eval_prompts(config: RunConfig, task: Task | None, prompts: pa.Table | PromptSource) -> pa.Table | None:
+    """The evaluation prompts: eval.prompts_file or eval.dataset read whole, the held-out part of the training
+    `prompts` (eval.heldout_fraction), else the task's held-out split (None when there is none). Errors name
+    the eval key."""
     ev = config.eval
     column = config.data.prompt_column
+    if ev.heldout_fraction is not None:
+        table = held_out_prompts(prompts, held_out_rule(config), ev.max_prompts)
+        if table.num_rows == 0:
+            raise ValueError(f"eval.heldout_fraction: {ev.heldout_fraction} sets none of the prompts aside; raise it")
+        return table
     try:
         if ev.prompts_file is not None:
             source = PromptFile(ev.prompts_file, column)
@@ -110,7 +123,7 @@ def load_eval_prompts(config: RunConfig, task: Task | None) -> pa.Table | None:
             source = PromptDataset(ev.dataset, column)
         else:
             return pa.Table.from_pylist(task.heldout_prompts) if task is not None and task.heldout_prompts else None
-        table = pa.concat_tables([source.read_shard(i) for i in range(len(source.shards))])
+        table = pa.concat_tables([source.read_shard(i) for i in range(len(source.shards))]).slice(0, ev.max_prompts)
     except (ValueError, FileNotFoundError) as e:
         key = "eval.prompts_file" if ev.prompts_file is not None else "eval.dataset"
         raise ValueError(f"{key}: {e}") from None

@@ -25,7 +25,7 @@ from iterft_ray.data.chat import chat_example_ids, with_chat_template
 from iterft_ray.data.prompts import PromptDataError
 from iterft_ray.data.rollouts import combine_summaries
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
-from iterft_ray.run.evaluation import Evaluation, eval_path, evaluation_filters
+from iterft_ray.run.evaluation import Evaluation, eval_path, evaluation_filters, held_out_rule
 from iterft_ray.run.in_flight import delete_in_flight, load_in_flight, save_in_flight
 from iterft_ray.run.ledger import describe_filters, write_accepted
 from iterft_ray.run.records import RunRecorder, write_generations
@@ -53,7 +53,8 @@ class IterativeLoop:
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         c = self.config
         start = start if start is not None else check_start(c, resume, overwrite)
-        self.prompts = open_prompts(start.prompts, c.loop.seed)  # a file or a dataset streams through Ray Data
+        # A file or a dataset streams through Ray Data; eval.heldout_fraction's prompts are skipped.
+        self.prompts = open_prompts(start.prompts, c.loop.seed, held_out_rule(c))
         self.task = start.task
         self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
         self.evaluation: Evaluation | None = None

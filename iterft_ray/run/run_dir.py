@@ -80,7 +80,7 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
         raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
                          "give one")
     prompts, _, task = _load_prompts(config)
-    heldout = load_eval_prompts(config, task)
+    heldout = load_eval_prompts(config, task, prompts)
     if heldout is None and config.eval.filters is not None:
         raise ValueError("eval.filters: there are no evaluation prompts to grade; give eval.prompts_file or "
                          "eval.dataset (a data.task brings its held-out split)")
