@@ -25,6 +25,8 @@ from iterft_ray.storage import StoragePath
 # "eval_pass@*" is one panel with every pass@k; heldout_accuracy (eval_greedy's old name) only for older runs.
 PLOTTED = ("accept_rate", "reward_mean", "loss", "eval_greedy", "heldout_accuracy", "eval_pass@*", "filter_errors",
            "num_target_tokens", "round_time")
+# Shares plotted in percent, as the console prints them.
+PERCENT = ("accept_rate", "eval_greedy", "heldout_accuracy", "eval_pass@*")
 PANEL_INCHES, PLOT_DPI = 1.8, 80
 
 
@@ -189,7 +191,12 @@ def plotted_metrics(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def metrics_figure(rows: list[dict[str, Any]], title: str) -> tuple[Any, list[str]]:
-    """One panel per metric in PLOTTED that the rows have, over whole rounds; returns (figure, metrics drawn)."""
+    """One panel per metric in PLOTTED that the rows have, over whole rounds; returns (figure, metrics drawn).
+
+    A round that records a metric as null (the loss of a round that accepted nothing) is a gap in
+    its line, not a line drawn across it; a metric a round leaves out (held-out accuracy between
+    evaluations) is not. Shares are drawn in percent, as the console prints them.
+    """
     from matplotlib.figure import Figure  # not pyplot: no global state, safe off the main thread
     from matplotlib.ticker import MaxNLocator
 
@@ -202,14 +209,38 @@ def metrics_figure(rows: list[dict[str, Any]], title: str) -> tuple[Any, list[st
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / n)
     for ax, name in zip(axes[:, 0], names):
         curves = _pass_at_keys(rows) if name == "eval_pass@*" else [name]
+        percent = name in PERCENT
+        scale = 100.0 if percent else 1.0
+        values: list[float] = []
         for curve in curves:
-            points = [(r["round"], r[curve]) for r in rows if isinstance(r.get(curve), (int, float))]
+            points = [(r["round"], r[curve] * scale if _is_number(r[curve]) else math.nan) for r in rows if curve in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=curve)
+            values += [v for _, v in points if not math.isnan(v)]
         if len(curves) > 1:
             ax.legend(fontsize=6)
-        ax.set_ylabel("eval_pass@k" if name == "eval_pass@*" else name, fontsize=8)
+        label = "eval_pass@k" if name == "eval_pass@*" else name
+        ax.set_ylabel(f"{label} (%)" if percent else label, fontsize=8)
+        if values and max(values) == min(values):
+            ax.set_ylim(*_constant_limits(values[0], percent))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
     axes[-1, 0].set_xlabel("round")
     return fig, names
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _constant_limits(value: float, percent: bool) -> tuple[float, float]:
+    """Axis limits for a panel whose metric never changed: from 0 to the value (0 to 100 for a share),
+    so the line reads as "0 filter errors" or "3.2 every round", not as the middle of a +-0.04 range."""
+    if percent:
+        low, high = 0.0, 100.0
+    else:
+        low, high = min(0.0, value), max(0.0, value)
+        if low == high:
+            high = 1.0
+    margin = 0.05 * (high - low)
+    return low - margin, high + margin
