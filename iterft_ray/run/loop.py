@@ -377,7 +377,7 @@ class IterativeLoop:
             "learning_rate": train["learning_rate"],
             "weight_version": self.rl.version,
             "sample_weight_versions": {str(k): v for k, v in sorted(versions.items())},
-            "staleness": max((r - self._rounds_at_version[v] for v in versions), default=0),
+            "staleness": _staleness(r, versions, self._rounds_at_version),
             "generate_time": t["generated"] - t["start"],
             "filter_time": t["filtered"] - t["generated"],
             "train_time": t["trained"] - t["filtered"],
@@ -396,6 +396,14 @@ def _bar(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
 
+
+
+def _staleness(r: int, versions: dict[int, int], rounds_at_version: dict[int, int]) -> int:
+    """How many rounds of training round r's oldest samples lack: rounds trained into the weights its step
+    started from, less rounds trained into the version they were sampled with. 0 in sync mode, also after
+    rounds that accepted nothing (their weights are still the newest); at most loop.max_staleness in async mode."""
+    newest = max(n for n in rounds_at_version.values() if n <= r)
+    return max((newest - rounds_at_version[v] for v in versions), default=0)
 
 
 def _one_line(text: str | None, limit: int = 300) -> str | None:
