@@ -7,6 +7,7 @@ user can find the line to fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -379,6 +380,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         _check_filters(config.eval.filters, "eval.filters")
     check_lora_serving(config.model.lora, config.sampling)
     _check_lora_transport(config)
+    _check_trackers(config.trainer)
     return config
 
 
@@ -397,6 +399,47 @@ def _check_lora_transport(config: RunConfig) -> None:
     if config.model.lora is not None and config.resources.weight_transport == "broadcast":
         raise ValueError("model.lora, resources.weight_transport: a LoRA version is its adapter, a few MB that "
                          "the object store moves; 'broadcast' sends full weights. Use 'auto' or 'object_store'")
+
+
+def report_to_list(report_to: Any) -> list[str]:
+    """`trainer.report_to` as the list of integrations it means, read as TrainingArguments reads it
+    ("none" and no value: none; "all": every one installed)."""
+    if report_to is None or report_to in ("none", ["none"]):
+        return []
+    if report_to in ("all", ["all"]):
+        from transformers.integrations import get_available_reporting_integrations
+
+        return get_available_reporting_integrations()
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"trainer.report_to: expected an integration name or a list of them "
+                         f"(wandb, mlflow, tensorboard, ...), got {report_to!r}")
+    return list(names)
+
+
+def _check_trackers(trainer: dict[str, Any]) -> None:
+    """The trackers the driver logs to (wandb, mlflow) must be installed, and MLflow must know where to write."""
+    import importlib.util
+
+    names = report_to_list(trainer.get("report_to"))
+    for name in ("wandb", "mlflow"):
+        if name in names and importlib.util.find_spec(name) is None:
+            raise ValueError(f"trainer.report_to: {name!r} needs the {name} package; "
+                             f"pip install 'iterft_ray[trackers]'")
+    if "mlflow" not in names:
+        return
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and importlib.util.find_spec("sqlalchemy") is None:
+        raise ValueError("trainer.report_to: 'mlflow' needs MLFLOW_TRACKING_URI (a tracking server's http(s):// "
+                         "address, or file:///a/dir with MLFLOW_ALLOW_FILE_STORE=true; mlflow-skinny has no "
+                         "default SQLite store)")
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient()  # opens the tracking store: a file store MLflow refuses, a bad scheme
+    except Exception as e:  # MlflowException, or whatever the store's own client raises
+        raise ValueError(f"trainer.report_to: mlflow cannot use MLFLOW_TRACKING_URI={uri!r}: "
+                         f"{' '.join(str(e).split())}") from None
 
 
 def resolve_input_paths(data: Any, base: Path) -> Any:

@@ -28,6 +28,7 @@ from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 from iterft_ray.run.evaluation import Evaluation, eval_path, evaluation_filters
 from iterft_ray.run.ledger import describe_filters, write_accepted
 from iterft_ray.run.records import RunRecorder, write_generations
+from iterft_ray.run.trackers import open_trackers, trainer_report_to
 from iterft_ray.run.run_dir import RunStart, check_start, checkpoint_dir, latest_checkpoint, trainer_output_dir
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.checkpoint import copy_model_files
@@ -65,8 +66,8 @@ class IterativeLoop:
         self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
             c.model,
-            {"output_dir": trainer_output_dir(self.out, self.run_id), "report_to": "none", "seed": c.loop.seed,
-             **c.trainer},
+            {"output_dir": trainer_output_dir(self.out, self.run_id), "seed": c.loop.seed, **c.trainer,
+             "report_to": trainer_report_to(c.trainer)},  # the trackers are the driver's (run/trackers.py)
             resources=c.resources,
             sampling=c.sampling,
             filters=c.filters,
@@ -75,7 +76,7 @@ class IterativeLoop:
         )
         try:
             start.prepare_directory(c)
-            self.recorder = RunRecorder(self.out)
+            self.recorder = RunRecorder(self.out, open_trackers(c, self.out.name, self.run_id))
             self.round_index = 0
             self.warmed_up = False
             self.initial_heldout_accuracy: float | None = None
@@ -134,7 +135,7 @@ class IterativeLoop:
         new_best, rollback = self._judge(evaluated)
         if rollback:
             stats["rolled_back_to"] = self.best["round"]
-        self.recorder.record(stats)
+        self.recorder.record(stats, train)
         print(_summary_line(stats), flush=True)
         # Last, so that a checkpoint of round r means round r's files are complete.
         if self._due(c.loop.save_every) or last or new_best:
@@ -217,6 +218,7 @@ class IterativeLoop:
             stats = self.rl.step(**batch)
         self.rl.sync_weights()
         self._rounds_at_version[self.rl.version] = 0
+        self.recorder.track(0, stats, {}, prefix="warmup/")
         print(f"warm-up: {passes} passes, {stats['global_step']} updates, loss {stats['loss']:.3f}", flush=True)
         return stats
 

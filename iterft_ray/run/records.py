@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from iterft_ray.run.trackers import Tracker, numeric_metrics
 from iterft_ray.storage import StoragePath
 
 # Metrics drawn in plot.png, one panel each, when the run has them.
@@ -59,8 +60,10 @@ class RunRecorder:
     after each round.
     """
 
-    def __init__(self, out_dir: StoragePath | str | Path):
+    def __init__(self, out_dir: StoragePath | str | Path, trackers: list[Tracker] | None = None):
+        """`trackers` (W&B, MLflow: see trackers.py) get every recorded row and step's statistics too."""
         self.out_dir = StoragePath.of(out_dir)
+        self.trackers = list(trackers or [])
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self._rows = _parse_metrics(self.metrics_path.read_text()) if self.metrics_path.is_file() else []
         self._tensorboard = None
@@ -97,15 +100,26 @@ class RunRecorder:
             self._tensorboard = None
         self._purge_round = rounds + 1
 
-    def record(self, stats: dict[str, Any]) -> None:
-        """Add a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null)."""
+    def record(self, stats: dict[str, Any], step_stats: dict[str, Any] | None = None) -> None:
+        """Add a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null).
+
+        `step_stats`, the trainer's statistics of the round's step, go to the trackers only, as `train/*`.
+        """
         self._rows.append({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()})
         self._write_metrics()
         self._write_tensorboard(stats)
+        self.track(stats["round"], stats, step_stats or {})
         if self._plot is not None:
             self._plot.cancel()
         self._plot = self._plotter.submit(plot_metrics, self.out_dir, list(self._rows))
         self._plot.add_done_callback(_report_plot_error)
+
+    def track(self, round_index: int, stats: dict[str, Any], step_stats: dict[str, Any], prefix: str = "") -> None:
+        """Log `stats` (keyed `prefix` + name) and `step_stats` (keyed `train/` + name) at `round_index` to every
+        tracker (the warm-up's step statistics are logged at round 0 under `warmup/`)."""
+        metrics = {**numeric_metrics(stats, prefix), **numeric_metrics(step_stats, "train/")}
+        for tracker in self.trackers:
+            tracker.log(metrics, round_index)
 
     def _write_metrics(self) -> None:
         self.metrics_path.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in self._rows))
@@ -133,6 +147,9 @@ class RunRecorder:
 
     def close(self) -> None:
         self._plotter.shutdown(wait=True)
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._upload_tensorboard()
