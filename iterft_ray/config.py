@@ -10,6 +10,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,9 @@ class DataConfig:
     chat_template: bool = False
     # A system message ahead of each prompt's user message (chat_template only).
     system_prompt: str | None = None
+    # Demonstrations to warm up on before round 1 (loop.warmup_passes passes): a JSONL file of
+    # {"prompt", "completion"} lines; replaces a task's warm-up examples.
+    warmup_file: str | None = None
 
     def __post_init__(self):
         if self.system_prompt is not None and not self.chat_template:
@@ -374,6 +378,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         config.data.task = None  # the default task gives way to a prompts file or a dataset
     if config.data.task is None and config.data.prompts_file is None and config.data.dataset is None:
         raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
+    _check_warmup_file(config)
     config.trainer = _check_trainer_args(config.trainer)
     _check_filters(config.filters)
     if config.eval.filters is not None:
@@ -382,6 +387,21 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     _check_lora_transport(config)
     _check_trackers(config.trainer)
     return config
+
+
+def _check_warmup_file(config: RunConfig) -> None:
+    """A warm-up file must hold demonstrations, and the run must warm up on them; refused here, by key."""
+    from iterft_ray.data.warmup import load_warmup_file
+
+    if config.data.warmup_file is None:
+        return
+    if not config.loop.warmup_passes:
+        raise ValueError("data.warmup_file: demonstrations to warm up on, but loop.warmup_passes is 0; "
+                         "set loop.warmup_passes: 1 or more")
+    try:
+        load_warmup_file(config.data.warmup_file)
+    except ValueError as e:
+        raise ValueError(f"data.warmup_file: {e}") from None
 
 
 def check_lora_serving(lora: LoraConfig | None, sampling: SamplingConfig) -> None:
@@ -445,13 +465,14 @@ def _check_trackers(trainer: dict[str, Any]) -> None:
 def resolve_input_paths(data: Any, base: Path) -> Any:
     """Make the relative input paths of a config file's data absolute against `base`, the file's directory.
 
-    `data.prompts_file` and `eval.prompts_file` always; `model.name_or_path`, `model.tokenizer` and `data.dataset.path`
-    when they name something beside the file (else they are a hub id or a built-in name). `loop.output_dir`
-    stays relative to the working directory, as built-in configs and TrainingArguments have it.
+    `data.prompts_file`, `data.warmup_file` and `eval.prompts_file` always; `model.name_or_path`,
+    `model.tokenizer` and `data.dataset.path` when they name something beside the file (else they are a
+    hub id or a built-in name). `loop.output_dir` stays relative to the working directory, as built-in configs and TrainingArguments have it.
     """
     if not isinstance(data, dict):
         return data
-    sections = {"data": ("prompts_file",), "eval": ("prompts_file",), "model": ("name_or_path", "tokenizer")}
+    sections = {"data": ("prompts_file", "warmup_file"), "eval": ("prompts_file",),
+                "model": ("name_or_path", "tokenizer")}
     for name, keys in sections.items():
         section = data.get(name)
         if not isinstance(section, dict):
@@ -461,7 +482,7 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
             if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
                 continue
             beside = base / value
-            if key == "prompts_file" or value.startswith(("./", "../")) or beside.exists():
+            if key in ("prompts_file", "warmup_file") or value.startswith(("./", "../")) or beside.exists():
                 section[key] = str(beside.resolve())
     for name in ("data", "eval"):
         dataset = data[name].get("dataset") if isinstance(data.get(name), dict) else None
@@ -472,15 +493,30 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
     return data
 
 
-def _check_filters(filters: list[Any], key: str = "filters") -> None:
-    """Build each filter spec once here, so a bad one fails at load, before any actor starts."""
-    from iterft_ray.verify.filters import resolve_filter
+class ConfigWarning(UserWarning):
+    """A config that runs, but likely not as meant (a reward filter no selector follows, prompts repeated)."""
 
+
+def _check_filters(filters: list[Any], key: str = "filters") -> None:
+    """Build each filter spec once here, so a bad one fails at load, before any actor starts.
+
+    A row filter declared to return a number only adds to the score: with no selector after it,
+    every row it scores stays accepted, which is warned about.
+    """
+    from iterft_ray.verify.filters import Selector, resolve_filter, returns_number
+
+    resolved = []
     for i, spec in enumerate(filters):
         try:
-            resolve_filter(spec)
+            resolved.append(resolve_filter(spec))
         except Exception as e:  # a user's filter module may raise anything while importing
             raise ValueError(f"{key}[{i}]: {e}") from e
+    selected = [isinstance(f, Selector) for f in resolved]
+    for i, f in enumerate(resolved):
+        if key == "filters" and returns_number(f) and not any(selected[i + 1:]):
+            warnings.warn(f"filters[{i}]: a numeric filter adds to each row's score and rejects no row; without a "
+                          f"selector after it (best_of_k, top_fraction, score_threshold) every row it scores is "
+                          f"trained on", ConfigWarning, stacklevel=3)
 
 
 def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ class IterativeLoop:
         c = self.config
         start = start if start is not None else check_start(c, resume, overwrite)
         self.prompts = open_prompts(start.prompts, c.loop.seed)  # a file or a dataset streams through Ray Data
-        self.task = start.task
+        self.task, self.warmup_examples = start.task, start.warmup_examples
         self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
         self.evaluation: Evaluation | None = None
         if start.heldout is not None:
@@ -202,18 +202,19 @@ class IterativeLoop:
         self.recorder.truncate(self.round_index)
 
     def warm_up(self) -> dict[str, Any] | None:
-        """Supervised warm-up on the task's warm-up examples: the only reference answers the trainer sees."""
-        passes = self.config.loop.warmup_passes
-        if not passes or self.task is None or not self.task.warmup_examples:
+        """Supervised warm-up on data.warmup_file's demonstrations or the task's warm-up examples: the only
+        reference answers the trainer sees."""
+        passes, examples = self.config.loop.warmup_passes, self.warmup_examples
+        if not passes or not examples:
             return None
         if self.chat_tokenizer is not None:  # the prompts as sampling sees them: the same template's tokens
             pairs = [chat_example_ids(self.chat_tokenizer, e["prompt"], e["completion"], self.config.data.system_prompt)
-                     for e in self.task.warmup_examples]
+                     for e in examples]
             batch = {"input_ids": [torch.tensor(ids) for ids, _ in pairs],
                      "labels": [torch.tensor(labels) for _, labels in pairs]}
         else:
-            batch = {"texts": [e["prompt"] for e in self.task.warmup_examples],
-                     "texts_labels": [e["completion"] + (self.rl.eos_token or "") for e in self.task.warmup_examples]}
+            batch = {"texts": [e["prompt"] for e in examples],
+                     "texts_labels": [e["completion"] + (self.rl.eos_token or "") for e in examples]}
         for _ in _bar(range(passes), "warm-up"):
             stats = self.rl.step(**batch)
         self.rl.sync_weights()
