@@ -138,6 +138,21 @@ class DataConfig:
 
 
 @dataclass
+class VllmConfig:
+    """Options of the vllm engine's `vllm.LLM`, under the names vLLM gives them (`sampling.vllm`).
+
+    Sharing one GPU with the trainer (`resources.trainer_gpus: 0.5`, `generator_gpus: 0.5`): lower
+    `gpu_memory_utilization` (the share of the GPU's memory vLLM takes for weights and KV cache, the
+    rest left to the trainer) and turn on `enable_sleep_mode`, with which the engine sleeps (level 1:
+    weights offloaded to CPU memory, KV cache freed) after each generate call, while the trainer trains,
+    and wakes before it loads the next weights or samples. vLLM has sleep mode on CUDA GPUs only.
+    """
+
+    gpu_memory_utilization: float = bounded(0.9, IN_ZERO_ONE)
+    enable_sleep_mode: bool = False
+
+
+@dataclass
 class SamplingConfig:
     """Generation settings of the generator actors."""
 
@@ -149,6 +164,7 @@ class SamplingConfig:
     batch_size: int = positive(256)
     # How generators sample: "hf" (transformers generate) or "vllm" (a vLLM engine per generator).
     engine: str = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self):
         # Here, not in load_config, so a SamplingConfig built in Python fails before any actor starts too.
@@ -156,6 +172,9 @@ class SamplingConfig:
             raise ValueError(f"sampling.engine: expected 'hf' or 'vllm', got {self.engine!r}")
         if self.engine == "vllm" and self.temperature > 2:
             raise ValueError(f"sampling.temperature: the vllm engine takes at most 2, got {self.temperature}")
+        if self.engine != "vllm" and self.vllm.enable_sleep_mode:
+            raise ValueError(f"sampling.vllm.enable_sleep_mode: sleep mode is the vllm engine's, and sampling.engine "
+                             f"is {self.engine!r}; set sampling.engine: vllm")
 
 
 @dataclass
@@ -190,6 +209,15 @@ class ResourcesConfig:
     weight_transport: str = "auto"
 
     def __post_init__(self):
+        for key in ("trainer_gpus", "generator_gpus"):
+            gpus = getattr(self, key)
+            if gpus > 1 and not float(gpus).is_integer():
+                raise ValueError(f"resources.{key}: expected a share of one GPU (0.5: a trainer and a generator on "
+                                 f"one GPU) or a whole number of GPUs, got {gpus:g}")
+        if self.trainer_ranks > 1 and 0 < self.trainer_gpus < 1:
+            raise ValueError(f"resources.trainer_gpus: {self.trainer_gpus:g} of a GPU per rank would put "
+                             f"{self.trainer_ranks} ranks (resources.trainer_ranks) on one GPU; a shared GPU takes "
+                             f"one trainer rank")
         if self.weight_transport not in ("auto", "object_store", "broadcast"):
             raise ValueError(f"resources.weight_transport: expected 'auto', 'object_store' or 'broadcast', "
                              f"got {self.weight_transport!r}")
