@@ -74,11 +74,11 @@ def test_report_to_wandb_and_mlflow_get_every_round_with_the_config(tmp_path, mo
     for m in rounds:
         row = by_round[m["round"]]
         assert row["_step"] == m["round"]
-        for key in ("accept_rate", "reward_mean", "loss", "staleness", "heldout_accuracy"):
+        for key in ("accept_rate", "reward_mean", "loss", "staleness", "eval_greedy", "eval_pass@1"):
             if m.get(key) is not None:
                 assert row[key] == pytest.approx(m[key]), key
         assert "train/step_time" in row and "train/updates" in row  # the trainer's step statistics, same run
-    assert by_round[0]["heldout_accuracy"] == metrics[0]["heldout_accuracy"]
+    assert by_round[0]["eval_greedy"] == metrics[0]["eval_greedy"]  # the evaluation before round 1
     assert "warmup/loss" in by_round[0]
 
     client = MlflowClient()
@@ -88,6 +88,8 @@ def test_report_to_wandb_and_mlflow_get_every_round_with_the_config(tmp_path, mo
     accept = {m.step: m.value for m in client.get_metric_history(mlflow_run.info.run_id, "accept_rate")}
     assert accept == {m["round"]: pytest.approx(m["accept_rate"]) for m in rounds}
     assert {m.step for m in client.get_metric_history(mlflow_run.info.run_id, "train/num_tokens")} == {1, 2}
+    passed = {m.step: m.value for m in client.get_metric_history(mlflow_run.info.run_id, "eval_pass_at_1")}
+    assert passed == {m["round"]: pytest.approx(m["eval_pass@1"]) for m in metrics if "eval_pass@1" in m}
     assert mlflow_run.info.status == "FINISHED"
 
 

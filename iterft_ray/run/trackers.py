@@ -6,7 +6,8 @@ receives the trainer's step statistics, so one tracker run gets both, with the r
 config, and the trainer's ranks never open runs of their own. The trainer's
 `TrainingArguments.report_to` keeps the other integrations asked for (tensorboard, ...).
 
-Each tracker reads its usual environment: `WANDB_PROJECT` (default "iterft"), `WANDB_MODE`,
+MLflow names metrics without `@`: `eval_pass@k` is `eval_pass_at_k` there. Each tracker reads its
+usual environment: `WANDB_PROJECT` (default "iterft"), `WANDB_MODE`,
 `WANDB_DIR`; `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_NAME`. A resumed run is a new
 tracker run in the same group (W&B) / with the same `iterft.run_id` tag (MLflow).
 """
@@ -14,6 +15,7 @@ tracker run in the same group (W&B) / with the same `iterft.run_id` tag (MLflow)
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any, Protocol
 
@@ -95,10 +97,16 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, round_index) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(mlflow_metric_name(k), v, now, round_index)
+                                                    for k, v in metrics.items()])
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def mlflow_metric_name(name: str) -> str:
+    """`name` as MLflow takes it (alphanumerics, `_-. :/`): `eval_pass@4` is `eval_pass_at_4`."""
+    return re.sub(r"[^\w\-. :/]", "_", name.replace("@", "_at_"))
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
