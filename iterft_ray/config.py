@@ -495,7 +495,8 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
 
     `data.prompts_file`, `data.warmup_file` and `eval.prompts_file` always; `model.name_or_path`,
     `model.tokenizer` and `data.dataset.path` when they name something beside the file (else they are a
-    hub id or a built-in name). `loop.output_dir` stays relative to the working directory, as built-in configs and TrainingArguments have it.
+    hub id or a built-in name). `loop.output_dir` stays relative to the working directory, as built-in
+    configs and TrainingArguments have it.
     """
     if not isinstance(data, dict):
         return data

@@ -277,7 +277,8 @@ def returns_number(row_filter: RowFilter | Selector) -> bool:
     """
     if isinstance(row_filter, Selector) or not callable(row_filter):
         return False
-    function = row_filter if inspect.isfunction(row_filter) or inspect.ismethod(row_filter) else type(row_filter).__call__
+    plain = inspect.isfunction(row_filter) or inspect.ismethod(row_filter)
+    function = row_filter if plain else type(row_filter).__call__
     try:
         returned = typing.get_type_hints(function).get("return")
     except Exception:  # an annotation naming something its module cannot resolve: not declared, then
