@@ -7,8 +7,10 @@ user can find the line to fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +119,9 @@ class DataConfig:
     chat_template: bool = False
     # A system message ahead of each prompt's user message (chat_template only).
     system_prompt: str | None = None
+    # Demonstrations to warm up on before round 1 (loop.warmup_passes passes): a JSONL file of
+    # {"prompt", "completion"} lines; replaces a task's warm-up examples.
+    warmup_file: str | None = None
 
     def __post_init__(self):
         if self.system_prompt is not None and not self.chat_template:
@@ -134,6 +139,21 @@ class DataConfig:
 
 
 @dataclass
+class VllmConfig:
+    """Options of the vllm engine's `vllm.LLM`, under the names vLLM gives them (`sampling.vllm`).
+
+    Sharing one GPU with the trainer (`resources.trainer_gpus: 0.5`, `generator_gpus: 0.5`): lower
+    `gpu_memory_utilization` (the share of the GPU's memory vLLM takes for weights and KV cache, the
+    rest left to the trainer) and turn on `enable_sleep_mode`, with which the engine sleeps (level 1:
+    weights offloaded to CPU memory, KV cache freed) after each generate call, while the trainer trains,
+    and wakes before it loads the next weights or samples. vLLM has sleep mode on CUDA GPUs only.
+    """
+
+    gpu_memory_utilization: float = bounded(0.9, IN_ZERO_ONE)
+    enable_sleep_mode: bool = False
+
+
+@dataclass
 class SamplingConfig:
     """Generation settings of the generator actors."""
 
@@ -145,6 +165,7 @@ class SamplingConfig:
     batch_size: int = positive(256)
     # How generators sample: "hf" (transformers generate) or "vllm" (a vLLM engine per generator).
     engine: str = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self):
         # Here, not in load_config, so a SamplingConfig built in Python fails before any actor starts too.
@@ -152,6 +173,9 @@ class SamplingConfig:
             raise ValueError(f"sampling.engine: expected 'hf' or 'vllm', got {self.engine!r}")
         if self.engine == "vllm" and self.temperature > 2:
             raise ValueError(f"sampling.temperature: the vllm engine takes at most 2, got {self.temperature}")
+        if self.engine != "vllm" and self.vllm.enable_sleep_mode:
+            raise ValueError(f"sampling.vllm.enable_sleep_mode: sleep mode is the vllm engine's, and sampling.engine "
+                             f"is {self.engine!r}; set sampling.engine: vllm")
 
 
 @dataclass
@@ -186,6 +210,15 @@ class ResourcesConfig:
     weight_transport: str = "auto"
 
     def __post_init__(self):
+        for key in ("trainer_gpus", "generator_gpus"):
+            gpus = getattr(self, key)
+            if gpus > 1 and not float(gpus).is_integer():
+                raise ValueError(f"resources.{key}: expected a share of one GPU (0.5: a trainer and a generator on "
+                                 f"one GPU) or a whole number of GPUs, got {gpus:g}")
+        if self.trainer_ranks > 1 and 0 < self.trainer_gpus < 1:
+            raise ValueError(f"resources.trainer_gpus: {self.trainer_gpus:g} of a GPU per rank would put "
+                             f"{self.trainer_ranks} ranks (resources.trainer_ranks) on one GPU; a shared GPU takes "
+                             f"one trainer rank")
         if self.weight_transport not in ("auto", "object_store", "broadcast"):
             raise ValueError(f"resources.weight_transport: expected 'auto', 'object_store' or 'broadcast', "
                              f"got {self.weight_transport!r}")
@@ -378,6 +411,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         config.data.task = None  # the default task gives way to a prompts file or a dataset
     if config.data.task is None and config.data.prompts_file is None and config.data.dataset is None:
         raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
+    _check_warmup_file(config)
     config.trainer = _check_trainer_args(config.trainer)
     _check_packing(config)
     _check_filters(config.filters)
@@ -385,6 +419,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         _check_filters(config.eval.filters, "eval.filters")
     check_lora_serving(config.model.lora, config.sampling)
     _check_lora_transport(config)
+    _check_trackers(config.trainer)
     return config
 
 
@@ -409,6 +444,21 @@ def _check_packing(config: RunConfig) -> None:
                          "(set packing: false)")
 
 
+def _check_warmup_file(config: RunConfig) -> None:
+    """A warm-up file must hold demonstrations, and the run must warm up on them; refused here, by key."""
+    from iterft_ray.data.warmup import load_warmup_file
+
+    if config.data.warmup_file is None:
+        return
+    if not config.loop.warmup_passes:
+        raise ValueError("data.warmup_file: demonstrations to warm up on, but loop.warmup_passes is 0; "
+                         "set loop.warmup_passes: 1 or more")
+    try:
+        load_warmup_file(config.data.warmup_file)
+    except ValueError as e:
+        raise ValueError(f"data.warmup_file: {e}") from None
+
+
 def check_lora_serving(lora: LoraConfig | None, sampling: SamplingConfig) -> None:
     """Refuse an adapter the sampling engine cannot serve, before any actor starts.
 
@@ -426,16 +476,59 @@ def _check_lora_transport(config: RunConfig) -> None:
                          "the object store moves; 'broadcast' sends full weights. Use 'auto' or 'object_store'")
 
 
+def report_to_list(report_to: Any) -> list[str]:
+    """`trainer.report_to` as the list of integrations it means, read as TrainingArguments reads it
+    ("none" and no value: none; "all": every one installed)."""
+    if report_to is None or report_to in ("none", ["none"]):
+        return []
+    if report_to in ("all", ["all"]):
+        from transformers.integrations import get_available_reporting_integrations
+
+        return get_available_reporting_integrations()
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"trainer.report_to: expected an integration name or a list of them "
+                         f"(wandb, mlflow, tensorboard, ...), got {report_to!r}")
+    return list(names)
+
+
+def _check_trackers(trainer: dict[str, Any]) -> None:
+    """The trackers the driver logs to (wandb, mlflow) must be installed, and MLflow must know where to write."""
+    import importlib.util
+
+    names = report_to_list(trainer.get("report_to"))
+    for name in ("wandb", "mlflow"):
+        if name in names and importlib.util.find_spec(name) is None:
+            raise ValueError(f"trainer.report_to: {name!r} needs the {name} package; "
+                             f"pip install 'iterft_ray[trackers]'")
+    if "mlflow" not in names:
+        return
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and importlib.util.find_spec("sqlalchemy") is None:
+        raise ValueError("trainer.report_to: 'mlflow' needs MLFLOW_TRACKING_URI (a tracking server's http(s):// "
+                         "address, or file:///a/dir with MLFLOW_ALLOW_FILE_STORE=true; mlflow-skinny has no "
+                         "default SQLite store)")
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient()  # opens the tracking store: a file store MLflow refuses, a bad scheme
+    except Exception as e:  # MlflowException, or whatever the store's own client raises
+        raise ValueError(f"trainer.report_to: mlflow cannot use MLFLOW_TRACKING_URI={uri!r}: "
+                         f"{' '.join(str(e).split())}") from None
+
+
 def resolve_input_paths(data: Any, base: Path) -> Any:
     """Make the relative input paths of a config file's data absolute against `base`, the file's directory.
 
-    `data.prompts_file` and `eval.prompts_file` always; `model.name_or_path`, `model.tokenizer` and `data.dataset.path`
-    when they name something beside the file (else they are a hub id or a built-in name). `loop.output_dir`
-    stays relative to the working directory, as built-in configs and TrainingArguments have it.
+    `data.prompts_file`, `data.warmup_file` and `eval.prompts_file` always; `model.name_or_path`,
+    `model.tokenizer` and `data.dataset.path` when they name something beside the file (else they are a
+    hub id or a built-in name). `loop.output_dir` stays relative to the working directory, as built-in
+    configs and TrainingArguments have it.
     """
     if not isinstance(data, dict):
         return data
-    sections = {"data": ("prompts_file",), "eval": ("prompts_file",), "model": ("name_or_path", "tokenizer")}
+    sections = {"data": ("prompts_file", "warmup_file"), "eval": ("prompts_file",),
+                "model": ("name_or_path", "tokenizer")}
     for name, keys in sections.items():
         section = data.get(name)
         if not isinstance(section, dict):
@@ -445,7 +538,7 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
             if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
                 continue
             beside = base / value
-            if key == "prompts_file" or value.startswith(("./", "../")) or beside.exists():
+            if key in ("prompts_file", "warmup_file") or value.startswith(("./", "../")) or beside.exists():
                 section[key] = str(beside.resolve())
     for name in ("data", "eval"):
         dataset = data[name].get("dataset") if isinstance(data.get(name), dict) else None
@@ -456,15 +549,30 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
     return data
 
 
-def _check_filters(filters: list[Any], key: str = "filters") -> None:
-    """Build each filter spec once here, so a bad one fails at load, before any actor starts."""
-    from iterft_ray.verify.filters import resolve_filter
+class ConfigWarning(UserWarning):
+    """A config that runs, but likely not as meant (a reward filter no selector follows, prompts repeated)."""
 
+
+def _check_filters(filters: list[Any], key: str = "filters") -> None:
+    """Build each filter spec once here, so a bad one fails at load, before any actor starts.
+
+    A row filter declared to return a number only adds to the score: with no selector after it,
+    every row it scores stays accepted, which is warned about.
+    """
+    from iterft_ray.verify.filters import Selector, resolve_filter, returns_number
+
+    resolved = []
     for i, spec in enumerate(filters):
         try:
-            resolve_filter(spec)
+            resolved.append(resolve_filter(spec))
         except Exception as e:  # a user's filter module may raise anything while importing
             raise ValueError(f"{key}[{i}]: {e}") from e
+    selected = [isinstance(f, Selector) for f in resolved]
+    for i, f in enumerate(resolved):
+        if key == "filters" and returns_number(f) and not any(selected[i + 1:]):
+            warnings.warn(f"filters[{i}]: a numeric filter adds to each row's score and rejects no row; without a "
+                          f"selector after it (best_of_k, top_fraction, score_threshold) every row it scores is "
+                          f"trained on", ConfigWarning, stacklevel=3)
 
 
 def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:

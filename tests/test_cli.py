@@ -83,7 +83,8 @@ BAD_SETTINGS = [
     (["data.task=addition", "data.prompts_file=/nonexistent/prompts.jsonl"], "data.task, data.prompts_file: "),
     (["data.task_options.num_warmup=0", "loop.warmup_passes=2"], "loop.warmup_passes: 2 passes of warm-up"),
     (["data.task=null", "data.task_options={}", "data.prompts_file=/nonexistent/prompts.jsonl", "loop.warmup_passes=1"],
-     "loop.warmup_passes: 1 passes of warm-up need a task's warm-up examples, and data.prompts_file has none"),
+     "loop.warmup_passes: 1 passes of warm-up need demonstrations (data.warmup_file) or a task's warm-up examples, "
+     "and data.prompts_file has none"),
     (["data.task_options.digits=0"], "data.task, data.task_options: addition: expected digits >= 1"),
     (["filters=[{name: exact_answr}]"], "filters[0]: unknown filter 'exact_answr'"),
     (["filters=[{name: exact_answer}, {name: best_of_k, n: 2}]"], "filters[1]: filter 'best_of_k': "),

@@ -1,11 +1,14 @@
 """Config loading: errors name the key; the shipped configs load."""
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
 
 from iterft_ray.cli import config_data, resolve_config
-from iterft_ray.config import load_config
+from iterft_ray.config import ConfigWarning, load_config
+from iterft_ray.run.run_dir import check_start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +70,66 @@ def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
                     "sampling: {temperature: 5e-1}\n", encoding="utf-8")
     config = load_config(path)
     assert config.trainer["learning_rate"] == 0.001 and config.sampling.temperature == 0.5
+
+
+def reward(prompt: str, completion: str, meta: dict) -> float:
+    """A reward model's score: a number, which gates nothing."""
+    return float(len(completion))
+
+
+def gate(prompt: str, completion: str, meta: dict) -> bool:
+    return True
+
+
+def test_numeric_filter_without_a_selector_is_warned_about_at_load():
+    with pytest.warns(ConfigWarning, match=r"^filters\[1\]: a numeric filter adds to each row's score and rejects no"):
+        load_config({**base(), "filters": [f"{__name__}:gate", f"{__name__}:reward"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_config({**base(), "filters": [f"{__name__}:reward", {"name": "best_of_k", "k": 1}]})
+        load_config({**base(), "filters": [f"{__name__}:gate", "exact_answer"]})
+
+
+def test_more_prompts_a_round_than_the_file_has_is_warned_about_at_start(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(3)))
+    config = load_config({**base(), "data": {"prompts_file": str(prompts)},
+                          "loop": {"prompts_per_round": 8, "output_dir": str(tmp_path / "run")}})
+    with pytest.warns(ConfigWarning, match=r"^loop.prompts_per_round: 8 prompts a round, but data.prompts_file has 3"):
+        check_start(config)
+    config.loop.prompts_per_round = 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        check_start(config)
+
+
+DEMOS = [{"prompt": "2+2=", "completion": "4"}, {"prompt": "3+4=", "completion": "7", "source": "hand-written"}]
+
+
+@pytest.mark.parametrize("lines,passes,message", [
+    (None, 1, "data.warmup_file: no such file "),
+    (["{\"prompt\": \"1+1=\", \"completion\": \"2\"}", "{\"question\": \"1+2=\", \"answer\": \"3\"}"], 1,
+     "data.warmup_file: {path}, line 2: expected non-empty strings \"prompt\" and \"completion\", got ['answer', "
+     "'question']"),
+    (["{\"prompt\": \"1+1=\", \"completion\": 2}"], 1, "data.warmup_file: {path}, line 1: expected non-empty strings"),
+    (["not json"], 1, "data.warmup_file: {path}, line 1: not JSON"),
+    ([], 1, "data.warmup_file: {path}: no demonstrations"),
+    ([json.dumps(d) for d in DEMOS], 0, "data.warmup_file: demonstrations to warm up on, but loop.warmup_passes is 0"),
+])
+def test_bad_warmup_file_is_refused_at_load_naming_the_key(tmp_path, lines, passes, message):
+    path = tmp_path / "demos.jsonl"
+    if lines is not None:
+        path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(ValueError) as info:
+        load_config({**base(), "data": {"warmup_file": str(path)}, "loop": {"warmup_passes": passes}})
+    assert str(info.value).startswith(message.format(path=path))
+
+
+def test_warmup_file_is_relative_to_the_config_and_replaces_the_task_examples(tmp_path):
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DEMOS))
+    (tmp_path / "c.yaml").write_text(f"model: {{name_or_path: tiny-llama}}\ndata: {{warmup_file: demos.jsonl}}\n"
+                                     f"loop: {{warmup_passes: 1, output_dir: {tmp_path / 'run'}}}\n")
+    config = load_config(tmp_path / "c.yaml")
+    assert config.data.warmup_file == str(tmp_path / "demos.jsonl")
+    expected = [{"prompt": d["prompt"], "completion": d["completion"]} for d in DEMOS]  # other fields dropped
+    assert check_start(config).warmup_examples == expected

@@ -15,7 +15,7 @@ import ray
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray.cli import main
-from iterft_ray.run.records import PANEL_INCHES, PLOT_DPI, RunRecorder, plot_metrics, plotted_metrics
+from iterft_ray.run.records import PANEL_INCHES, PLOT_DPI, RunRecorder, metrics_figure, plot_metrics, plotted_metrics
 from ray_head import RAY_CLI, free_port, loopback_env, ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,26 @@ def test_recorder_plot_shows_every_round_after_close(tmp_path):
     assert not (tmp_path / "plot.tmp.png").exists()
     image = matplotlib.image.imread(tmp_path / "plot.png")
     assert image.shape[0] == round(PANEL_INCHES * 2 * PLOT_DPI)  # loss and accept_rate
+
+
+def test_plot_breaks_the_loss_at_rounds_without_one_and_draws_shares_in_percent():
+    rows = [{"round": 0, "heldout_accuracy": 0.25}] + [
+        {"round": r, "accept_rate": a, "loss": loss, "filter_errors": 0, "reward_mean": 0.5}
+        for r, a, loss in ((1, 0.1, 2.0), (2, 0.0, None), (3, 0.3, 1.0), (4, 0.4, 0.5))]
+    rows[3]["heldout_accuracy"] = 0.5  # evaluated before round 1 and after round 3 only
+    fig, _ = metrics_figure(rows, "run")
+    panels = {ax.get_ylabel(): ax for ax in fig.axes}
+    loss = panels["loss"].lines[0]
+    assert list(loss.get_xdata()) == [1, 2, 3, 4]
+    assert loss.get_ydata()[1] != loss.get_ydata()[1]  # NaN at round 2: no line from round 1 to round 3
+    assert list(panels["accept_rate (%)"].lines[0].get_ydata()) == pytest.approx([10, 0, 30, 40])
+    # Held-out accuracy is measured every few rounds: its points are joined, not broken.
+    assert list(panels["heldout_accuracy (%)"].lines[0].get_ydata()) == [25, 50]
+    # A metric that never changed gets an axis from 0 to its value (0 to 1 for zero), not +-0.04 around it.
+    low, high = panels["filter_errors"].get_ylim()
+    assert low < 0 < 1 <= high < 1.2
+    low, high = panels["reward_mean"].get_ylim()
+    assert low < 0 and 0.5 < high < 0.6
 
 
 def test_demo_config_two_rounds_writes_every_file(tmp_path, ray_up):

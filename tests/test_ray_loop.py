@@ -1,5 +1,6 @@
 """The Ray actor system on a local Ray with tiny models: rounds, weight sync, rank groups, async mode."""
 
+import json
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -117,6 +118,24 @@ def test_async_mode_respects_staleness_bound(tmp_path):
         # Each round's samples say which weights they came from.
         for s in stats[1:]:
             assert all(int(v) < s["weight_version"] for v in s["sample_weight_versions"])
+    finally:
+        loop.shutdown()
+
+
+def test_warm_up_trains_on_the_demonstrations_of_data_warmup_file(tmp_path):
+    """A user's own demonstrations (TRL's prompt/completion lines) warm up a run whose prompts come from a file."""
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(8)))
+    demos = [{"prompt": f"{i}+2=", "completion": str(i + 2)} for i in range(5)]
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
+    cfg = config(tmp_path, warmup_passes=2, prompts_per_round=8)
+    cfg["data"] = {"prompts_file": str(tmp_path / "prompts.jsonl"), "warmup_file": str(tmp_path / "demos.jsonl")}
+    cfg["resources"] = {"num_generators": 1, "filter_pool_size": 1}
+    loop = IterativeLoop(cfg)
+    try:
+        before = loop.rl.version
+        stats = loop.warm_up()
+        assert stats["num_sequences"] == len(demos) and stats["num_target_tokens"] > 0
+        assert loop.rl.version > before  # the generators sample round 1 with the warmed-up weights
     finally:
         loop.shutdown()
 

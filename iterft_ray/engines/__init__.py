@@ -20,7 +20,7 @@ def create_engine(model: ModelConfig, config: SamplingConfig):
     if config.engine == "vllm":
         from iterft_ray.engines.vllm import VLLMEngine  # vllm is an optional dependency
 
-        return VLLMEngine(model_path, tokenizer_path, model.trust_remote_code, model.lora)
+        return VLLMEngine(model_path, tokenizer_path, model.trust_remote_code, model.lora, config.vllm)
     from iterft_ray.engines.hf import HFEngine
 
     return HFEngine(model_path, tokenizer_path, model.trust_remote_code)

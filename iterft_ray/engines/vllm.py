@@ -15,6 +15,10 @@ With `model.lora` the engine serves the base at `model_path` with vLLM's LoRA su
 to a temporary directory on the node (a few MB, removed once vLLM has read it), added under a new
 `LoRARequest` id (vLLM caches adapters by id, so reusing one would serve the old weights),
 the previous one removed, and every request of later rounds names it.
+
+With `sampling.vllm.enable_sleep_mode` (a GPU the engine shares with the trainer) the engine
+sleeps after every `sample` (level 1: weights to CPU memory, KV cache freed), so the trainer has
+the GPU's memory while it trains, and wakes up before it loads a version or samples again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import pyarrow as pa
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from iterft_ray.config import LoraConfig, SamplingConfig
+from iterft_ray.config import LoraConfig, SamplingConfig, VllmConfig
 from iterft_ray.data.rollouts import RolloutBatch, rollout_table
 from iterft_ray.engines.hf_sampling import prompt_token_ids, stop_token_ids
 from iterft_ray.engines.seeding import request_seed
@@ -49,7 +53,7 @@ class VLLMEngine:
     """One `vllm.LLM` per generator, started once and never restarted for a new weight version."""
 
     def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool,
-                 lora: LoraConfig | None = None):
+                 lora: LoraConfig | None = None, options: VllmConfig | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
@@ -70,6 +74,7 @@ class VLLMEngine:
             # Log-probs after temperature / top-k / top-p, like the hf engine's `logprob_sum`.
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.SnapshotLoader",
+            **engine_options(options or VllmConfig()),
             **(_lora_options(lora) if lora is not None else {}),
             **({} if torch.cuda.is_available() else _CPU_OPTIONS),
         )
@@ -77,9 +82,24 @@ class VLLMEngine:
         self._snapshot: WeightSnapshot | None = None
         self._adapter = None  # the LoRARequest of the adapter version loaded last
         self._serves_lora = lora is not None
+        self._sleeps = (options or VllmConfig()).enable_sleep_mode
+        self.asleep = False
+
+    def sleep(self) -> None:
+        """With sleep mode: free the GPU for the trainer (level 1: weights to CPU memory, KV cache dropped)."""
+        if self._sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Weights and KV cache back on the GPU, before the engine loads a version or samples."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def load(self, snapshot: WeightSnapshot) -> None:
         """Reload the engine's weights in place from `snapshot` (tied names included, the model skips them)."""
+        self.wake_up()
         if snapshot.adapter_config is not None:
             self._load_adapter(snapshot)
             self._snapshot, self._checksum = snapshot, None
@@ -115,7 +135,9 @@ class VLLMEngine:
             )
             for i in range(len(requests))
         ]
+        self.wake_up()
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._adapter)
+        self.sleep()  # the trainer trains next (sync mode); the next load or sample wakes the engine
         samples: dict[str, list] = {k: [] for k in ("prompt_index", "sample", "completion_ids", "finished", "logprob_sum")}
         for i, output in enumerate(outputs):
             for s, completion in enumerate(output.outputs):
@@ -154,6 +176,11 @@ class VLLMEngine:
         if self._adapter is not None:
             self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
         self._adapter = request
+
+
+def engine_options(options: VllmConfig) -> dict:
+    """`sampling.vllm` as `vllm.LLM` / `EngineArgs` keyword arguments (the same names)."""
+    return {"gpu_memory_utilization": options.gpu_memory_utilization, "enable_sleep_mode": options.enable_sleep_mode}
 
 
 # vLLM takes these adapter ranks only (vllm.config.lora.MaxLoRARanks); the engine reserves the

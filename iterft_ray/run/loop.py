@@ -29,6 +29,7 @@ from iterft_ray.run.evaluation import Evaluation, eval_path, evaluation_filters,
 from iterft_ray.run.in_flight import delete_in_flight, load_in_flight, save_in_flight
 from iterft_ray.run.ledger import describe_filters, write_accepted
 from iterft_ray.run.records import RunRecorder, write_generations
+from iterft_ray.run.trackers import open_trackers, trainer_report_to
 from iterft_ray.run.run_dir import RunStart, check_start, checkpoint_dir, latest_checkpoint, trainer_output_dir
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.checkpoint import copy_model_files
@@ -55,7 +56,7 @@ class IterativeLoop:
         start = start if start is not None else check_start(c, resume, overwrite)
         # A file or a dataset streams through Ray Data; eval.heldout_fraction's prompts are skipped.
         self.prompts = open_prompts(start.prompts, c.loop.seed, held_out_rule(c))
-        self.task = start.task
+        self.task, self.warmup_examples = start.task, start.warmup_examples
         self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
         self.evaluation: Evaluation | None = None
         if start.heldout is not None:
@@ -67,8 +68,8 @@ class IterativeLoop:
         self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
             c.model,
-            {"output_dir": trainer_output_dir(self.out, self.run_id), "report_to": "none", "seed": c.loop.seed,
-             **c.trainer},
+            {"output_dir": trainer_output_dir(self.out, self.run_id), "seed": c.loop.seed, **c.trainer,
+             "report_to": trainer_report_to(c.trainer)},  # the trackers are the driver's (run/trackers.py)
             resources=c.resources,
             sampling=c.sampling,
             filters=c.filters,
@@ -77,7 +78,7 @@ class IterativeLoop:
         )
         try:
             start.prepare_directory(c)
-            self.recorder = RunRecorder(self.out)
+            self.recorder = RunRecorder(self.out, open_trackers(c, self.out.name, self.run_id))
             self.round_index = 0
             self.warmed_up = False
             self.initial_heldout_accuracy: float | None = None
@@ -135,7 +136,7 @@ class IterativeLoop:
         new_best, rollback = self._judge(evaluated)
         if rollback:
             stats["rolled_back_to"] = self.best["round"]
-        self.recorder.record(stats)
+        self.recorder.record(stats, train)
         print(_summary_line(stats), flush=True)
         # Last, so that a checkpoint of round r means round r's files are complete.
         if self._due(c.loop.save_every) or last or new_best:
@@ -201,22 +202,24 @@ class IterativeLoop:
         self.recorder.truncate(self.round_index)
 
     def warm_up(self) -> dict[str, Any] | None:
-        """Supervised warm-up on the task's warm-up examples: the only reference answers the trainer sees."""
-        passes = self.config.loop.warmup_passes
-        if not passes or self.task is None or not self.task.warmup_examples:
+        """Supervised warm-up on data.warmup_file's demonstrations or the task's warm-up examples: the only
+        reference answers the trainer sees."""
+        passes, examples = self.config.loop.warmup_passes, self.warmup_examples
+        if not passes or not examples:
             return None
         if self.chat_tokenizer is not None:  # the prompts as sampling sees them: the same template's tokens
             pairs = [chat_example_ids(self.chat_tokenizer, e["prompt"], e["completion"], self.config.data.system_prompt)
-                     for e in self.task.warmup_examples]
+                     for e in examples]
             batch = {"input_ids": [torch.tensor(ids) for ids, _ in pairs],
                      "labels": [torch.tensor(labels) for _, labels in pairs]}
         else:
-            batch = {"texts": [e["prompt"] for e in self.task.warmup_examples],
-                     "texts_labels": [e["completion"] + (self.rl.eos_token or "") for e in self.task.warmup_examples]}
+            batch = {"texts": [e["prompt"] for e in examples],
+                     "texts_labels": [e["completion"] + (self.rl.eos_token or "") for e in examples]}
         for _ in _bar(range(passes), "warm-up"):
             stats = self.rl.step(**batch)
         self.rl.sync_weights()
         self._rounds_at_version[self.rl.version] = 0
+        self.recorder.track(0, stats, {}, prefix="warmup/")
         print(f"warm-up: {passes} passes, {stats['global_step']} updates, loss {stats['loss']:.3f}", flush=True)
         return stats
 
@@ -375,7 +378,7 @@ class IterativeLoop:
             "learning_rate": train["learning_rate"],
             "weight_version": self.rl.version,
             "sample_weight_versions": {str(k): v for k, v in sorted(versions.items())},
-            "staleness": max((r - self._rounds_at_version[v] for v in versions), default=0),
+            "staleness": _staleness(r, versions, self._rounds_at_version),
             "generate_time": t["generated"] - t["start"],
             "filter_time": t["filtered"] - t["generated"],
             "train_time": t["trained"] - t["filtered"],
@@ -394,6 +397,14 @@ def _bar(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
 
+
+
+def _staleness(r: int, versions: dict[int, int], rounds_at_version: dict[int, int]) -> int:
+    """How many rounds of training round r's oldest samples lack: rounds trained into the weights its step
+    started from, less rounds trained into the version they were sampled with. 0 in sync mode, also after
+    rounds that accepted nothing (their weights are still the newest); at most loop.max_staleness in async mode."""
+    newest = max(n for n in rounds_at_version.values() if n <= r)
+    return max((newest - rounds_at_version[v] for v in versions), default=0)
 
 
 def _one_line(text: str | None, limit: int = 300) -> str | None:

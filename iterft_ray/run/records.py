@@ -19,12 +19,15 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from iterft_ray.run.trackers import Tracker, numeric_metrics
 from iterft_ray.storage import StoragePath
 
 # Metrics drawn in plot.png, one panel each, when the run has them.
 # "eval_pass@*" is one panel with every pass@k; heldout_accuracy (eval_greedy's old name) only for older runs.
 PLOTTED = ("accept_rate", "reward_mean", "loss", "eval_greedy", "heldout_accuracy", "eval_pass@*", "filter_errors",
            "num_target_tokens", "round_time")
+# Shares plotted in percent, as the console prints them.
+PERCENT = ("accept_rate", "eval_greedy", "heldout_accuracy", "eval_pass@*")
 PANEL_INCHES, PLOT_DPI = 1.8, 80
 
 
@@ -57,8 +60,10 @@ class RunRecorder:
     after each round.
     """
 
-    def __init__(self, out_dir: StoragePath | str | Path):
+    def __init__(self, out_dir: StoragePath | str | Path, trackers: list[Tracker] | None = None):
+        """`trackers` (W&B, MLflow: see trackers.py) get every recorded row and step's statistics too."""
         self.out_dir = StoragePath.of(out_dir)
+        self.trackers = list(trackers or [])
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self._rows = _parse_metrics(self.metrics_path.read_text()) if self.metrics_path.is_file() else []
         self._tensorboard = None
@@ -95,15 +100,26 @@ class RunRecorder:
             self._tensorboard = None
         self._purge_round = rounds + 1
 
-    def record(self, stats: dict[str, Any]) -> None:
-        """Add a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null)."""
+    def record(self, stats: dict[str, Any], step_stats: dict[str, Any] | None = None) -> None:
+        """Add a round's statistics (NaN, e.g. the loss of a round that accepted nothing, becomes null).
+
+        `step_stats`, the trainer's statistics of the round's step, go to the trackers only, as `train/*`.
+        """
         self._rows.append({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()})
         self._write_metrics()
         self._write_tensorboard(stats)
+        self.track(stats["round"], stats, step_stats or {})
         if self._plot is not None:
             self._plot.cancel()
         self._plot = self._plotter.submit(plot_metrics, self.out_dir, list(self._rows))
         self._plot.add_done_callback(_report_plot_error)
+
+    def track(self, round_index: int, stats: dict[str, Any], step_stats: dict[str, Any], prefix: str = "") -> None:
+        """Log `stats` (keyed `prefix` + name) and `step_stats` (keyed `train/` + name) at `round_index` to every
+        tracker (the warm-up's step statistics are logged at round 0 under `warmup/`)."""
+        metrics = {**numeric_metrics(stats, prefix), **numeric_metrics(step_stats, "train/")}
+        for tracker in self.trackers:
+            tracker.log(metrics, round_index)
 
     def _write_metrics(self) -> None:
         self.metrics_path.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in self._rows))
@@ -131,6 +147,9 @@ class RunRecorder:
 
     def close(self) -> None:
         self._plotter.shutdown(wait=True)
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._upload_tensorboard()
@@ -189,7 +208,12 @@ def plotted_metrics(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def metrics_figure(rows: list[dict[str, Any]], title: str) -> tuple[Any, list[str]]:
-    """One panel per metric in PLOTTED that the rows have, over whole rounds; returns (figure, metrics drawn)."""
+    """One panel per metric in PLOTTED that the rows have, over whole rounds; returns (figure, metrics drawn).
+
+    A round that records a metric as null (the loss of a round that accepted nothing) is a gap in
+    its line, not a line drawn across it; a metric a round leaves out (held-out accuracy between
+    evaluations) is not. Shares are drawn in percent, as the console prints them.
+    """
     from matplotlib.figure import Figure  # not pyplot: no global state, safe off the main thread
     from matplotlib.ticker import MaxNLocator
 
@@ -202,14 +226,38 @@ def metrics_figure(rows: list[dict[str, Any]], title: str) -> tuple[Any, list[st
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / n)
     for ax, name in zip(axes[:, 0], names):
         curves = _pass_at_keys(rows) if name == "eval_pass@*" else [name]
+        percent = name in PERCENT
+        scale = 100.0 if percent else 1.0
+        values: list[float] = []
         for curve in curves:
-            points = [(r["round"], r[curve]) for r in rows if isinstance(r.get(curve), (int, float))]
+            points = [(r["round"], r[curve] * scale if _is_number(r[curve]) else math.nan) for r in rows if curve in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=curve)
+            values += [v for _, v in points if not math.isnan(v)]
         if len(curves) > 1:
             ax.legend(fontsize=6)
-        ax.set_ylabel("eval_pass@k" if name == "eval_pass@*" else name, fontsize=8)
+        label = "eval_pass@k" if name == "eval_pass@*" else name
+        ax.set_ylabel(f"{label} (%)" if percent else label, fontsize=8)
+        if values and max(values) == min(values):
+            ax.set_ylim(*_constant_limits(values[0], percent))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
     axes[-1, 0].set_xlabel("round")
     return fig, names
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _constant_limits(value: float, percent: bool) -> tuple[float, float]:
+    """Axis limits for a panel whose metric never changed: from 0 to the value (0 to 100 for a share),
+    so the line reads as "0 filter errors" or "3.2 every round", not as the middle of a +-0.04 range."""
+    if percent:
+        low, high = 0.0, 100.0
+    else:
+        low, high = min(0.0, value), max(0.0, value)
+        if low == high:
+            high = 1.0
+    margin = 0.05 * (high - low)
+    return low - margin, high + margin

@@ -12,18 +12,20 @@ import os
 import re
 import tempfile
 import uuid
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import yaml
 
-from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, build, check_model_sources, save_config
+from iterft_ray.config import CHANGEABLE_ON_RESUME, ConfigWarning, RunConfig, build, check_model_sources, save_config
 from iterft_ray.data.chat import load_chat_tokenizer
 from iterft_ray.data.prompts import PromptSource, load_prompts
 from iterft_ray.data.tasks import Task
 from iterft_ray.run.evaluation import load_eval_prompts
+from iterft_ray.data.warmup import load_warmup_file
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.checkpoint import META, is_checkpoint
 
@@ -54,6 +56,8 @@ class RunStart:
     rounds_done: int = 0
     overwrite: bool = False
     chat_tokenizer: Any = None  # the run's tokenizer, when data.chat_template is on
+    # What the warm-up trains on: data.warmup_file's demonstrations, else the task's examples.
+    warmup_examples: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -80,6 +84,7 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
         raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
                          "give one")
     prompts, _, task = _load_prompts(config)
+    _warn_repeated_prompts(config, prompts.num_rows)
     heldout = load_eval_prompts(config, task, prompts)
     if heldout is None and config.eval.filters is not None:
         raise ValueError("eval.filters: there are no evaluation prompts to grade; give eval.prompts_file or "
@@ -89,8 +94,10 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     out = _output_dir(config.loop.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
+    warmup = (load_warmup_file(config.data.warmup_file) if config.data.warmup_file is not None
+              else task.warmup_examples if task is not None else [])
     start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite,
-                     chat_tokenizer=chat_tokenizer)
+                     chat_tokenizer=chat_tokenizer, warmup_examples=warmup)
     if resume:
         _check_resume(config, start)
     elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
@@ -108,9 +115,10 @@ def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table 
         key = "data.prompts_file" if data.prompts_file is not None else "data.dataset"
         if data.task_options:
             raise ValueError(f"data.task_options: options of a task, but prompts come from {key}; remove them")
-        if passes:
-            raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up need a task's warm-up examples, and "
-                             f"{key} has none; set loop.warmup_passes: 0 or use a data.task")
+        if passes and data.warmup_file is None:
+            raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up need demonstrations (data.warmup_file) "
+                             f"or a task's warm-up examples, and {key} has none; set loop.warmup_passes: 0, "
+                             f"data.warmup_file, or use a data.task")
         if data.prompts_file is not None and not Path(data.prompts_file).is_file():
             raise ValueError(f"data.prompts_file: no such file {data.prompts_file}")
         try:
@@ -125,10 +133,21 @@ def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table 
         prompts, heldout, task = load_prompts(data)
     except ValueError as e:  # the task's own message says which option
         raise ValueError(f"data.task, data.task_options: {e}") from None
-    if passes and not task.warmup_examples:
+    if passes and not task.warmup_examples and data.warmup_file is None:
         raise ValueError(f"loop.warmup_passes: {passes} passes of warm-up, but data.task {data.task!r} has no "
                          "warm-up examples with these data.task_options; set loop.warmup_passes: 0")
     return prompts, heldout, task
+
+
+def _warn_repeated_prompts(config: RunConfig, num_prompts: int) -> None:
+    """More prompts a round than the source has: the stream wraps within the round, so a round samples some
+    prompts twice (and trains on them twice); said once at start, not found later in generations.parquet."""
+    per_round = config.loop.prompts_per_round
+    if per_round > num_prompts:
+        source = next(f"data.{k}" for k in ("prompts_file", "dataset", "task") if getattr(config.data, k) is not None)
+        warnings.warn(f"loop.prompts_per_round: {per_round} prompts a round, but {source} has {num_prompts}: each "
+                      f"round repeats prompts; lower loop.prompts_per_round to at most {num_prompts} for each once",
+                      ConfigWarning, stacklevel=3)
 
 
 def _check_resume(config: RunConfig, start: RunStart) -> None:

@@ -23,6 +23,8 @@ import inspect
 import math
 import numbers
 import re
+import types
+import typing
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Union, runtime_checkable
@@ -265,6 +267,24 @@ def resolve_filter(spec: RowFilter | Selector | str | dict) -> RowFilter | Selec
         f"unknown filter {name!r}; expected one of {sorted(_BUILTINS)} "
         "or an import string 'package.module:attribute'"
     )
+
+
+def returns_number(row_filter: RowFilter | Selector) -> bool:
+    """Whether a row filter is declared to return a number (`-> float`), a score that alone accepts every row.
+
+    Read from its return annotation (of `__call__` for a callable object); one without an annotation, or
+    declared to return a bool, is not counted.
+    """
+    if isinstance(row_filter, Selector) or not callable(row_filter):
+        return False
+    plain = inspect.isfunction(row_filter) or inspect.ismethod(row_filter)
+    function = row_filter if plain else type(row_filter).__call__
+    try:
+        returned = typing.get_type_hints(function).get("return")
+    except Exception:  # an annotation naming something its module cannot resolve: not declared, then
+        return False
+    options = typing.get_args(returned) if typing.get_origin(returned) in (Union, types.UnionType) else (returned,)
+    return any(t in (int, float) for t in options) and bool not in options
 
 
 def _import_filter(path: str) -> RowFilter | Selector:
