@@ -36,6 +36,16 @@ def base():
         (lambda c: c.update(trainer={"per_device_train_batch_size": 2.5}), TypeError,
          "trainer.per_device_train_batch_size"),
         (lambda c: c.update(trainer={"bf16": "yes"}), TypeError, "trainer.bf16"),
+        (lambda c: c.update(trainer={"learning_rate": -0.001}), ValueError, "trainer.learning_rate: expected a number >= 0"),
+        (lambda c: c.update(trainer={"per_device_train_batch_size": 0}), ValueError,
+         "trainer.per_device_train_batch_size: expected a positive number"),
+        (lambda c: c.update(trainer={"gradient_accumulation_steps": 0}), ValueError, "trainer.gradient_accumulation_steps"),
+        (lambda c: c.update(trainer={"max_steps": 0}), ValueError, "trainer.max_steps: expected -1 (no end)"),
+        (lambda c: c.update(trainer={"adam_beta2": 1.0}), ValueError, "trainer.adam_beta2: expected a number in [0, 1)"),
+        (lambda c: c.update(trainer={"lr_scheduler_type": "nonsense"}), ValueError,
+         "trainer.lr_scheduler_type: expected one of ['linear', 'cosine'"),
+        (lambda c: c.update(trainer={"optim": "adam_typo"}), ValueError, "trainer.optim: expected one of"),
+        (lambda c: c.update(trainer={"warmup_steps": -1}), ValueError, "trainer.warmup_steps"),
         (lambda c: c.update(data={"task": None}), ValueError, "data.task"),
         (lambda c: c.update(sampling=[1]), TypeError, "sampling"),
     ],
@@ -67,3 +77,19 @@ def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
                     "sampling: {temperature: 5e-1}\n", encoding="utf-8")
     config = load_config(path)
     assert config.trainer["learning_rate"] == 0.001 and config.sampling.temperature == 0.5
+
+
+def test_trainer_bounds_name_real_fields():
+    """A TrainingArguments rename must not silently drop a check."""
+    import dataclasses
+
+    from iterft_ray.config import TRAINER_BOUNDS
+    from iterft_ray.train.trainer import IterativeSFTConfig
+
+    assert set(TRAINER_BOUNDS) <= {f.name for f in dataclasses.fields(IterativeSFTConfig)}
+
+
+def test_trainer_values_that_hold_load():
+    config = load_config({**base(), "trainer": {"learning_rate": 0.0, "max_steps": -1, "lr_scheduler_type": "cosine",
+                                                "max_length": None, "adam_beta1": 0.0}})
+    assert config.trainer["lr_scheduler_type"] == "cosine"

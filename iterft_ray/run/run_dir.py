@@ -31,7 +31,8 @@ RUN_RECORD = "run.json"
 # Everything a run writes into loop.output_dir; --overwrite deletes these and nothing else.
 RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "eval", "accepted", "checkpoints",
              "in_flight", "final", "tensorboard", "trainer")
-# A directory with any of these holds a run's results (a run that stopped while starting left none).
+# Files a run leaves from its first round on; with no complete checkpoint beside them the run
+# can be neither resumed nor lost (a start that failed, a run killed before its first save).
 RUN_RESULTS = ("metrics.jsonl", "rounds", "eval", "accepted", "checkpoints", "final", "tensorboard")
 
 
@@ -54,6 +55,7 @@ class RunStart:
     rounds_done: int = 0
     overwrite: bool = False
     chat_tokenizer: Any = None  # the run's tokenizer, when data.chat_template is on
+    unfinished: str | None = None  # the leftovers of a run with no checkpoint that this fresh start replaces
 
     @property
     def complete(self) -> bool:
@@ -62,9 +64,11 @@ class RunStart:
 
     def prepare_directory(self, config: RunConfig) -> None:
         """The only writes of a start: delete the old run (--overwrite), record the run and its config."""
-        if self.overwrite:
+        if self.overwrite or self.unfinished:
             for name in RUN_FILES:
                 (self.out / name).delete()
+        if self.unfinished:
+            print(f"{self.out}: replacing a run that stopped before its first checkpoint{self.unfinished}", flush=True)
         self.out.mkdir()
         (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n")
         save_config(config, self.out / "config.yaml")
@@ -74,7 +78,9 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     """Check everything about starting `config` that needs no actor, and write nothing.
 
     Prompts load, warm-up has data, the model and tokenizer exist, and the output directory
-    is either free (a fresh run), or holds this very run to resume. Errors name the key.
+    is either free (a fresh run), or holds this very run to resume. A directory whose run has
+    no complete checkpoint (its start failed, or it was killed before the first save) counts
+    as free: `--resume` could not continue it, so a fresh start replaces its files. Errors name the key.
     """
     if resume and overwrite:
         raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
@@ -94,6 +100,9 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     if resume:
         _check_resume(config, start)
     elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
+        if latest_checkpoint(out) is None:  # nothing to resume: not a run to protect, just its leftovers
+            start.unfinished = _describe_run(out)
+            return start
         raise ValueError(
             f"loop.output_dir: {out} already holds a run{_describe_run(out)}; continue it with --resume, "
             "choose another loop.output_dir, or start again with --overwrite (deletes that run's files)"
