@@ -82,7 +82,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     from iterft_ray.actors.failures import ActorFailedError, RoundTimeoutError
     from iterft_ray.actors.placement import PlacementError
     from iterft_ray.data.prompts import PromptDataError
-    from iterft_ray.ray_start import init_ray
+    from iterft_ray.ray_start import RayAddressError, init_ray
 
     try:
         run_config = load_config(config_data(config, overrides))
@@ -94,7 +94,10 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
               f"(checkpoint {start.checkpoint}); raise loop.rounds to train on", flush=True)
         return None
     started_ray = not ray.is_initialized()
-    init_ray(run_config.resources, address)
+    try:
+        init_ray(run_config.resources, address)
+    except RayAddressError as e:
+        raise UserError(str(e)) from e
     stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError, PromptDataError)
     try:
         loop = IterativeLoop(run_config, start=start)

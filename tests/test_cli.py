@@ -344,3 +344,20 @@ def test_a_run_with_no_checkpoint_is_replaced_by_a_plain_rerun(tmp_path, capsys,
         (out / "checkpoints" / "round-0001" / name).write_text("{}")
     with pytest.raises(ValueError, match="already holds a run"):
         check_start(config)
+
+
+def test_address_where_nothing_listens_is_one_line_not_a_hang(tmp_path, no_ray):
+    """`ray.init` retries an unreachable GCS for minutes; the CLI dials the address first (timeout: no hang)."""
+    import subprocess
+    import sys
+
+    from ray_head import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "iterft_ray", "run", "tiny", "--address", address, "--set",
+                           f"loop.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=60,
+                          cwd=HERE.parent)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith(f"iterft: error: --address: nothing accepts a connection at {address}")
+    assert not (tmp_path / "run").exists()
