@@ -93,6 +93,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
         print(f"run {start.out} is complete: {start.rounds_done} of {run_config.loop.rounds} rounds done "
               f"(checkpoint {start.checkpoint}); raise loop.rounds to train on", flush=True)
         return None
+    print(f"{'resuming' if start.checkpoint else 'starting'} run {start.run_id[:8]} in {start.out}", flush=True)
     started_ray = not ray.is_initialized()
     try:
         init_ray(run_config.resources, address)

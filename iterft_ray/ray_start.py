@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -25,11 +26,32 @@ def init_ray(resources: ResourcesConfig, address: str | None = None) -> None:
         return
     if address is not None or os.environ.get("RAY_ADDRESS"):
         check_listening(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
-        ray.init(address=address, runtime_env=_working_dir_modules())
+        ray.init(address=address, runtime_env=_runtime_env(cluster=True), logging_level=logging.WARNING)
         return
     demand = total_request(actor_requests(resources)).get("CPU", 0)
     listen_on_loopback_only()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)))
+    # Token auth on loopback is this project's own default setup, not news for the user at every start.
+    token_note = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = token_note.level
+    token_note.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)), runtime_env=_runtime_env(cluster=False),
+                 logging_level=logging.WARNING)
+    finally:
+        token_note.setLevel(level)
+
+
+# The actors load and save models with transformers, whose per-file bars ("Loading weights", "Writing model
+# shards") would reach the driver's console through Ray's log forwarding on every start and checkpoint.
+QUIET_ACTORS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def _runtime_env(cluster: bool) -> dict | None:
+    """The runtime_env of the run's workers: quiet transformers bars, and on a cluster the working directory's
+    modules. Under `ray job submit` the job's own runtime_env (jobs/runtime_env.yaml) sets both."""
+    if inside_ray_job():
+        return None
+    return {"env_vars": dict(QUIET_ACTORS), **((_working_dir_modules() or {}) if cluster else {})}
 
 
 class RayAddressError(ValueError):

@@ -2,6 +2,7 @@
 a run directory is one run (refused, resumed, complete, overwritten), broken filters are loud."""
 
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -361,3 +362,21 @@ def test_address_where_nothing_listens_is_one_line_not_a_hang(tmp_path, no_ray):
     assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
     assert done.stderr.startswith(f"iterft: error: --address: nothing accepts a connection at {address}")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_relative_output_dir_under_a_ray_job_goes_under_the_home_runs_dir(tmp_path, monkeypatch, no_ray):
+    """A job's working directory is a copy in Ray's session directory; its runs must outlive the session."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from iterft_ray.run.run_dir import check_start
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = load_config(tiny_config(Path("runs/x")))
+    assert os.fspath(check_start(config).out) == str(tmp_path / "runs" / "x")  # not a job: the working directory
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}")
+    for given, expected in (("runs/x", tmp_path / "home" / "iterft-runs" / "runs" / "x"),
+                            (str(tmp_path / "abs"), tmp_path / "abs"), ("~/mine", tmp_path / "home" / "mine")):
+        config = load_config(tiny_config(Path(given)))
+        assert os.fspath(check_start(config).out) == str(expected)
+        assert config.loop.output_dir == str(expected)  # what config.yaml records

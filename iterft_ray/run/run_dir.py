@@ -23,6 +23,7 @@ from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, build, check_mode
 from iterft_ray.data.chat import load_chat_tokenizer
 from iterft_ray.data.prompts import PromptSource, load_prompts
 from iterft_ray.data.tasks import Task
+from iterft_ray.ray_internals import inside_ray_job
 from iterft_ray.run.evaluation import load_eval_prompts
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.checkpoint import META, is_checkpoint
@@ -34,6 +35,22 @@ RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "
 # Files a run leaves from its first round on; with no complete checkpoint beside them the run
 # can be neither resumed nor lost (a start that failed, a run killed before its first save).
 RUN_RESULTS = ("metrics.jsonl", "rounds", "eval", "accepted", "checkpoints", "final", "tensorboard")
+
+
+# Where a relative loop.output_dir goes under `ray job submit`: the job's working directory is a
+# copy inside Ray's session directory, which goes when the session ends.
+JOB_RUNS_DIR = "~/iterft-runs"
+
+
+def resolve_output_dir(location: str) -> str:
+    """loop.output_dir as the run will use it: `~` expanded, and under a Ray job a relative path put under
+    JOB_RUNS_DIR on the job's driver node (the submitter's directory cannot be written from a job)."""
+    if "://" in location:
+        return location
+    path = Path(location).expanduser()
+    if path.is_absolute() or not inside_ray_job():
+        return str(path)
+    return str(Path(JOB_RUNS_DIR).expanduser() / path)
 
 
 def checkpoint_dir(out: StoragePath, round_index: int) -> StoragePath:
@@ -92,6 +109,7 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
                          "eval.dataset (a data.task brings its held-out split)")
     check_model_sources(config.model)
     chat_tokenizer = load_chat_tokenizer(config.model) if config.data.chat_template else None
+    config.loop.output_dir = resolve_output_dir(config.loop.output_dir)  # config.yaml records where it went
     out = _output_dir(config.loop.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
