@@ -370,13 +370,33 @@ CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "lo
                         "resources.start_timeout_s")
 
 
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """The names of the built-in configs (`demo`, `tiny`), which the CLI and `load_config` take for a path."""
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a built-in config (`demo`, `tiny`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = BUILTIN_CONFIGS / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise ValueError(f"config: {str(name_or_path)!r} is neither a file nor a built-in config {builtin_configs()}")
+
+
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
-    """Load a RunConfig from a YAML file or a dict; errors name the offending key.
+    """Load a RunConfig from a YAML file, a built-in config's name or a dict; errors name the offending key.
 
     Input paths in a YAML file (model, tokenizer, prompts file) are relative to the file.
     """
     data = source
     if not isinstance(source, dict):
+        source = resolve_config(source)
         with open(source, encoding="utf-8") as f:
             data = resolve_input_paths(yaml.safe_load(f), Path(source).parent)
     config = build(RunConfig, data)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from iterft_ray.cli import config_data, resolve_config
+from iterft_ray.cli import config_data
+from iterft_ray.config import resolve_config
 from iterft_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
