@@ -331,7 +331,9 @@ def test_a_run_with_no_checkpoint_is_replaced_by_a_plain_rerun(tmp_path, capsys,
     (out / "rounds" / "0001" / "generations.parquet").write_bytes(b"round 1, never trained")
     (out / "trainer").mkdir()
     (out / "checkpoints" / "round-0001.tmp").mkdir(parents=True)  # a save cut short
-    assert {name for name in RUN_RESULTS if (out / name).exists()} == set(RUN_RESULTS)
+    (out / "accepted").mkdir()  # round 1's ledger, written beside its generations
+    assert {"metrics.jsonl", "rounds", "accepted", "checkpoints", "tensorboard"} <= {
+        name for name in RUN_RESULTS if (out / name).exists()}
     assert main(["run", write_config(tmp_path / "c.yaml", tiny_config(out)), "--resume"]) == 2
     assert "holds no checkpoint to resume" in error_line(capsys)
 
