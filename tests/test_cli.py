@@ -163,7 +163,7 @@ def test_a_failed_start_leaves_no_ray_process(tmp_path, monkeypatch, no_ray):
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     monkeypatch.setenv("RAY_TMPDIR", str(temp))
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run"))
-    with pytest.raises(Exception, match="max_steps: lr_scheduler_type='cosine' decays"):
+    with pytest.raises(Exception, match="max_steps: lr_scheduler_type=<SchedulerType.COSINE: 'cosine'> decays"):
         main(["run", config, "--set", "trainer.lr_scheduler_type=cosine"])
     assert list(temp.iterdir())  # Ray really ran under it
     ray_processes = [p for p in psutil.process_iter(["cmdline"])
@@ -308,7 +308,7 @@ def test_a_failed_start_leaves_no_actor_or_placement_group(local_ray, tmp_path):
     """A decaying schedule without max_steps is refused inside the trainer actor, after the generators and filters
     started."""
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run"))
-    with pytest.raises(Exception, match="max_steps: lr_scheduler_type='cosine' decays"):
+    with pytest.raises(Exception, match="max_steps: lr_scheduler_type=<SchedulerType.COSINE: 'cosine'> decays"):
         main(["run", config, "--set", "trainer.lr_scheduler_type=cosine"])
     assert_nothing_left()
 
