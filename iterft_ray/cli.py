@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 # What the demo promises on a 2-core CPU machine; it exits non-zero when it falls short.
 DEMO_MAX_START, DEMO_MIN_END, DEMO_MAX_MINUTES = 0.30, 0.90, 10.0
 
@@ -24,25 +22,13 @@ class RunFailed(Exception):
     its timeout, actors the cluster cannot hold): one line, exit status 1."""
 
 
-def resolve_config(name_or_path: str) -> Path:
-    """A YAML path, or the name of a built-in config (`demo`, `tiny`)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    builtin = BUILTIN_CONFIGS / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        return builtin
-    names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
-    raise ValueError(f"config: {name_or_path!r} is neither a file nor a built-in config {names}")
-
-
 def config_data(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
     """Read a config and apply `--set section.key=value` overrides (values parsed as YAML).
 
     Input paths in a config file are relative to the file (those given with --set, to the
     working directory); built-in configs hold none.
     """
-    from iterft_ray.config import resolve_input_paths
+    from iterft_ray.config import resolve_config, resolve_input_paths
 
     path = resolve_config(name_or_path)
     with open(path, encoding="utf-8") as f:
@@ -82,7 +68,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     from iterft_ray.actors.failures import ActorFailedError, RoundTimeoutError
     from iterft_ray.actors.placement import PlacementError
     from iterft_ray.data.prompts import PromptDataError
-    from iterft_ray.ray_start import init_ray
+    from iterft_ray.ray_start import RayAddressError, init_ray
 
     try:
         run_config = load_config(config_data(config, overrides))
@@ -93,8 +79,12 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
         print(f"run {start.out} is complete: {start.rounds_done} of {run_config.loop.rounds} rounds done "
               f"(checkpoint {start.checkpoint}); raise loop.rounds to train on", flush=True)
         return None
+    print(f"{'resuming' if start.checkpoint else 'starting'} run {start.run_id[:8]} in {start.out}", flush=True)
     started_ray = not ray.is_initialized()
-    init_ray(run_config.resources, address)
+    try:
+        init_ray(run_config.resources, address)
+    except RayAddressError as e:
+        raise UserError(str(e)) from e
     stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError, PromptDataError)
     try:
         loop = IterativeLoop(run_config, start=start)
@@ -171,10 +161,19 @@ def demo(overrides: list[str], address: str | None, resume: bool = False, overwr
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `iterft` command; returns its exit status: 0 done, 1 the run failed, 2 bad input (one line on stderr)."""
-    parser = argparse.ArgumentParser(prog="iterft", description=__doc__)
+    """The `iterft` command; returns its exit status: 0 done, 1 the run failed, 2 bad input (one line on stderr),
+    130 interrupted (Ctrl-C: one line, the run's checkpoints kept for --resume)."""
+    from iterft_ray.config import RunConfig, builtin_configs
+
+    configs = (f"CONFIG is a YAML file or a built-in config: {', '.join(builtin_configs())}.\n"
+               f"Its sections: {', '.join(RunConfig.__dataclass_fields__)}.\n"
+               "--set section.key=value overrides one value (README.md, Configs, lists every key).")
+    parser = argparse.ArgumentParser(prog="iterft", description=__doc__, epilog=configs,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="run a config (a YAML path or a built-in name)")
+    p_run = sub.add_parser("run", help="run a config (a YAML path or a built-in name: see below)", epilog=configs,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p_run.add_argument("config")
     p_demo = sub.add_parser("demo", help="expert iteration on addition with a tiny model, checked")
     p_eval = sub.add_parser("eval", help="evaluate a run's checkpoint (or a config's base model) without training")
@@ -198,11 +197,25 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _command(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\ninterrupted; resume with --resume", file=sys.stderr)
+        return 130
     except (UserError, RunFailed) as e:
         if args.debug:
             raise
         print(f"iterft: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iterft_ray")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown (not installed)"
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -42,7 +42,27 @@ POSITIVE = Bound(lambda v: v > 0, "a positive number")
 NON_NEGATIVE = Bound(lambda v: v >= 0, "a number >= 0")
 AT_MOST_ONE = Bound(lambda v: v <= 1, "a number in (0, 1]")  # after POSITIVE: the interval (0, 1]
 IN_ZERO_ONE = Bound(lambda v: 0 < v <= 1, "a number in (0, 1]")
-BELOW_ONE = Bound(lambda v: 0 < v < 1, "a number in (0, 1)")
+OPEN_UNIT = Bound(lambda v: 0 < v < 1, "a number in (0, 1)")
+BELOW_ONE = Bound(lambda v: 0 <= v < 1, "a number in [0, 1)")
+NO_END_OR_POSITIVE = Bound(lambda v: v == -1 or v > 0, "-1 (no end) or a positive number")
+
+# The trainer section is TrainingArguments, which accepts a negative learning rate or a batch size
+# of 0 and fails, if at all, deep in the trainer actor. These are the fields step() relies on,
+# checked at load like the project's own; tests/test_config.py checks each is still a field.
+TRAINER_BOUNDS: dict[str, tuple[Bound, ...]] = {
+    "learning_rate": (NON_NEGATIVE,),
+    "per_device_train_batch_size": (POSITIVE,),
+    "gradient_accumulation_steps": (POSITIVE,),
+    "max_steps": (NO_END_OR_POSITIVE,),
+    "warmup_steps": (NON_NEGATIVE,),
+    "weight_decay": (NON_NEGATIVE,),
+    "max_grad_norm": (NON_NEGATIVE,),
+    "adam_beta1": (BELOW_ONE,),
+    "adam_beta2": (BELOW_ONE,),
+    "adam_epsilon": (NON_NEGATIVE,),
+    "logging_steps": (POSITIVE,),
+    "max_length": (POSITIVE,),
+}
 
 
 def bounded(default: Any, *bounds: Bound) -> Any:
@@ -263,7 +283,7 @@ class EvalConfig:
 
     prompts_file: str | None = None
     dataset: dict[str, Any] | None = None
-    heldout_fraction: float | None = bounded(None, BELOW_ONE)
+    heldout_fraction: float | None = bounded(None, OPEN_UNIT)
     max_prompts: int = positive(512)
     filters: list[Any] | None = None
     num_samples: int = non_negative(4)
@@ -388,13 +408,33 @@ CHANGEABLE_ON_RESUME = ("loop.rounds", "loop.eval_every", "loop.save_every", "lo
                         "resources.start_timeout_s")
 
 
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """The names of the built-in configs (`demo`, `tiny`), which the CLI and `load_config` take for a path."""
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a built-in config (`demo`, `tiny`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = BUILTIN_CONFIGS / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise ValueError(f"config: {str(name_or_path)!r} is neither a file nor a built-in config {builtin_configs()}")
+
+
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
-    """Load a RunConfig from a YAML file or a dict; errors name the offending key.
+    """Load a RunConfig from a YAML file, a built-in config's name or a dict; errors name the offending key.
 
     Input paths in a YAML file (model, tokenizer, prompts file) are relative to the file.
     """
     data = source
     if not isinstance(source, dict):
+        source = resolve_config(source)
         with open(source, encoding="utf-8") as f:
             data = resolve_input_paths(yaml.safe_load(f), Path(source).parent)
     config = build(RunConfig, data)
@@ -579,8 +619,9 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
     """`trainer:` holds IterativeSFTConfig fields; a misspelt or mistyped one is an error here, not deep in an actor.
 
     Values of plain bool / int / float / str fields (optional or not) are checked like the
-    other sections'; the rest (enums given as strings, dicts or JSON strings) are left to
-    TrainingArguments.
+    other sections', those in TRAINER_BOUNDS against their bounds, enums (`lr_scheduler_type`,
+    `optim`) against their values; then the whole section is built as IterativeSFTConfig once,
+    so what TrainingArguments itself refuses fails here too.
     """
     from iterft_ray.train.refused_args import refused_arg
     from iterft_ray.train.trainer import IterativeSFTConfig
@@ -594,12 +635,33 @@ def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
         options = [t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None)]
         plain = len(options) == 1 and options[0] in (bool, int, float, str)
         checked[key] = _coerce(hints[key], value, f"trainer.{key}") if plain else value
+        for bound in TRAINER_BOUNDS.get(key, ()):
+            if checked[key] is not None and not bound.holds(checked[key]):
+                raise ValueError(f"trainer.{key}: expected {bound.expected}, got {checked[key]}")
+        _check_enum(options, checked[key], f"trainer.{key}")
         reason = refused_arg(key, checked[key])
         if reason:
             raise ValueError(reason)
     if "output_dir" in trainer:
         raise ValueError("trainer.output_dir: set loop.output_dir instead; the trainer writes under it")
+    # Built as on a CPU: the driver may have no GPU where the trainer has one (bf16, tf32 are the trainer node's).
+    on_driver = {k: v for k, v in checked.items() if k != "tf32"}
+    try:
+        IterativeSFTConfig(**{"output_dir": "unused", **on_driver, "report_to": "none", "use_cpu": True})
+    except (ValueError, TypeError) as e:  # a combination TrainingArguments refuses
+        raise ValueError(f"trainer: {' '.join(str(e).split())}") from None
     return checked
+
+
+def _check_enum(options: list[Any], value: Any, key: str) -> None:
+    """A TrainingArguments field typed `SomeEnum | str` takes the enum's values only."""
+    import enum
+
+    for option in options:
+        if isinstance(option, type) and issubclass(option, enum.Enum) and isinstance(value, str):
+            values = [m.value for m in option]
+            if value not in values:
+                raise ValueError(f"{key}: expected one of {values}, got {value!r}")
 
 
 def save_config(config: RunConfig, path: str | Path | StoragePath) -> None:

@@ -89,6 +89,18 @@ def listen_on_loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = not local_only
 
 
+def dialed_address(address: str) -> str | None:
+    """The host:port `ray.init(address=...)` will dial: "auto" looked up, a loopback host replaced by this
+    host's address (unless in loopback-only mode, `listen_on_loopback_only`); None where Ray would start one.
+
+    Private: `ray._private.services.canonicalize_bootstrap_address`, the function `ray.init` itself uses,
+    so a check before `ray.init` dials what Ray would (it retries an unreachable GCS for minutes).
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(address)
+
+
 def inside_ray_job() -> bool:
     """Whether this driver runs under `ray job submit` (the job's runtime_env already ships its files).
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import socket
 from pathlib import Path
 
 import ray
 
 from iterft_ray.actors.placement import actor_requests, total_request
 from iterft_ray.config import ResourcesConfig
-from iterft_ray.ray_internals import inside_ray_job, listen_on_loopback_only
+from iterft_ray.ray_internals import dialed_address, inside_ray_job, listen_on_loopback_only
 
 
 def init_ray(resources: ResourcesConfig, address: str | None = None) -> None:
@@ -23,11 +25,71 @@ def init_ray(resources: ResourcesConfig, address: str | None = None) -> None:
     if ray.is_initialized():
         return
     if address is not None or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, runtime_env=_working_dir_modules())
+        check_listening(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
+        ray.init(address=address, runtime_env=_runtime_env(cluster=True), logging_level=logging.WARNING)
         return
     demand = total_request(actor_requests(resources)).get("CPU", 0)
     listen_on_loopback_only()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)))
+    # Token auth on loopback is this project's own default setup, not news for the user at every start.
+    token_note = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = token_note.level
+    token_note.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)), runtime_env=_runtime_env(cluster=False),
+                 logging_level=logging.WARNING)
+    finally:
+        token_note.setLevel(level)
+
+
+# The actors load and save models with transformers, whose per-file bars ("Loading weights", "Writing model
+# shards") would reach the driver's console through Ray's log forwarding on every start and checkpoint.
+QUIET_ACTORS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def _runtime_env(cluster: bool) -> dict | None:
+    """The runtime_env of the run's workers: quiet transformers bars, and on a cluster the working directory's
+    modules. Under `ray job submit` the job's own runtime_env (jobs/runtime_env.yaml) sets both."""
+    if inside_ray_job():
+        return None
+    return {"env_vars": dict(QUIET_ACTORS), **((_working_dir_modules() or {}) if cluster else {})}
+
+
+class RayAddressError(ValueError):
+    """Nothing answers at the Ray address given: found in seconds, where `ray.init` would retry for minutes."""
+
+
+def check_listening(address: str, key: str, timeout_s: float = 10.0) -> None:
+    """Refuse an address where nothing accepts a connection, naming `key` (`--address` or `RAY_ADDRESS`).
+
+    Dials what `ray.init` would dial: for 127.0.0.1 that is this host's own address unless
+    loopback-only mode is on, so a head started with it (the README's variable) and a driver
+    without it meet here, with the variable to set. `ray://` (Ray Client) has its own timeout.
+    """
+    if address.startswith("ray://"):
+        return
+    try:
+        dialed = dialed_address(address)
+    except (ValueError, ConnectionError) as e:  # no host:port, or "auto" and no Ray running
+        raise RayAddressError(f"{key}: {address!r}: {e}; expected the head's HOST:PORT") from None
+    if dialed is None:
+        return
+    if _accepts(dialed, timeout_s):
+        return
+    hint = "is a Ray head running there? (`ray status` on the head prints its address)"
+    if dialed != address and _accepts(address, timeout_s):
+        hint = (f"{address} answers on loopback only, and Ray dials this host's address {dialed} unless "
+                f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set, as for the head")
+    where = address if dialed == address else f"{address} (dialed as {dialed})"
+    raise RayAddressError(f"{key}: nothing accepts a connection at {where} within {timeout_s:g} s; {hint}")
+
+
+def _accepts(host_port: str, timeout_s: float) -> bool:
+    host, _, port = host_port.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _working_dir_modules() -> dict | None:

@@ -43,7 +43,7 @@ from transformers import AutoTokenizer
 from bench_common import (add_niceness_option, column, environment, init_ray_from_args, interleave, parser,
                           print_environment, print_table, verdict, write_json)
 from iterft_ray.actors.generator import GeneratorActor
-from iterft_ray.cli import resolve_config
+from iterft_ray.config import resolve_config
 from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines.hf_sampling import sample_rollouts
 from iterft_ray.data.tasks import get_task

@@ -49,7 +49,7 @@ from ray._private.internal_api import get_memory_info_reply, get_state_from_addr
 
 from bench_common import (actor_info, add_niceness_option, environment, init_ray_from_args, parser,  # noqa: E402
                           print_environment, write_json)
-from iterft_ray.cli import resolve_config  # noqa: E402
+from iterft_ray.config import resolve_config  # noqa: E402
 from iterft_ray.run.loop import IterativeLoop  # noqa: E402
 
 MIB = 2**20

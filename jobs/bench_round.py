@@ -60,7 +60,7 @@ import iterft_ray.run.records as records
 from bench_common import (CpuMeter, actor_info, add_niceness_option, environment, init_ray_from_args, interleave,
                           parser, print_environment, print_table, ratios, verdict, write_json)
 from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
-from iterft_ray.cli import resolve_config
+from iterft_ray.config import resolve_config
 from iterft_ray.config import load_config
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.verify.scoring import RolloutScorer

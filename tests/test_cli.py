@@ -2,6 +2,7 @@
 a run directory is one run (refused, resumed, complete, overwritten), broken filters are loud."""
 
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -74,6 +75,9 @@ def no_ray(ray_down):
 BAD_SETTINGS = [
     (["sampling.num_samples=0"], "sampling.num_samples: expected a positive number"),
     (["trainer.learning_rate=abc"], "trainer.learning_rate: expected float"),
+    (["trainer.learning_rate=-0.001"], "trainer.learning_rate: expected a number >= 0, got -0.001"),
+    (["trainer.per_device_train_batch_size=0"], "trainer.per_device_train_batch_size: expected a positive number"),
+    (["trainer.lr_scheduler_type=nonsense"], "trainer.lr_scheduler_type: expected one of ['linear', "),
     (["model.name_or_path=/nonexistent/model"], "model.name_or_path: /nonexistent/model is not a directory"),
     (["model.tokenizer=./no/such/tokenizer"], "model.tokenizer: ./no/such/tokenizer is not a directory"),
     (["model.name_or_path=no-such-org/no-such-model"], "model.name_or_path: 'no-such-org/no-such-model' is not a "
@@ -160,8 +164,8 @@ def test_a_failed_start_leaves_no_ray_process(tmp_path, monkeypatch, no_ray):
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     monkeypatch.setenv("RAY_TMPDIR", str(temp))
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run"))
-    with pytest.raises(Exception, match="nonsense is not a valid SchedulerType"):
-        main(["run", config, "--set", "trainer.lr_scheduler_type=nonsense"])
+    with pytest.raises(Exception, match="max_steps: lr_scheduler_type=<SchedulerType.COSINE: 'cosine'> decays"):
+        main(["run", config, "--set", "trainer.lr_scheduler_type=cosine"])
     assert list(temp.iterdir())  # Ray really ran under it
     ray_processes = [p for p in psutil.process_iter(["cmdline"])
                      if any(str(temp) in arg for arg in p.info["cmdline"] or [])]
@@ -302,8 +306,80 @@ def test_filter_errors_are_on_the_summary_line_and_a_round_of_errors_stops_the_r
 
 
 def test_a_failed_start_leaves_no_actor_or_placement_group(local_ray, tmp_path):
-    """TrainingArguments refuses the value inside the trainer actor, after the generators and filters started."""
+    """A decaying schedule without max_steps is refused inside the trainer actor, after the generators and filters
+    started."""
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run"))
-    with pytest.raises(Exception, match="nonsense is not a valid SchedulerType"):
-        main(["run", config, "--set", "trainer.lr_scheduler_type=nonsense"])
+    with pytest.raises(Exception, match="max_steps: lr_scheduler_type=<SchedulerType.COSINE: 'cosine'> decays"):
+        main(["run", config, "--set", "trainer.lr_scheduler_type=cosine"])
     assert_nothing_left()
+
+
+def test_a_run_with_no_checkpoint_is_replaced_by_a_plain_rerun(tmp_path, capsys, no_ray):
+    """What a start that failed in round 1, or a run killed before its first save, leaves: no checkpoint, so
+    `--resume` cannot continue it and a plain rerun replaces it; once a checkpoint exists it is a run."""
+    from iterft_ray.run.records import RunRecorder
+    from iterft_ray.run.run_dir import RUN_RESULTS, check_start
+    from iterft_ray.train.checkpoint import META, TENSORS
+
+    out = tmp_path / "run"
+    config = load_config(tiny_config(out))
+    check_start(config).prepare_directory(config)  # run.json, config.yaml
+    recorder = RunRecorder(out)
+    recorder.reset()
+    recorder.record({"round": 0, "heldout_accuracy": 0.0})
+    recorder.close()
+    (out / "rounds" / "0001").mkdir(parents=True)
+    (out / "rounds" / "0001" / "generations.parquet").write_bytes(b"round 1, never trained")
+    (out / "trainer").mkdir()
+    (out / "checkpoints" / "round-0001.tmp").mkdir(parents=True)  # a save cut short
+    (out / "accepted").mkdir()  # round 1's ledger, written beside its generations
+    assert {"metrics.jsonl", "rounds", "accepted", "checkpoints", "tensorboard"} <= {
+        name for name in RUN_RESULTS if (out / name).exists()}
+    assert main(["run", write_config(tmp_path / "c.yaml", tiny_config(out)), "--resume"]) == 2
+    assert "holds no checkpoint to resume" in error_line(capsys)
+
+    start = check_start(config)
+    start.prepare_directory(config)
+    assert "replacing a run that stopped before its first checkpoint" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "run.json"]
+
+    (out / "checkpoints" / "round-0001").mkdir(parents=True)
+    for name in (META, TENSORS):
+        (out / "checkpoints" / "round-0001" / name).write_text("{}")
+    with pytest.raises(ValueError, match="already holds a run"):
+        check_start(config)
+
+
+def test_address_where_nothing_listens_is_one_line_not_a_hang(tmp_path, no_ray):
+    """`ray.init` retries an unreachable GCS for minutes; the CLI dials the address first (timeout: no hang)."""
+    import subprocess
+    import sys
+
+    from ray_head import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "iterft_ray", "run", "tiny", "--address", address, "--set",
+                           f"loop.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=60,
+                          cwd=HERE.parent)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith(f"iterft: error: --address: nothing accepts a connection at {address}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_relative_output_dir_under_a_ray_job_goes_under_the_home_runs_dir(tmp_path, monkeypatch, no_ray):
+    """A job's working directory is a copy in Ray's session directory; its runs must outlive the session."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from iterft_ray.run.run_dir import check_start
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = load_config(tiny_config(Path("runs/x")))
+    assert os.fspath(check_start(config).out) == str(tmp_path / "runs" / "x")  # not a job: the working directory
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}")
+    for given, expected in (("runs/x", tmp_path / "home" / "iterft-runs" / "runs" / "x"),
+                            (str(tmp_path / "abs"), tmp_path / "abs"), ("~/mine", tmp_path / "home" / "mine")):
+        config = load_config(tiny_config(Path(given)))
+        assert os.fspath(check_start(config).out) == str(expected)
+        assert config.loop.output_dir == str(expected)  # what config.yaml records

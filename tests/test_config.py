@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from iterft_ray.cli import config_data, resolve_config
-from iterft_ray.config import ConfigWarning, load_config
+from iterft_ray.cli import config_data
+from iterft_ray.config import ConfigWarning, load_config, resolve_config
 from iterft_ray.run.run_dir import check_start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +39,16 @@ def base():
         (lambda c: c.update(trainer={"per_device_train_batch_size": 2.5}), TypeError,
          "trainer.per_device_train_batch_size"),
         (lambda c: c.update(trainer={"bf16": "yes"}), TypeError, "trainer.bf16"),
+        (lambda c: c.update(trainer={"learning_rate": -0.001}), ValueError, "trainer.learning_rate: expected a number >= 0"),
+        (lambda c: c.update(trainer={"per_device_train_batch_size": 0}), ValueError,
+         "trainer.per_device_train_batch_size: expected a positive number"),
+        (lambda c: c.update(trainer={"gradient_accumulation_steps": 0}), ValueError, "trainer.gradient_accumulation_steps"),
+        (lambda c: c.update(trainer={"max_steps": 0}), ValueError, "trainer.max_steps: expected -1 (no end)"),
+        (lambda c: c.update(trainer={"adam_beta2": 1.0}), ValueError, "trainer.adam_beta2: expected a number in [0, 1)"),
+        (lambda c: c.update(trainer={"lr_scheduler_type": "nonsense"}), ValueError,
+         "trainer.lr_scheduler_type: expected one of ['linear', 'cosine'"),
+        (lambda c: c.update(trainer={"optim": "adam_typo"}), ValueError, "trainer.optim: expected one of"),
+        (lambda c: c.update(trainer={"warmup_steps": -1}), ValueError, "trainer.warmup_steps"),
         (lambda c: c.update(data={"task": None}), ValueError, "data.task"),
         (lambda c: c.update(sampling=[1]), TypeError, "sampling"),
     ],
@@ -133,3 +143,19 @@ def test_warmup_file_is_relative_to_the_config_and_replaces_the_task_examples(tm
     assert config.data.warmup_file == str(tmp_path / "demos.jsonl")
     expected = [{"prompt": d["prompt"], "completion": d["completion"]} for d in DEMOS]  # other fields dropped
     assert check_start(config).warmup_examples == expected
+
+
+def test_trainer_bounds_name_real_fields():
+    """A TrainingArguments rename must not silently drop a check."""
+    import dataclasses
+
+    from iterft_ray.config import TRAINER_BOUNDS
+    from iterft_ray.train.trainer import IterativeSFTConfig
+
+    assert set(TRAINER_BOUNDS) <= {f.name for f in dataclasses.fields(IterativeSFTConfig)}
+
+
+def test_trainer_values_that_hold_load():
+    config = load_config({**base(), "trainer": {"learning_rate": 0.0, "max_steps": -1, "lr_scheduler_type": "cosine",
+                                                "max_length": None, "adam_beta1": 0.0}})
+    assert config.trainer["lr_scheduler_type"] == "cosine"

@@ -191,13 +191,12 @@ def two_cpu_head():
 
 @pytest.mark.timeout(120)
 def test_a_run_that_needs_more_than_a_fixed_cluster_has_is_refused_before_any_actor_starts(two_cpu_head, tmp_path):
-    """The reported case: the tiny config against a 2-CPU head asks for 2.5 CPUs, so its filter could never start."""
+    """The reported case: the tiny config against a 2-CPU head asks for 2.5 CPUs, so its filter could never start.
+
+    Run right after the head starts, before its read-only autoscaler has reported the node: the start
+    waits for that report instead of taking "no report yet" as an autoscaler (which waited, by chance).
+    """
     address, env = two_cpu_head["address"], two_cpu_head["env"]
-    status = ""
-    deadline = time.monotonic() + 60
-    while "node_" not in status and time.monotonic() < deadline:  # the head's read-only autoscaler has reported
-        status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", "--address", address],
-                                env=env, capture_output=True, text=True, timeout=60).stdout
     config = yaml.safe_load((REPO / "iterft_ray" / "configs" / "tiny.yaml").read_text())
     config["loop"]["output_dir"] = str(tmp_path / "run")
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
@@ -216,3 +215,30 @@ def test_a_run_that_needs_more_than_a_fixed_cluster_has_is_refused_before_any_ac
     ), run.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
+
+
+FRESH_RAY_CHECK = """
+import ray
+from iterft_ray.actors.placement import ActorRequest, PlacementError, check_cluster_fits
+from iterft_ray.config import ResourcesConfig
+from iterft_ray.ray_start import init_ray
+init_ray(ResourcesConfig())
+try:
+    check_cluster_fits([ActorRequest("trainer rank", 1, {"CPU": 1.0, "GPU": 1.0})])
+    print("waits")
+except PlacementError as e:
+    print("refused:", e)
+ray.shutdown()
+"""
+
+
+def test_a_request_no_node_has_is_refused_right_after_ray_starts():
+    """A fresh Ray's read-only autoscaler reports its node a few seconds in; before that a GPU request on a
+    GPU-less machine was taken as one an autoscaler might serve, and the start waited instead of refusing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["AUTOSCALER_UPDATE_INTERVAL_S"] = "8"  # a slow first report, as on a loaded machine: seconds of no node
+    done = subprocess.run([sys.executable, "-c", FRESH_RAY_CHECK], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert "refused: resources: the run asks for 1 trainer rank x {CPU: 1, GPU: 1}" in done.stdout, \
+        done.stdout + done.stderr[-2000:]
+    assert "(1 node, no autoscaler) has {CPU: " in done.stdout

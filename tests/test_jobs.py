@@ -2,8 +2,13 @@
 
 import json
 import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -87,9 +92,9 @@ def test_demo_config_two_rounds_writes_every_file(tmp_path, ray_up):
     assert (tmp_path / "run" / "checkpoints" / "round-0001").exists()
 
 
-@pytest.fixture
-def local_head():
-    """A Ray head from `ray start` on loopback with token auth (the user's ~/.ray/auth_token), stopped afterwards."""
+@contextmanager
+def local_head_at():
+    """A Ray head from `ray start` on loopback with token auth (the user's ~/.ray/auth_token), stopped on exit."""
     env = loopback_env()
     subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dashboard = free_port(), free_port()
@@ -99,25 +104,45 @@ def local_head():
         yield f"http://127.0.0.1:{dashboard}"
 
 
-def test_ray_job_submit_runs_the_job(local_head, tmp_path):
+@pytest.fixture
+def job_runs_dir():
+    """A relative loop.output_dir of a job lands under ~/iterft-runs (README "Running on Ray"); removed after."""
+    name = f"test-jobs-{uuid.uuid4().hex[:8]}"
+    yield name, Path.home() / "iterft-runs" / name
+    shutil.rmtree(Path.home() / "iterft-runs" / name, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_job(job_runs_dir, tmp_path):
+    """The README's job, with the README's relative output_dir: its files are where the job said, after the job
+    and the head (whose session directory held the job's working directory) are gone."""
+    relative, expected = job_runs_dir
+    with local_head_at() as head:
+        logs = _submit(head, relative)
+    written = re.search(r"run written to (\S+)", logs)
+    assert written and Path(written.group(1)) == expected, logs
+    assert "starting run " in logs and f" in {expected}" in logs, logs
+    assert_run_files(expected, rounds=2)
+
+
+def _submit(local_head: str, output_dir: str) -> str:
     with pytest.raises(urllib.error.HTTPError) as refused:  # token authentication is on
         urllib.request.urlopen(f"{local_head}/api/jobs/", timeout=10)
     assert refused.value.code in (401, 403)
 
-    run = tmp_path / "job-run"
-    for _ in range(3):  # a fresh head's job agent may not be registered yet: Ray answers "try again later"
+    for _ in range(6):  # a fresh head's job agent may not be registered yet: Ray answers "try again later"
         submit = subprocess.run(
             [RAY_CLI, "job", "submit", "--address", local_head, "--working-dir", str(ROOT),
              "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
-             sys.executable, "jobs/iterative_sft.py", "--config", "tiny", "--set", f"loop.output_dir={run}"],
+             sys.executable, "jobs/iterative_sft.py", "--config", "tiny", "--set", f"loop.output_dir={output_dir}"],
             env=loopback_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
         )
         logs = submit.stdout + submit.stderr
         if "No available agent to submit job" not in logs:
             break
+        time.sleep(5)  # the agent registers within seconds of the head, later on a loaded machine
     assert submit.returncode == 0, logs
     assert "succeeded" in logs.lower() and "round   2" in logs, logs
-    assert_run_files(run, rounds=2)
+    return logs
 
 
 EMBEDDED = """

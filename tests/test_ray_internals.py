@@ -64,3 +64,10 @@ def test_loopback_switch_and_job_detection(monkeypatch):
 
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}")
     assert ray_internals.inside_ray_job()
+
+
+def test_dialed_address_is_what_ray_init_dials():
+    assert ray_internals.dialed_address("local") is None  # ray.init starts a Ray
+    assert ray_internals.dialed_address("10.1.2.3:6379") == "10.1.2.3:6379"
+    with pytest.raises(ValueError):
+        ray_internals.dialed_address("http://10.1.2.3:8265")

@@ -386,3 +386,22 @@ def test_parallelism_and_liger_keys_are_refused_naming_the_key(llama_path, tmp_p
         return  # TrainingArguments itself acts on these when built (needs accelerate plugins); config load refuses first
     with pytest.raises(ValueError, match=rf"^trainer\.{key}: "):
         make_trainer(llama_path, tmp_path, **{key: value})
+
+
+def test_seed_page_usage_runs_verbatim_and_trains(tmp_path, monkeypatch):
+    """The seed page's `IterativeSFTTrainer(model, tokenizer)` (tokenizer where `args` sits) and both steps."""
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)  # the default args' output_dir ("tmp_trainer") is relative
+    page = runpy.run_path(str(Path(__file__).parent / "data" / "seed_usage.py"))
+    trainer, base = page["trainer"], AutoModelForCausalLM.from_pretrained(page["model_name"])
+    assert trainer.tokenizer is page["tokenizer"]
+    assert trainer.state.global_step == 2  # one update per step() (2 and 2 rows, batch size 8)
+    assert_weights_differ(weights(trainer), {k: v.detach() for k, v in base.state_dict().items()})
+
+
+def test_tokenizer_given_positionally_and_by_keyword_is_an_error(llama_path):
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    with pytest.raises(ValueError, match="^args: got a tokenizer positionally"):
+        IterativeSFTTrainer(AutoModelForCausalLM.from_pretrained(llama_path), tokenizer, processing_class=tokenizer)

@@ -9,6 +9,7 @@ to be placed; both raise `PlacementError` naming what was asked and what is ther
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,18 +110,26 @@ def _keys_of(role: str) -> str:
     return f"lower resources.{key}_cpus / resources.{key}_gpus or add a bigger node"
 
 
-def _autoscales() -> bool:
+# How long a start waits for the autoscaler's first report naming nodes: a fresh head publishes an empty
+# one (or none) for its first seconds, and deciding on that made the same start refuse or wait by chance.
+AUTOSCALER_REPORT_WAIT_S = 20.0
+
+
+def _autoscales(wait_s: float = AUTOSCALER_REPORT_WAIT_S) -> bool:
     """Whether an autoscaler with node types of its own runs (may add nodes), as its status says.
 
     Ray starts a read-only autoscaler on a head without an autoscaling config; its node
-    types are the live nodes (`node_<id>`). No status yet, or autoscaler v2 (another
-    status format): counted as autoscaling, so nothing is refused on a guess.
+    types are the live nodes (`node_<id>`). A report that names no node yet is waited for
+    (up to `wait_s`); still none then, or autoscaler v2 (another status format): counted
+    as autoscaling, so nothing is refused on a guess.
     """
-    types = autoscaler_node_types()
-    if types is None:
+    deadline = time.monotonic() + wait_s
+    while not (types := autoscaler_node_types()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not types:
         return True
     live = {readonly_node_type(n["NodeID"]) for n in ray.nodes()}
-    return not types or not types <= live
+    return not types <= live
 
 
 def wait_started(actors: list[tuple[str, ray.actor.ActorHandle, dict[str, float]]], deadline: Deadline,

@@ -17,6 +17,7 @@ with (seed, epoch, shard). Skipping to a position reads only from the shard it f
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Iterator
 
@@ -182,7 +183,6 @@ class PromptStream(PromptCursor):
         """Ray Data reading `shards` in this order, each one's rows permuted, as a stream of blocks."""
         import ray
         from ray.data import TaskPoolStrategy
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         items = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=min(len(shards), 64))
         context = items.context  # this dataset's own copy of the DataContext
@@ -192,11 +192,21 @@ class PromptStream(PromptCursor):
         context.target_max_block_size = 4 * 1024**2  # what the driver holds at once, however big a row group is
         # The file (or the datasets cache) is on the driver's node; no CPU asked, so reads never wait behind
         # the actors that hold the cluster's CPUs, and one task at a time is plenty for a round's prompts.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # Pinned by the node-id label, as Ray Data pins its own local reads (NodeAffinitySchedulingStrategy
+        # would go through the deprecated **ray_remote_args).
+        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         shuffled = items.map_batches(_read_shards, batch_size=1, batch_format="pyarrow",
                                      fn_args=(self.source, self.seed, epoch), compute=TaskPoolStrategy(size=1),
-                                     num_cpus=0, scheduling_strategy=here)
+                                     num_cpus=0, label_selector=here)
+        _quiet_ray_data()
         return iter(shuffled.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1))
+
+
+def _quiet_ray_data() -> None:
+    """Keep Ray Data's own lines off the run's console: an "execution finished" per pass over the shards
+    (logged at INFO whatever the DataContext says) and the note that progress bars are off (they are, above)."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _read_shards(batch: pa.Table, source: PromptSource, seed: int, epoch: int) -> Iterator[pa.Table]:

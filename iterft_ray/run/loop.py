@@ -102,8 +102,19 @@ class IterativeLoop:
 
         The driver fetches only the filters' summaries and the step's statistics; the round
         stops with `RoundTimeoutError` past `loop.round_timeout_s`, and with `ActorFailedError`
-        when a generator or filter actor dies past its restart limits.
+        when a generator or filter actor dies past its restart limits. A fresh run's first round, whether
+        `round()` or `run()` comes first, is preceded by the warm-up and the evaluation before training.
         """
+        if self.round_index == 0 and not self.warmed_up:
+            self.warm_up()
+            self.warmed_up = True
+            if self.evaluation is not None:
+                evaluated = self.evaluate()
+                self.initial_heldout_accuracy = evaluated["eval_greedy"]
+                self.recorder.record({"round": 0, **evaluated})
+                print(f"evaluation before round 1: {_evaluation_line(evaluated)}", flush=True)
+                if self._judge(evaluated)[0]:
+                    self.save_checkpoint()
         r, c, t = self.round_index, self.config, {"start": time.perf_counter()}
         deadline = self._round_deadline()
         rollouts = self._rollouts_for(r)
@@ -148,21 +159,11 @@ class IterativeLoop:
         return stats
 
     def run(self) -> list[dict[str, Any]]:
-        """Run the remaining rounds (after the warm-up, on a fresh run); returns their statistics.
+        """Run the remaining rounds (the first of a fresh run after the warm-up); returns their statistics.
 
         If the trainer dies, it is restored from the newest checkpoint and the rounds
         after it are run again; with no checkpoint yet the run stops and says so.
         """
-        if self.round_index == 0 and not self.warmed_up:
-            self.warm_up()
-            self.warmed_up = True
-            if self.evaluation is not None:
-                evaluated = self.evaluate()
-                self.initial_heldout_accuracy = evaluated["eval_greedy"]
-                self.recorder.record({"round": 0, **evaluated})
-                print(f"evaluation before round 1: {_evaluation_line(evaluated)}", flush=True)
-                if self._judge(evaluated)[0]:
-                    self.save_checkpoint()
         stats: dict[int, dict[str, Any]] = {}
         while self.round_index < self.config.loop.rounds:
             try:

@@ -24,6 +24,7 @@ from iterft_ray.config import CHANGEABLE_ON_RESUME, ConfigWarning, RunConfig, bu
 from iterft_ray.data.chat import load_chat_tokenizer
 from iterft_ray.data.prompts import PromptSource, load_prompts
 from iterft_ray.data.tasks import Task
+from iterft_ray.ray_internals import inside_ray_job
 from iterft_ray.run.evaluation import load_eval_prompts
 from iterft_ray.data.warmup import load_warmup_file
 from iterft_ray.storage import StoragePath
@@ -33,8 +34,25 @@ RUN_RECORD = "run.json"
 # Everything a run writes into loop.output_dir; --overwrite deletes these and nothing else.
 RUN_FILES = (RUN_RECORD, "config.yaml", "metrics.jsonl", "plot.png", "rounds", "eval", "accepted", "checkpoints",
              "in_flight", "final", "tensorboard", "trainer")
-# A directory with any of these holds a run's results (a run that stopped while starting left none).
+# Files a run leaves from its first round on; with no complete checkpoint beside them the run
+# can be neither resumed nor lost (a start that failed, a run killed before its first save).
 RUN_RESULTS = ("metrics.jsonl", "rounds", "eval", "accepted", "checkpoints", "final", "tensorboard")
+
+
+# Where a relative loop.output_dir goes under `ray job submit`: the job's working directory is a
+# copy inside Ray's session directory, which goes when the session ends.
+JOB_RUNS_DIR = "~/iterft-runs"
+
+
+def resolve_output_dir(location: str) -> str:
+    """loop.output_dir as the run will use it: `~` expanded, and under a Ray job a relative path put under
+    JOB_RUNS_DIR on the job's driver node (the submitter's directory cannot be written from a job)."""
+    if "://" in location:
+        return location
+    path = Path(location).expanduser()
+    if path.is_absolute() or not inside_ray_job():
+        return str(path)
+    return str(Path(JOB_RUNS_DIR).expanduser() / path)
 
 
 def checkpoint_dir(out: StoragePath, round_index: int) -> StoragePath:
@@ -58,6 +76,7 @@ class RunStart:
     chat_tokenizer: Any = None  # the run's tokenizer, when data.chat_template is on
     # What the warm-up trains on: data.warmup_file's demonstrations, else the task's examples.
     warmup_examples: list[dict[str, str]] = field(default_factory=list)
+    unfinished: str | None = None  # the leftovers of a run with no checkpoint that this fresh start replaces
 
     @property
     def complete(self) -> bool:
@@ -66,9 +85,11 @@ class RunStart:
 
     def prepare_directory(self, config: RunConfig) -> None:
         """The only writes of a start: delete the old run (--overwrite), record the run and its config."""
-        if self.overwrite:
+        if self.overwrite or self.unfinished:
             for name in RUN_FILES:
                 (self.out / name).delete()
+        if self.unfinished:
+            print(f"{self.out}: replacing a run that stopped before its first checkpoint{self.unfinished}", flush=True)
         self.out.mkdir()
         (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n")
         save_config(config, self.out / "config.yaml")
@@ -78,7 +99,9 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     """Check everything about starting `config` that needs no actor, and write nothing.
 
     Prompts load, warm-up has data, the model and tokenizer exist, and the output directory
-    is either free (a fresh run), or holds this very run to resume. Errors name the key.
+    is either free (a fresh run), or holds this very run to resume. A directory whose run has
+    no complete checkpoint (its start failed, or it was killed before the first save) counts
+    as free: `--resume` could not continue it, so a fresh start replaces its files. Errors name the key.
     """
     if resume and overwrite:
         raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
@@ -91,6 +114,7 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
                          "eval.dataset (a data.task brings its held-out split)")
     check_model_sources(config.model)
     chat_tokenizer = load_chat_tokenizer(config.model) if config.data.chat_template else None
+    config.loop.output_dir = resolve_output_dir(config.loop.output_dir)  # config.yaml records where it went
     out = _output_dir(config.loop.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"loop.output_dir: {out} is a file; expected a directory (or a path that does not exist)")
@@ -101,6 +125,9 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     if resume:
         _check_resume(config, start)
     elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
+        if latest_checkpoint(out) is None:  # nothing to resume: not a run to protect, just its leftovers
+            start.unfinished = _describe_run(out)
+            return start
         raise ValueError(
             f"loop.output_dir: {out} already holds a run{_describe_run(out)}; continue it with --resume, "
             "choose another loop.output_dir, or start again with --overwrite (deletes that run's files)"

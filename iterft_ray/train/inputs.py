@@ -6,6 +6,8 @@ before the first update, so a bad call leaves the weights and `global_step` as t
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +49,9 @@ def step_examples(
             _check_str_list("texts_labels", texts_labels, len(texts))
         elif is_encoder_decoder:
             raise ValueError("texts_labels: required for a seq2seq model (the targets of the texts)")
+        if not any(texts) and not any(texts_labels or ()):
+            warnings.warn("texts: every text is empty, so this step trains on nothing (loss nan, 0 updates)",
+                          stacklevel=4)
         input_ids, labels = encode_texts(tokenizer, texts, texts_labels, is_encoder_decoder)
     else:
         if texts_labels is not None:

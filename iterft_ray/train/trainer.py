@@ -43,6 +43,7 @@ from transformers import (
     PreTrainedModel,
     ProgressCallback,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
     Trainer,
     TrainingArguments,
     get_scheduler,
@@ -112,6 +113,12 @@ class IterativeSFTTrainer(Trainer):
         callbacks: list | None = None,
         peft_config: Any = None,
     ):
+        if isinstance(args, (PreTrainedTokenizerBase, ProcessorMixin)):
+            # TRL's documented usage, `IterativeSFTTrainer(model, tokenizer)`, puts the tokenizer where
+            # `args` sits (its signature was (model, args, tokenizer)); take it as the tokenizer.
+            if tokenizer is not None or processing_class is not None:
+                raise ValueError("args: got a tokenizer positionally and tokenizer/processing_class too; give one")
+            args, tokenizer = None, args
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("tokenizer, processing_class: give one of them (they are the same argument)")
         tokenizer = tokenizer if tokenizer is not None else processing_class
