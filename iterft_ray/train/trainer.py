@@ -172,9 +172,17 @@ class IterativeSFTTrainer(Trainer):
         )
         self._apply_train_settings()
         # Master weights in fp32 (a bf16 checkpoint loads as bf16): updates below bf16's
-        # resolution must still move them, and the optimizer state follows their dtype.
+        # resolution must still move them, and the optimizer state follows their dtype. A frozen
+        # base (LoRA) on one rank keeps its dtype: it never updates, so only the adapter needs
+        # fp32 (half the memory of a bf16 base cast to fp32). FSDP2 ranks cast it too: fully_shard
+        # wants one dtype per parameter group, and each rank holds 1/N of the base.
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
-            self.model.to(torch.float32)
+            if world_size() == 1 and not all(p.requires_grad for p in self.model.parameters()):
+                for p in self.model.parameters():
+                    if p.requires_grad and p.is_floating_point():
+                        p.data = p.data.float()
+            else:
+                self.model.to(torch.float32)
         if self.packing:
             check_packed_attention(self.model)
         self.sharded = world_size() > 1
