@@ -98,3 +98,27 @@ def test_bf16_on_a_cpu_trainer_trains(ray_up, tmp_path):
         assert trainer.call(lambda actor: actor.trainer.accelerator.mixed_precision) == ["bf16"]
     finally:
         trainer.shutdown()
+
+
+def test_a_broadcast_version_arrives_in_the_engines_dtype(llama_path, ray_up):
+    import threading
+
+    from iterft_ray.weights.broadcast import (WEIGHT_GROUP_TIMEOUT, WeightGroup, broadcast_weights,
+                                              open_weight_group_store, receive_weights, weight_layout)
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32)  # fp32 masters
+    layout = weight_layout(model, bucket_bytes=1 << 16, dtype=torch.bfloat16)
+    store, address = open_weight_group_store(2, WEIGHT_GROUP_TIMEOUT)
+    received = {}
+
+    def receiver():  # a generator, on a thread of its own
+        group = WeightGroup(address, 1, 2, "gloo", WEIGHT_GROUP_TIMEOUT)
+        received["snapshot"] = receive_weights(group, layout, version=3)
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    broadcast_weights(WeightGroup(address, 0, 2, "gloo", WEIGHT_GROUP_TIMEOUT, store=store), model, layout)
+    thread.join()
+    snapshot = received["snapshot"]
+    assert len(layout.buckets) > 1 and set(snapshot.dtypes.values()) == {"bfloat16"}
+    assert weights_checksum(snapshot) == weights_checksum(model, torch.bfloat16)

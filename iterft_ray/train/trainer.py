@@ -17,7 +17,7 @@ one rank (a rank group made by the Ray trainer actor), the model is sharded with
 FSDP2 (sharding.py): each rank holds 1/N of the parameters, gradients and optimizer
 state, trains on its own shard of the batch, and FSDP2 reduce-scatters the gradients.
 Master weights and optimizer state are fp32 whatever dtype the checkpoint was saved
-in; `bf16=True` computes in bf16. `step()`'s arguments are checked in inputs.py, the
+in (a frozen LoRA base on one rank keeps its own); `bf16=True` computes in bf16. `step()`'s arguments are checked in inputs.py, the
 refused `TrainingArguments` listed in refused_args.py.
 """
 
