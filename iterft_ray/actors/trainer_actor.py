@@ -30,6 +30,7 @@ from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
 from iterft_ray.train.checkpoint import load_training_state, save_checkpoint
 from iterft_ray.config import LoraConfig, ModelConfig
 from iterft_ray.data.rollouts import training_rows
+from iterft_ray.engines import engine_dtype
 from iterft_ray.storage import StoragePath
 from iterft_ray.tiny import model_files
 from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
@@ -79,6 +80,10 @@ class TrainerRank:
         state saved with the checkpoint (empty for a fresh start).
         """
         os.environ.update(env)
+        # Full weights are published in the engines' dtype, read from the run's model (not a checkpoint, which
+        # holds the fp32 masters). An adapter travels as it trains: a few MB, and engines keep adapters in fp32
+        # over a bf16 base too (peft's autocast_adapter_dtype; vLLM casts as it loads).
+        self.publish_dtype = engine_dtype(model) if model.lora is None else None
         # A checkpoint in a store is downloaded to this node for the loaders, which read files.
         with StoragePath.of(checkpoint).local_copy() if checkpoint is not None else nullcontext() as local:
             checkpoint = None if local is None else str(local)
@@ -94,6 +99,8 @@ class TrainerRank:
                 timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
                 dist.init_process_group(backend, init_method="env://", timeout=timeout)
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=model.trust_remote_code)
+            if not ray.get_gpu_ids():  # a rank given no GPU trains on the CPU, where bf16 needs `use_cpu`
+                trainer_args = {**trainer_args, "use_cpu": True}
             args = IterativeSFTConfig(**trainer_args)
             loaded = load_model(model_path, trust_remote_code=model.trust_remote_code)
             self.trainer = IterativeSFTTrainer(_model_to_train(loaded, model.lora, checkpoint, args.seed), args,
@@ -160,14 +167,14 @@ class TrainerRank:
         if isinstance(model, PeftModel):  # gathered whole from the shards; rank 0 puts it
             return [publish_adapter(model, self.version(), put=self.rank == 0)]
         if self.trainer.sharded:
-            return [publish_shard(self.trainer.model, self.version())]
-        return [publish_weights(model, self.version())]
+            return [publish_shard(self.trainer.model, self.version(), self.publish_dtype)]
+        return [publish_weights(model, self.version(), self.publish_dtype)]
 
     def open_weight_group(self, size: int) -> tuple[tuple[str, int], WeightLayout]:
         """Rank 0: serve the store where a `WeightGroup` of `size` members (this rank and the generators)
         meets; returns its address and the layout every version it broadcasts will have."""
         self._weight_store, address = open_weight_group_store(size, WEIGHT_GROUP_TIMEOUT)
-        self.weight_layout = weight_layout(self._published_model())
+        self.weight_layout = weight_layout(self._published_model(), dtype=self.publish_dtype)
         return address, self.weight_layout
 
     def join_weight_group(self, address: tuple[str, int], size: int, backend: str) -> None:
@@ -192,8 +199,9 @@ class TrainerRank:
         save_checkpoint(self.trainer, path, {**(extra or {}), VERSION_KEY: self.weight_version})
 
     def checksum(self) -> str:
-        """One rank only: `weights_checksum` of its model (the group checksums sharded weights itself)."""
-        return weights_checksum(self.trainer.accelerator.unwrap_model(self.trainer.model))
+        """One rank only: `weights_checksum` of its model as it publishes it (cast to the engines' dtype; the
+        group checksums sharded weights itself)."""
+        return weights_checksum(self.trainer.accelerator.unwrap_model(self.trainer.model), self.publish_dtype)
 
     def peak_memory(self) -> dict[str, float]:
         """Peak resident memory of this rank's process (and of its GPU), in MB."""

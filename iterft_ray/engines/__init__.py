@@ -6,8 +6,26 @@ Both engines load a `WeightSnapshot` in place and return the same rollout table
 
 from __future__ import annotations
 
+import torch
+from transformers import AutoConfig
+
 from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.tiny import model_files
+
+
+def engine_dtype(model: ModelConfig) -> torch.dtype:
+    """The dtype every engine holds `model`'s weights in: the checkpoint's (`dtype` in its config.json), fp32
+    when it names none.
+
+    The one place that decides it: both engines load the model in it, and the trainer publishes each weight
+    version cast to it (its fp32 masters in a bf16 checkpoint's bf16), so the object store holds what the
+    engines hold and a version's bytes are those an engine keeps.
+    """
+    model_path, _ = model_files(model)
+    dtype = AutoConfig.from_pretrained(model_path, trust_remote_code=model.trust_remote_code).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or torch.float32
 
 
 def create_engine(model: ModelConfig, config: SamplingConfig):
@@ -20,7 +38,8 @@ def create_engine(model: ModelConfig, config: SamplingConfig):
     if config.engine == "vllm":
         from iterft_ray.engines.vllm import VLLMEngine  # vllm is an optional dependency
 
-        return VLLMEngine(model_path, tokenizer_path, model.trust_remote_code, model.lora, config.vllm)
+        return VLLMEngine(model_path, tokenizer_path, model.trust_remote_code, model.lora, config.vllm,
+                          dtype=engine_dtype(model))
     from iterft_ray.engines.hf import HFEngine
 
-    return HFEngine(model_path, tokenizer_path, model.trust_remote_code)
+    return HFEngine(model_path, tokenizer_path, model.trust_remote_code, engine_dtype(model))

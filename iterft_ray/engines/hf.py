@@ -19,12 +19,15 @@ from iterft_ray.weights.snapshot import WeightSnapshot, load_snapshot, weights_c
 class HFEngine:
     """A model replica on the GPU when there is one; the CPU default."""
 
-    def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool):
+    def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool,
+                 dtype: torch.dtype | None = None):
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_path, trust_remote_code=trust_remote_code).to(device).eval()
+        # `dtype`: `engine_dtype`'s in a run, the dtype the trainer publishes versions in (None: transformers').
+        dtype_arg = {} if dtype is None else {"dtype": dtype}
+        self.model = load_model(model_path, trust_remote_code=trust_remote_code, **dtype_arg).to(device).eval()
 
     def load(self, snapshot: WeightSnapshot) -> None:
         """Copy a snapshot in; an adapter snapshot into the adapter only, added to the replica on the first one.

@@ -29,7 +29,7 @@ import tempfile
 
 import pyarrow as pa
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
 from iterft_ray.config import LoraConfig, SamplingConfig, VllmConfig
 from iterft_ray.data.rollouts import RolloutBatch, rollout_table
@@ -53,12 +53,12 @@ class VLLMEngine:
     """One `vllm.LLM` per generator, started once and never restarted for a new weight version."""
 
     def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool,
-                 lora: LoraConfig | None = None, options: VllmConfig | None = None):
+                 lora: LoraConfig | None = None, options: VllmConfig | None = None,
+                 dtype: torch.dtype | str = "auto"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
-        dtype = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).dtype
         try:
             generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:  # a model saved without generation_config.json
@@ -68,8 +68,9 @@ class VLLMEngine:
             model_path,
             tokenizer=tokenizer_path or model_path,
             trust_remote_code=trust_remote_code,
-            # The checkpoint's dtype, so the sampled log-probs match the trainer's model.
-            dtype=str(dtype).removeprefix("torch.") if dtype is not None else "auto",
+            # `engine_dtype`'s (the checkpoint's), so the sampled log-probs match the trainer's model and a
+            # published version loads with no cast.
+            dtype=str(dtype).removeprefix("torch."),  # "auto": vLLM's own choice
             seed=0,
             # Log-probs after temperature / top-k / top-p, like the hf engine's `logprob_sum`.
             logprobs_mode="processed_logprobs",

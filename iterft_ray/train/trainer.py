@@ -17,7 +17,7 @@ one rank (a rank group made by the Ray trainer actor), the model is sharded with
 FSDP2 (sharding.py): each rank holds 1/N of the parameters, gradients and optimizer
 state, trains on its own shard of the batch, and FSDP2 reduce-scatters the gradients.
 Master weights and optimizer state are fp32 whatever dtype the checkpoint was saved
-in; `bf16=True` computes in bf16. `step()`'s arguments are checked in inputs.py, the
+in (a frozen LoRA base on one rank keeps its own); `bf16=True` computes in bf16. `step()`'s arguments are checked in inputs.py, the
 refused `TrainingArguments` listed in refused_args.py.
 """
 
@@ -179,9 +179,17 @@ class IterativeSFTTrainer(Trainer):
         )
         self._apply_train_settings()
         # Master weights in fp32 (a bf16 checkpoint loads as bf16): updates below bf16's
-        # resolution must still move them, and the optimizer state follows their dtype.
+        # resolution must still move them, and the optimizer state follows their dtype. A frozen
+        # base (LoRA) on one rank keeps its dtype: it never updates, so only the adapter needs
+        # fp32 (half the memory of a bf16 base cast to fp32). FSDP2 ranks cast it too: fully_shard
+        # wants one dtype per parameter group, and each rank holds 1/N of the base.
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
-            self.model.to(torch.float32)
+            if world_size() == 1 and not all(p.requires_grad for p in self.model.parameters()):
+                for p in self.model.parameters():
+                    if p.requires_grad and p.is_floating_point():
+                        p.data = p.data.float()
+            else:
+                self.model.to(torch.float32)
         if self.packing:
             check_packed_attention(self.model)
         self.sharded = world_size() > 1

@@ -62,10 +62,12 @@ def _published_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return adapter_parameters(model) if isinstance(model, PeftModel) else model.state_dict()
 
 
-def weight_layout(model: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES) -> WeightLayout:
-    """The `WeightLayout` of `model`'s versions."""
+def weight_layout(model: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES,
+                  dtype: torch.dtype | None = None) -> WeightLayout:
+    """The `WeightLayout` of `model`'s versions; `dtype`: floating-point entries travel cast to it (the engines')."""
     stored, aliases = _stored_entries(_published_state(model))
-    entries = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in stored.items()]
+    entries = [(name, str(dtype if dtype is not None and t.is_floating_point() else t.dtype).removeprefix("torch."),
+                tuple(t.shape)) for name, t in stored.items()]
     buckets: list[list[tuple[int, int]]] = [[]]
     sizes = [0]
     for i, (_, dtype, shape) in enumerate(entries):
@@ -149,7 +151,8 @@ def broadcast_weights(group: WeightGroup, model: torch.nn.Module, layout: Weight
     """Rank 0: send `model`'s current weights to every member of `group`, bucket by bucket.
 
     Each bucket is packed (one copy, on the model's device) into one of two staging buffers while
-    the previous one is on the wire. `layout` is the one the receivers got when the group formed.
+    the previous one is on the wire, cast there to the entry's dtype in `layout` (the one the receivers got
+    when the group formed).
     """
     stored, _ = _stored_entries(_published_state(model))
     tensors = [stored[name] for name, _, _ in layout.entries]
@@ -164,8 +167,9 @@ def broadcast_weights(group: WeightGroup, model: torch.nn.Module, layout: Weight
                 staging.append(torch.empty(max(layout.bucket_sizes), dtype=torch.uint8, device=group.device))
             buffer = staging[slot][:size]
             for i, offset in bucket:
-                t = tensors[i]
-                buffer[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+                _, dtype, shape = layout.entries[i]
+                buffer[offset : offset + _entry_bytes(dtype, shape)].view(getattr(torch, dtype)).view(shape).copy_(
+                    tensors[i])
             in_flight[slot] = group.broadcast(buffer)
         for work in in_flight:
             if work is not None:

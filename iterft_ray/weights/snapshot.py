@@ -184,14 +184,16 @@ def _stored_entries(state: dict[str, torch.Tensor], local: bool = False
 
 
 def _snapshot(model: torch.nn.Module, version: int, copy: bool, local: bool = False,
-              state: dict[str, torch.Tensor] | None = None) -> WeightSnapshot:
+              state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> WeightSnapshot:
     """`local`: take a sharded (DTensor) entry's local shard, as `publish_shard` does. `state`: these
-    entries only (default: the model's whole state_dict)."""
+    entries only (default: the model's whole state_dict). `dtype`: floating-point entries cast to it."""
     stored, aliases = _stored_entries(model.state_dict() if state is None else state, local)
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     for name, t in stored.items():
-        if t.device.type != "cpu":
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(device="cpu", dtype=dtype).contiguous()  # the cast is the copy (off the device too)
+        elif t.device.type != "cpu":
             t = t.to("cpu").contiguous()  # the device-to-host copy is the one copy
         elif copy or not t.is_contiguous():
             t = t.clone(memory_format=torch.contiguous_format)
@@ -200,22 +202,27 @@ def _snapshot(model: torch.nn.Module, version: int, copy: bool, local: bool = Fa
     return WeightSnapshot(version=version, arrays=arrays, dtypes=dtypes, aliases=aliases)
 
 
-def snapshot_from_model(model: torch.nn.Module, version: int) -> WeightSnapshot:
-    """A CPU copy of `model`'s state_dict as a `WeightSnapshot`.
+def snapshot_from_model(model: torch.nn.Module, version: int, dtype: torch.dtype | None = None) -> WeightSnapshot:
+    """A CPU copy of `model`'s state_dict as a `WeightSnapshot` (floating-point entries in `dtype` if given).
 
     It is a real copy: training the model afterwards does not change the snapshot.
     """
-    return _snapshot(model, version, copy=True)
+    return _snapshot(model, version, copy=True, dtype=dtype)
 
 
-def publish_weights(model: torch.nn.Module, version: int) -> ray.ObjectRef:
+def publish_weights(model: torch.nn.Module, version: int, dtype: torch.dtype | None = None) -> ray.ObjectRef:
     """Put weight version `version` of `model` into the object store, once.
 
     The put itself is the copy: CPU parameters are handed to `ray.put` as numpy views
     and Ray copies their bytes into shared memory before returning, so later training
     cannot change the published version and no intermediate copy is made.
+
+    `dtype`: the engines' (`iterft_ray.engines.engine_dtype`): floating-point weights are cast to it, so fp32
+    masters of a bf16 model are stored as the bf16 an engine holds, half the bytes. The cast is then the copy
+    the put copies: one tensor per entry in `dtype`, alive until the put returns (the put API takes whole
+    objects, so the cast cannot write into the object store's memory itself).
     """
-    return _put(_snapshot(model, version, copy=False))
+    return _put(_snapshot(model, version, copy=False, dtype=dtype))
 
 
 def _put(obj: Any) -> ray.ObjectRef:
@@ -271,10 +278,10 @@ class WeightShard:
     sharded: list[str]
 
 
-def publish_shard(model: torch.nn.Module, version: int) -> ray.ObjectRef:
+def publish_shard(model: torch.nn.Module, version: int, dtype: torch.dtype | None = None) -> ray.ObjectRef:
     """Put this rank's shard of an FSDP2-sharded `model` into the object store (a `WeightShard`).
 
-    Like `publish_weights`, the put is the only copy, and a rank never holds the full weights.
+    Like `publish_weights` (`dtype` included), the put is the only copy, and a rank never holds the full weights.
     """
     sharded = []
     for name, t in model.state_dict().items():
@@ -282,7 +289,7 @@ def publish_shard(model: torch.nn.Module, version: int) -> ray.ObjectRef:
             if tuple(t.placements) != (Shard(0),):
                 raise ValueError(f"{name}: expected a tensor sharded along dim 0, got {t.placements}")
             sharded.append(name)
-    return _put(WeightShard(_snapshot(model, version, copy=False, local=True), sharded))
+    return _put(WeightShard(_snapshot(model, version, copy=False, local=True, dtype=dtype), sharded))
 
 
 def assemble_snapshot(shards: list[WeightShard]) -> WeightSnapshot:
@@ -343,16 +350,17 @@ def load_snapshot(model: torch.nn.Module, snapshot: WeightSnapshot, share: bool 
                 dst.data.copy_(src)
 
 
-def weights_checksum(model_or_snapshot: torch.nn.Module | WeightSnapshot) -> str:
+def weights_checksum(model_or_snapshot: torch.nn.Module | WeightSnapshot, dtype: torch.dtype | None = None) -> str:
     """sha256 over every stored tensor's name, dtype, shape and bytes, in name order.
 
     Equal for a model and its snapshot, and for two models with identical weights, so
     tests can compare a generator's weights with the trainer's. Tied duplicates are
-    hashed once; the version number is not hashed.
+    hashed once; the version number is not hashed. `dtype`: of a model, its floating-point
+    weights cast to it first (what `publish_weights(model, v, dtype)` stores).
     """
     snapshot = model_or_snapshot
     if isinstance(model_or_snapshot, torch.nn.Module):
-        snapshot = _snapshot(model_or_snapshot, version=-1, copy=False)
+        snapshot = _snapshot(model_or_snapshot, version=-1, copy=False, dtype=dtype)
     digest = hashlib.sha256()
     for name in sorted(snapshot.arrays):
         array = snapshot.arrays[name]

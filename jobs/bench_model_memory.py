@@ -1,0 +1,232 @@
+"""Benchmark: the machine's peak memory above idle for a real model's shape, and where the peak is.
+
+    python jobs/bench_model_memory.py --shape qwen2.5-0.5b [--engine vllm] [--json out.json]
+    python jobs/bench_model_memory.py --shape qwen2.5-1.5b --lora-r 16
+
+Builds the model from its published config with random weights, saved in bf16 as the real
+checkpoint is (offline; built once under $ITERFT_CACHE or ~/.cache/iterft_ray), with a tokenizer
+of the real vocabulary size (iterft_ray.tiny's byte-level one, its vocabulary filled up to
+151,936 ids). Then runs the tiny config's loop with it as a user would: one trainer rank, one
+generator (`--engine`, vllm by default), 8 prompts x 2 samples a round, 2 rounds, a checkpoint
+every round, no evaluation; every sample is accepted (length_bounds), so each round trains,
+publishes a version and checkpoints.
+
+A thread reads /proc/meminfo every 0.1 s: the peak is idle MemAvailable (read before Ray starts)
+minus the lowest MemAvailable seen, i.e. what the run took from the machine (object store and
+page cache of written checkpoints included, as a user's `free` shows). It names the phase the
+peak fell in (start: Ray, actors, models loaded; then per round generate, step, sync,
+checkpoint) and the resident memory of the run's largest processes at that moment.
+MemAvailable is the whole machine's: other work on it moves the figure, so the processes
+running besides this one are listed at the start (`--others`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from bench_common import environment, init_ray, print_environment, write_json
+from iterft_ray.cli import resolve_config
+
+GB = 1e9
+# Published configs (config.json on the hub), the fields that set the size.
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         intermediate_size=8960),
+    # The benchmark's own smoke test: the real vocabulary on a 2-layer model (head_dim 64: vLLM on CPU needs it).
+    "tiny-qwen2": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128),
+}
+QWEN2 = dict(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
+             rms_norm_eps=1e-6, hidden_act="silu")
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+class PeakSampler:
+    """Samples MemAvailable every `interval` s on a thread; remembers the lowest, its phase and the top processes."""
+
+    def __init__(self, interval: float = 0.1):
+        self.idle = mem_available()
+        self.lowest, self.phase, self.phase_at_peak, self.procs_at_peak = self.idle, "start", "start", []
+        self.phase_peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._root = psutil.Process()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            avail, phase = mem_available(), self.phase
+            used = self.idle - avail
+            self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), used)
+            if avail < self.lowest:
+                self.lowest, self.phase_at_peak = avail, phase
+                self.procs_at_peak = self._top_processes()
+
+    def _top_processes(self) -> list[tuple[str, float]]:
+        procs = [self._root, *self._root.children(recursive=True)]
+        rows = []
+        for p in procs:
+            try:
+                rows.append((f"{p.pid} {' '.join(p.cmdline()[:2])[-60:]}", p.memory_info().rss / GB))
+            except psutil.Error:
+                continue
+        return sorted(rows, key=lambda r: -r[1])[:6]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak(self) -> int:
+        return self.idle - self.lowest
+
+
+def build_model(shape: str) -> str:
+    """The shape's directory: random weights saved in bf16, the tokenizer with 151,936 ids (built once)."""
+    import torch
+    from tokenizers import models
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from iterft_ray.tiny import build_tokenizer
+
+    root = Path(os.environ.get("ITERFT_CACHE", Path.home() / ".cache" / "iterft_ray"))
+    out = root / f"bench-{shape}-random-bf16"
+    if (out / "config.json").exists():
+        return str(out)
+    tokenizer = build_tokenizer()
+    backend = tokenizer.backend_tokenizer
+    vocab = backend.get_vocab()
+    vocab.update({f"<extra_{i}>": i for i in range(len(vocab), QWEN2["vocab_size"])})
+    backend.model = models.BPE(vocab=vocab, merges=[], unk_token="<unk>")
+    assert len(tokenizer) == QWEN2["vocab_size"], len(tokenizer)
+    config = AutoConfig.for_model("qwen2", **SHAPES[shape], **QWEN2, dtype="bfloat16",
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    print(f"built {shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters", flush=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    del model
+    tmp.rename(out)
+    return str(out)
+
+
+def run_config(model_dir: str, engine: str, lora_r: int | None, out_dir: str) -> dict:
+    with open(resolve_config("tiny"), encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh)
+    cfg["model"] = {"name_or_path": model_dir, **({"lora": {"r": lora_r}} if lora_r else {})}
+    cfg["data"]["task_options"] = {"num_train": 64, "num_heldout": 0, "num_warmup": 0}
+    cfg["filters"] = [{"name": "length_bounds"}]
+    cfg["sampling"] = {**cfg["sampling"], "engine": engine, "num_samples": 2, "max_new_tokens": 8}
+    cfg["trainer"] = {"learning_rate": 1e-5, "per_device_train_batch_size": 16}
+    cfg["resources"] = {"num_generators": 1, "filter_pool_size": 1}
+    cfg["loop"] = {"rounds": 2, "prompts_per_round": 8, "warmup_passes": 0, "save_every": 1, "async_mode": False,
+                   "output_dir": out_dir}
+    return cfg
+
+
+def others() -> list[str]:
+    """Processes outside this run using over 200 MB: what else moves MemAvailable while it runs."""
+    mine = {psutil.Process().pid}
+    rows = []
+    for p in psutil.process_iter(["pid", "memory_info", "cmdline"]):
+        try:
+            rss = p.info["memory_info"].rss
+        except (psutil.Error, AttributeError):
+            continue
+        if p.pid not in mine and rss > 200e6:
+            rows.append(f"{rss / GB:5.2f} GB  {' '.join(p.info['cmdline'] or [])[:100]}")
+    return sorted(rows, reverse=True)
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--lora-r", type=int, default=None, help="train a LoRA adapter of this rank (model.lora.r)")
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    model_dir = build_model(args.shape)
+    env = environment()
+    print_environment(env)
+    besides = others()
+    print("besides this run (RSS > 200 MB):\n  " + "\n  ".join(besides or ["nothing"]), flush=True)
+    import ray
+
+    from iterft_ray.run.loop import IterativeLoop
+
+    sampler = PeakSampler()
+    start = time.perf_counter()
+    env.update(init_ray(num_cpus=4, log_to_driver=False))
+    loop = IterativeLoop(run_config(model_dir, args.engine, args.lora_r, tempfile.mkdtemp(prefix="bench_mem_")))
+    rl = loop.rl
+    phased(rl, "step", sampler)
+    phased(rl, "sync_weights", sampler)
+    phased(loop, "save_checkpoint", sampler)
+    rounds = []
+    for r in range(loop.config.loop.rounds):
+        sampler.phase = f"round {r + 1} generate+filter"
+        stats = loop.round()
+        rounds.append({"round": r + 1, "loss": stats.get("loss"), "accepted": stats.get("accepted")})
+    sampler.phase = "end"
+    wall = time.perf_counter() - start
+    time.sleep(0.3)
+    sampler.stop()
+    loop.shutdown()
+    ray.shutdown()
+
+    what = f"{args.shape}{f' LoRA r{args.lora_r}' if args.lora_r else ' full fine-tune'}, {args.engine} engine"
+    print(f"\n{what}: machine peak {sampler.peak / GB:.1f} GB above idle, in phase '{sampler.phase_at_peak}' "
+          f"({wall:.0f} s)")
+    print("peak per phase (GB above idle):")
+    for phase, used in sampler.phase_peaks.items():
+        print(f"  {phase:34s} {used / GB:6.1f}")
+    print("largest processes of the run at the peak (RSS, GB; shared memory counts in each):")
+    for name, rss in sampler.procs_at_peak:
+        print(f"  {rss:6.2f}  {name}")
+    write_json(args.json, {"benchmark": "model_memory", "shape": args.shape, "engine": args.engine,
+                           "lora_r": args.lora_r, "environment": env, "besides": besides,
+                           "peak_gb": sampler.peak / GB, "phase_at_peak": sampler.phase_at_peak,
+                           "phase_peaks_gb": {k: v / GB for k, v in sampler.phase_peaks.items()},
+                           "procs_at_peak": sampler.procs_at_peak, "wall_s": wall, "rounds": rounds})
+
+
+def phased(obj, method: str, sampler: PeakSampler) -> None:
+    """Wrap `obj.method` so the sampler's phase names it while it runs (then back to the phase before)."""
+    inner = getattr(obj, method)
+
+    def wrapper(*args, **kwargs):
+        before = sampler.phase
+        sampler.phase = f"{before.split(' generate')[0]} {method}"
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            sampler.phase = before
+
+    setattr(obj, method, wrapper)
+
+
+if __name__ == "__main__":
+    main()
