@@ -145,9 +145,12 @@ def demo(overrides: list[str], address: str | None, resume: bool = False, overwr
         return 0
     loop, stats = result
     minutes = (time.perf_counter() - start) / 60
-    before, after = loop.initial_heldout_accuracy, stats[-1].get("heldout_accuracy", float("nan"))
-    print(f"held-out accuracy: {before:.1%} before round 1 -> {after:.1%} after round {stats[-1]['round']} "
-          f"in {minutes:.1f} min")
+    # The final model's accuracy: after a rollback in the last round, the restored best checkpoint's.
+    final = loop.final_evaluation or {}
+    before, after = loop.initial_heldout_accuracy, final.get("eval_greedy", float("nan"))
+    rolled = f"; rolled back to round {loop.best['round']}" if stats[-1].get("rolled_back_to") is not None else ""
+    print(f"held-out accuracy: {before:.1%} before round 1 -> {after:.1%} for the final model (after round "
+          f"{stats[-1]['round']}{rolled}) in {minutes:.1f} min")
     failures = []
     if before > DEMO_MAX_START:
         failures.append(f"start accuracy {before:.1%} is above {DEMO_MAX_START:.0%}")

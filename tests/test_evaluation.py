@@ -149,7 +149,8 @@ def test_a_drop_past_eval_rollback_drop_restores_the_best_checkpoint(tmp_path, r
     final = load_file(str(run / "final" / "model.safetensors"))
     assert best.keys() == final.keys() and all((best[k] == final[k]).all() for k in best)
     state = json.loads((run / "checkpoints" / "round-0002" / "training_state.json").read_text())["extra"]
-    assert state["rollbacks"] == 2 and state["best"] == {"round": 0, "value": 1.0}
+    assert state["rollbacks"] == 2 and (state["best"]["round"], state["best"]["value"]) == (0, 1.0)
+    assert loop.final_evaluation["eval_greedy"] == 1.0  # final/ holds the best weights, evaluated at 1.0
 
 
 def test_eval_config_errors_name_the_key(tmp_path):

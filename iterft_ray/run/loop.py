@@ -82,7 +82,9 @@ class IterativeLoop:
             self.round_index = 0
             self.warmed_up = False
             self.initial_heldout_accuracy: float | None = None
-            self.best: dict[str, Any] | None = None  # {"round", "value"} of the best evaluation so far
+            self.best: dict[str, Any] | None = None  # {"round", "value", "eval"} of the best evaluation so far
+            # The evaluation of the weights the trainer holds now (after a rollback: the best one's).
+            self.current_evaluation: dict[str, float] | None = None
             self.rollbacks = 0  # each one moves the sampling seed on
             self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
             self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
@@ -192,6 +194,7 @@ class IterativeLoop:
         self.warmed_up = state.get("warmed_up", True)
         self.initial_heldout_accuracy = state.get("initial_heldout_accuracy")
         self.best = state.get("best")
+        self.current_evaluation = state.get("current_evaluation")
         self.rollbacks = state.get("rollbacks", 0)
         self._rounds_at_version = {int(k): v for k, v in state["rounds_at_version"].items()}
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
@@ -288,8 +291,9 @@ class IterativeLoop:
         if not evaluated:
             return False, False
         value = evaluated[self.config.eval.best_metric]
+        self.current_evaluation = evaluated
         if self.best is None or value > self.best["value"]:
-            self.best = {"round": self.round_index, "value": value}
+            self.best = {"round": self.round_index, "value": value, "eval": evaluated}
             return True, False
         drop = self.config.eval.rollback_drop
         return False, drop is not None and self.best["value"] - value > drop
@@ -301,10 +305,18 @@ class IterativeLoop:
         print(f"round {self.round_index}: {self.config.eval.best_metric} fell more than "
               f"{self.config.eval.rollback_drop:g} below its best ({self.best['value']:.3f} after round "
               f"{self.best['round']}); rolling back to {best}", flush=True)
-        self.rl.restore_trainer(best)  # rounds already sampling (async mode) are kept: their prompts are drawn
+        self.rl.restore_trainer(best)
+        self.current_evaluation = self.best.get("eval")  # rounds already sampling (async mode) are kept: their prompts are drawn
         self.rollbacks += 1
         self._rounds_at_version[self.rl.version] = self.round_index
         self.save_checkpoint()
+
+    @property
+    def final_evaluation(self) -> dict[str, float] | None:
+        """The evaluation of the model final/ holds (eval.final_model: the best one's, else the last weights')."""
+        if self.config.eval.final_model == "best" and self.best is not None:
+            return self.best.get("eval")
+        return self.current_evaluation
 
     def write_final_model(self) -> StoragePath:
         """final/: the model of the last round or of the best checkpoint (eval.final_model), a Hugging Face
@@ -326,6 +338,7 @@ class IterativeLoop:
             "warmed_up": self.warmed_up,
             "initial_heldout_accuracy": self.initial_heldout_accuracy,
             "best": self.best,
+            "current_evaluation": self.current_evaluation,
             "rollbacks": self.rollbacks,
             "rounds_at_version": {str(k): v for k, v in self._rounds_at_version.items()},
             "run_id": self.run_id,
