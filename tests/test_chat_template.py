@@ -116,8 +116,8 @@ def test_run_samples_exactly_the_template_tokens(engine, ray_local, chat_path, t
     loop = IterativeLoop(config)
     try:
         loop.run()
-        heldout_ids = loop.heldout.column("prompt_ids").to_pylist()
-        heldout_prompts = loop.heldout.column("prompt").to_pylist()
+        heldout_ids = loop.evaluation.prompts.column("prompt_ids").to_pylist()
+        heldout_prompts = loop.evaluation.prompts.column("prompt").to_pylist()
     finally:
         loop.shutdown()
     rows = pq.read_table(tmp_path / "run" / "rounds" / "0001" / "generations.parquet").to_pylist()

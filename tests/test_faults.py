@@ -127,7 +127,7 @@ def test_dead_trainer_is_restored_from_checkpoint_not_fresh(local_ray, tmp_path)
         stats = loop.run()  # round 3 finds the trainer dead, restores round 2's checkpoint, runs round 3
         assert [s["round"] for s in stats] == [3]
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [m["round"] for m in lines] == [1, 2, 3]
+        assert [m["round"] for m in lines] == [0, 1, 2, 3]  # 0: the evaluation before round 1
         assert stats[0]["global_step"] > lines[1]["global_step"]
 
         ray.kill(loop.rl.trainer.ranks[0])

@@ -370,6 +370,14 @@ def valid_value(key: str, tp) -> st.SearchStrategy:
         base = st.sampled_from(["hf", "vllm"])
     elif key == "resources.weight_transport":  # "broadcast" depends on other keys (one rank, no LoRA)
         base = st.sampled_from(["auto", "object_store"])
+    elif key in ("data.warmup_file", "eval.prompts_file", "eval.dataset", "eval.heldout_fraction"):
+        base = st.none()  # a file that must exist / one of three exclusive sources: checked in their own tests
+    elif key in ("resources.trainer_gpus", "resources.generator_gpus"):
+        base = st.sampled_from([0, 1, 2])  # a share of one GPU depends on other keys (one trainer rank)
+    elif key == "eval.final_model":
+        base = st.sampled_from(["last", "best"])
+    elif key == "eval.best_metric":
+        base = st.just("eval_greedy")
     elif origin is dict:
         base = st.dictionaries(st.text(max_size=4), st.integers(0, 9), max_size=2)
     elif origin is list:

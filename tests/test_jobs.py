@@ -99,7 +99,10 @@ def local_head_at():
     subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dashboard = free_port(), free_port()
     args = ["--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats"]
+            f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats",
+            # Not the default 52365: the session's shared Ray (conftest.py) may hold it, and an agent that
+            # cannot bind never registers ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={free_port()}"]
     with ray_head(args, env):
         yield f"http://127.0.0.1:{dashboard}"
 

@@ -283,7 +283,8 @@ class IterativeLoop:
             raise ValueError("evaluate: this run has no evaluation prompts (eval.prompts_file, eval.dataset or a "
                              "data.task with a held-out split)")
         ref = self.evaluation.start(self.rl, eval_path(self.out, self.round_index), self.round_index)
-        metrics = self._wait([ref], "evaluate", deadline or self._round_deadline(), fetch=True)[0]
+        desc = f"round {self.round_index} evaluate" if self.round_index else "evaluate before round 1"
+        metrics = self._wait([ref], desc, deadline or self._round_deadline(), fetch=True)[0]
         return {**metrics, "heldout_accuracy": metrics["eval_greedy"]}
 
     def _judge(self, evaluated: dict[str, float]) -> tuple[bool, bool]:
