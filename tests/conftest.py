@@ -34,6 +34,19 @@ def t5_path(tiny_paths):
     return tiny_paths["tiny-t5"]
 
 
+@pytest.fixture(scope="session")
+def bf16_checkpoint(llama_path, tmp_path_factory):
+    """tiny-llama saved in bf16, as a real model's checkpoint is (config.json says bfloat16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bf16") / "model"
+    AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(llama_path).save_pretrained(path)
+    assert AutoModelForCausalLM.from_pretrained(path).dtype == torch.bfloat16  # transformers keeps the saved dtype
+    return str(path)
+
+
 # ---------------------------------------------------------------- one local Ray for the session
 
 

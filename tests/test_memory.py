@@ -20,15 +20,6 @@ SGD = {"optim": "sgd", "learning_rate": 1e-1, "per_device_train_batch_size": 4, 
        "train_sampling_strategy": "sequential"}
 
 
-@pytest.fixture(scope="module")
-def bf16_checkpoint(llama_path, tmp_path_factory):
-    """tiny-llama saved in bf16, as a real model's checkpoint is (config.json says bfloat16)."""
-    path = tmp_path_factory.mktemp("bf16") / "model"
-    AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.bfloat16).save_pretrained(path)
-    AutoTokenizer.from_pretrained(llama_path).save_pretrained(path)
-    return str(path)
-
-
 def test_a_bf16_engine_gets_the_fp32_masters_cast_to_bf16_in_half_the_bytes(bf16_checkpoint, ray_up, tmp_path):
     trainer = TrainerGroup(ModelConfig(bf16_checkpoint), {**SGD, "output_dir": str(tmp_path)}, ResourcesConfig())
     generator = GeneratorActor.remote(ModelConfig(bf16_checkpoint), 0, SamplingConfig())

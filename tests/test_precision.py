@@ -15,17 +15,6 @@ TINY_UPDATE = {"optim": "sgd", "learning_rate": 1e-5, "per_device_train_batch_si
                "train_sampling_strategy": "sequential"}
 
 
-@pytest.fixture(scope="module")
-def bf16_checkpoint(llama_path, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bf16") / "model"
-    AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.bfloat16).save_pretrained(path)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(llama_path).save_pretrained(path)
-    assert AutoModelForCausalLM.from_pretrained(path).dtype == torch.bfloat16  # transformers keeps the saved dtype
-    return str(path)
-
-
 def assert_update_below_bf16_moved_master(before, after):
     moved = below_bf16 = 0
     for name in before:
