@@ -183,6 +183,10 @@ class SamplingConfig:
     top_k: int = non_negative(0)
     max_new_tokens: int = positive(16)
     batch_size: int = positive(256)
+    # Sequential best-of-n: sample each prompt in waves of num_samples until `until_accepted` samples are
+    # accepted or `max_samples` are generated (both or neither).
+    until_accepted: int | None = positive(None)
+    max_samples: int | None = positive(None)
     # How generators sample: "hf" (transformers generate) or "vllm" (a vLLM engine per generator).
     engine: str = "hf"
     vllm: VllmConfig = field(default_factory=VllmConfig)
@@ -193,6 +197,12 @@ class SamplingConfig:
             raise ValueError(f"sampling.engine: expected 'hf' or 'vllm', got {self.engine!r}")
         if self.engine == "vllm" and self.temperature > 2:
             raise ValueError(f"sampling.temperature: the vllm engine takes at most 2, got {self.temperature}")
+        if (self.until_accepted is None) != (self.max_samples is None):
+            given, missing = ("until_accepted", "max_samples") if self.max_samples is None else ("max_samples", "until_accepted")
+            raise ValueError(f"sampling.{given}: sequential best-of-n needs sampling.{missing} too")
+        if self.max_samples is not None and self.max_samples < self.num_samples:
+            raise ValueError(f"sampling.max_samples: expected at least sampling.num_samples ({self.num_samples}), "
+                             f"got {self.max_samples}")
         if self.engine != "vllm" and self.vllm.enable_sleep_mode:
             raise ValueError(f"sampling.vllm.enable_sleep_mode: sleep mode is the vllm engine's, and sampling.engine "
                              f"is {self.engine!r}; set sampling.engine: vllm")
@@ -309,10 +319,53 @@ class EvalConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """Where each round trains from and on what (ReST-EM, STaR), and STaR's hinted second pass.
+
+    `train_from`: "current" (each round goes on from the weights the last one made) or "base" (each
+    round restarts from the weights round 1 started from, with fresh fp32 masters and optimizer state;
+    weight versions still advance). `train_on`: "round" (this round's accepted samples), "all" (every
+    round's so far, deduplicated) or "last_rounds" (the last `last_rounds` rounds'). `epochs`: passes
+    over that training set per round. `rationalize` (STaR): prompts with no accepted sample get a
+    second pass with `hint_template` (its `{prompt}` and `{answer}` filled in) as the prompt; hinted
+    completions that verify train as (the prompt without the hint, the completion).
+    """
+
+    train_from: str = "current"
+    train_on: str = "round"
+    last_rounds: int = positive(1)
+    epochs: int = positive(1)
+    rationalize: bool = False
+    hint_template: str = "{prompt}"
+
+    def __post_init__(self):
+        if self.train_from not in ("current", "base"):
+            raise ValueError(f"recipe.train_from: expected 'current' or 'base', got {self.train_from!r}")
+        if self.train_on not in ("round", "all", "last_rounds"):
+            raise ValueError(f"recipe.train_on: expected 'round', 'all' or 'last_rounds', got {self.train_on!r}")
+        if self.rationalize and "{prompt}" not in self.hint_template:
+            raise ValueError(f"recipe.hint_template: expected a template with {{prompt}} (and {{answer}}), "
+                             f"got {self.hint_template!r}")
+
+
+@dataclass
+class CurriculumConfig:
+    """Prompts set aside by their pass-rate record: solved (every sample accepted) in each of their last
+    `solved_rounds` rounds, or never accepted after `max_attempts` samples; `bring_back` returns them when
+    the epoch (a pass over the prompts) ends. None: that rule is off."""
+
+    solved_rounds: int | None = positive(None)
+    max_attempts: int | None = positive(None)
+    bring_back: bool = True
+
+
+@dataclass
 class RunConfig:
     """Everything one iterative fine-tuning run needs."""
 
     model: ModelConfig
+    # The recipe preset (`iterft_ray.presets`): rft | raft | rest_em | star; the keys it sets can be overridden.
+    algorithm: str = "rft"
     data: DataConfig = field(default_factory=DataConfig)
     filters: list[Any] = field(default_factory=lambda: [{"name": "exact_answer"}])
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -321,6 +374,8 @@ class RunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -437,6 +492,9 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         source = resolve_config(source)
         with open(source, encoding="utf-8") as f:
             data = resolve_input_paths(yaml.safe_load(f), Path(source).parent)
+    from iterft_ray.presets import apply_preset
+
+    data = apply_preset(data) if isinstance(data, dict) else data
     config = build(RunConfig, data)
     if config.data.prompts_file is not None and config.data.dataset is not None:
         raise ValueError("data.prompts_file, data.dataset: prompts come from a file or from a dataset, not both; "

@@ -374,6 +374,16 @@ def valid_value(key: str, tp) -> st.SearchStrategy:
         base = st.none()  # a file that must exist / one of three exclusive sources: checked in their own tests
     elif key in ("resources.trainer_gpus", "resources.generator_gpus"):
         base = st.sampled_from([0, 1, 2])  # a share of one GPU depends on other keys (one trainer rank)
+    elif key == "algorithm":  # raft also needs a reward_model filter: tests/test_presets.py
+        base = st.sampled_from(["rft", "rest_em", "star"])
+    elif key == "recipe.train_from":
+        base = st.sampled_from(["current", "base"])
+    elif key == "recipe.train_on":
+        base = st.sampled_from(["round", "all", "last_rounds"])
+    elif key == "recipe.hint_template":
+        base = st.just("{prompt} ({answer})")
+    elif key in ("sampling.until_accepted", "sampling.max_samples"):
+        base = st.none()  # both or neither, max_samples >= num_samples: checked in their own tests
     elif key == "eval.final_model":
         base = st.sampled_from(["last", "best"])
     elif key == "eval.best_metric":
