@@ -14,6 +14,7 @@ rolled back, still publishes versions newer than any a generator holds.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from contextlib import nullcontext
@@ -98,13 +99,10 @@ class TrainerRank:
                 backend = trainer_args.get("ddp_backend") or ("nccl" if torch.cuda.is_available() else "gloo")
                 timeout = datetime.timedelta(seconds=trainer_args.get("ddp_timeout", 1800))
                 dist.init_process_group(backend, init_method="env://", timeout=timeout)
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=model.trust_remote_code)
             if not ray.get_gpu_ids():  # a rank given no GPU trains on the CPU, where bf16 needs `use_cpu`
                 trainer_args = {**trainer_args, "use_cpu": True}
-            args = IterativeSFTConfig(**trainer_args)
-            loaded = load_model(model_path, trust_remote_code=model.trust_remote_code)
-            self.trainer = IterativeSFTTrainer(_model_to_train(loaded, model.lora, checkpoint, args.seed), args,
-                                               processing_class=tokenizer)
+            self.model_config, self.args = model, IterativeSFTConfig(**trainer_args)
+            self._build_trainer(model_path, tokenizer_path, checkpoint)
             if checkpoint is None:
                 return {}
             restored = load_training_state(self.trainer, checkpoint)
@@ -112,16 +110,42 @@ class TrainerRank:
             self.weight_version = restored.pop(VERSION_KEY, self.trainer.state.global_step)
             return restored
 
+    def _build_trainer(self, model_path: str, tokenizer_path: str, adapter_dir: str | None) -> None:
+        """A new IterativeSFTTrainer (fresh optimizer and schedule) on the model at `model_path`, with the
+        LoRA adapter saved in `adapter_dir` (a new one when None) if the run trains one."""
+        model = self.model_config
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=model.trust_remote_code)
+        loaded = load_model(model_path, trust_remote_code=model.trust_remote_code)
+        self.trainer = IterativeSFTTrainer(_model_to_train(loaded, model.lora, adapter_dir, self.args.seed),
+                                           self.args, processing_class=tokenizer)
+
+    def restart_from(self, path: StoragePath | str) -> None:
+        """Train on from the weights saved in `path` (recipe.train_from: base) with fresh fp32 masters, optimizer
+        and learning-rate schedule, as a new trainer would. The weight version is kept: the next step moves it on,
+        so generators never mistake the restarted weights for ones they hold. Collective on several ranks."""
+        self.trainer = None  # the old model and optimizer go before the new ones load
+        gc.collect()
+        with StoragePath.of(path).local_copy() as local:
+            model_path = str(local) if self.model_config.lora is None else model_files(self.model_config)[0]
+            self._build_trainer(model_path, str(local), str(local))
+
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None) -> dict:
         """`IterativeSFTTrainer.step` on this rank's shard of the given lists."""
         examples = self.trainer.build_examples(input_ids, attention_mask, labels, texts, texts_labels)
         return self._train(examples[self.rank :: self.world_size])
 
-    def step_rollouts(self, *rollouts: pa.Table) -> dict:
-        """Train on the accepted rows of scored rollout batches: the sampled tokens, prompt masked."""
+    def step_rollouts(self, *rollouts: pa.Table, restart_from: StoragePath | str | None = None,
+                      epochs: int = 1) -> dict:
+        """Train `epochs` passes on the accepted rows of scored rollout batches: the sampled tokens, prompt masked.
+
+        With `restart_from` (recipe.train_from: base) the trainer first restarts from the weights saved there;
+        a round with nothing to train on keeps the weights it has (and its version), restarting nothing.
+        """
         accepted = [t.filter(t["accepted"]) for t in rollouts if t.num_rows]
         table = pa.concat_tables(accepted) if accepted else None
         rows = [] if table is None or table.num_rows == 0 else training_rows(table)
+        if rows and restart_from is not None:  # every rank sees all rows, so all restart or none
+            self.restart_from(restart_from)
         mine = rows[self.rank :: self.world_size]
         is_encoder_decoder = self.trainer.is_encoder_decoder
         input_ids, labels = [], []
@@ -135,11 +159,12 @@ class TrainerRank:
         examples = examples_from_tensors(
             input_ids, None, labels, is_encoder_decoder, self.trainer.max_length, self.trainer.truncation_mode
         )
-        return self._train(examples)
+        return {**self._train(examples, epochs), "train_rows": len(rows)}
 
-    def _train(self, examples: list) -> dict:
-        """Train on this rank's examples; the statistics carry the weight `version` the step made."""
-        stats = self.trainer.train_examples(examples)
+    def _train(self, examples: list, epochs: int = 1) -> dict:
+        """Train `epochs` passes over this rank's examples (each pass shuffled anew); the statistics, of all
+        passes together, carry the weight `version` the step made."""
+        stats = merge_step_stats([self.trainer.train_examples(examples) for _ in range(epochs)])
         if stats["updates"]:
             self.weight_version += 1
         stats["version"] = self.weight_version
@@ -215,6 +240,24 @@ class TrainerRank:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def merge_step_stats(parts: list[dict]) -> dict:
+    """The statistics of several `train_examples` calls as one call's: counts and times add up, the loss is
+    per target token over all of them, the learning rate and global step are the last call's."""
+    if len(parts) == 1:
+        return parts[0]
+    total = {key: sum(p[key] for p in parts) for key in
+             ("num_sequences", "num_tokens", "num_target_tokens", "updates", "step_time")}
+    targets, tokens, updates = total["num_target_tokens"], total["num_tokens"], total["updates"]
+    loss = sum(p["loss"] * p["num_target_tokens"] for p in parts if p["num_target_tokens"])
+    norm = sum(p["grad_norm"] * p["updates"] for p in parts if p["updates"])
+    padded = sum(p["pad_fraction"] * p["num_tokens"] for p in parts)
+    return {**parts[-1], **total,
+            "loss": loss / targets if targets else float("nan"),
+            "grad_norm": norm / updates if updates else float("nan"),
+            "pad_fraction": padded / tokens if tokens else 0.0,
+            "tokens_per_second": tokens / total["step_time"] if total["step_time"] > 0 else 0.0}
 
 
 def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint: str | None, seed: int):

@@ -30,7 +30,9 @@ from iterft_ray.run.in_flight import delete_in_flight, load_in_flight, save_in_f
 from iterft_ray.run.ledger import describe_filters, write_accepted
 from iterft_ray.run.records import RunRecorder, write_generations
 from iterft_ray.run.trackers import open_trackers, trainer_report_to
-from iterft_ray.run.run_dir import RunStart, check_start, checkpoint_dir, latest_checkpoint, trainer_output_dir
+from iterft_ray.run.training_set import training_set
+from iterft_ray.run.run_dir import (RunStart, base_weights_dir, check_start, checkpoint_dir, latest_checkpoint,
+                                    trainer_output_dir)
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.checkpoint import copy_model_files
 
@@ -109,6 +111,8 @@ class IterativeLoop:
         """
         if self.round_index == 0 and not self.warmed_up:
             self.warm_up()
+            if self.config.recipe.train_from == "base":  # before any checkpoint: one of round 0 implies this one
+                self.rl.save(base_weights_dir(self.out))
             self.warmed_up = True
             if self.evaluation is not None:
                 evaluated = self.evaluate()
@@ -132,7 +136,9 @@ class IterativeLoop:
         if summary["filter_errors"]:
             summary["first_filter_error"] = _one_line(summary["first_filter_error"])
             self._stop_on_filter_errors(r, summary, generations, written)
-        train = self.rl.step(scored, deadline=deadline)
+        recipe = c.recipe
+        train = self.rl.step(training_set(recipe, self.out, r + 1, scored), deadline=deadline, epochs=recipe.epochs,
+                             restart_from=base_weights_dir(self.out) if recipe.train_from == "base" else None)
         t["trained"] = time.perf_counter()
         if c.loop.async_mode:
             self.rl.publish_weights(train["version"])
@@ -386,6 +392,7 @@ class IterativeLoop:
             "filter_errors": summary["filter_errors"],
             **({"first_filter_error": summary["first_filter_error"]} if summary["filter_errors"] else {}),
             "loss": train["loss"],
+            "train_rows": train["train_rows"],
             "num_target_tokens": train["num_target_tokens"],
             "num_tokens": train["num_tokens"],
             "updates": train["updates"],

@@ -55,6 +55,11 @@ def resolve_output_dir(location: str) -> str:
     return str(Path(JOB_RUNS_DIR).expanduser() / path)
 
 
+def base_weights_dir(out: StoragePath) -> StoragePath:
+    """recipe.train_from: base: the weights round 1 starts from, which every round restarts from."""
+    return out / "checkpoints" / "base"
+
+
 def checkpoint_dir(out: StoragePath, round_index: int) -> StoragePath:
     """Where the checkpoint after `round_index` rounds lives: checkpoints/round-NNNN."""
     return out / "checkpoints" / f"round-{round_index:04d}"
