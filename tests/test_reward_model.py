@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from iterft_ray.actors.filter_pool import FilterPool
-from iterft_ray.actors.placement import actor_requests
+from iterft_ray.actors.placement import PlacementError, actor_requests, check_cluster_fits
 from iterft_ray.actors.reward_pool import RewardModelPool, reward_models_of
 from iterft_ray.config import ResourcesConfig, load_config
 from iterft_ray.run.loop import IterativeLoop
@@ -128,6 +128,12 @@ def test_reward_model_actors_are_in_the_runs_request_only_when_a_filter_names_on
     one = {q.role: q for q in actor_requests(resources, reward_models=1)}
     assert none["reward model"].count == 0
     assert one["reward model"].count == 2 and one["reward model"].bundle == {"CPU": 0.5, "GPU": 1.0}
+    # The cluster-fit check covers them (the session's Ray: one node, 8 CPUs).
+    with pytest.raises(PlacementError, match=r"9 reward models x \{CPU: 1\}.*num_reward_models"):
+        check_cluster_fits(actor_requests(ResourcesConfig(num_reward_models=9), reward_models=1))
+    with pytest.raises(PlacementError, match=r"1 reward model x \{CPU: 9\}"):
+        check_cluster_fits(actor_requests(ResourcesConfig(reward_model_cpus=9), reward_models=1))
+    check_cluster_fits(actor_requests(ResourcesConfig(num_reward_models=9)))  # no reward_model filter: none asked
     with pytest.raises(ValueError, match="resources.reward_model_gpus"):
         ResourcesConfig(reward_model_gpus=1.5)
     with pytest.raises(ValueError, match=r"^eval.filters\[0\]: reward model"):
