@@ -139,3 +139,24 @@ def test_reward_model_actors_are_in_the_runs_request_only_when_a_filter_names_on
     with pytest.raises(ValueError, match=r"^eval.filters\[0\]: reward model"):
         load_config({"model": {"name_or_path": "tiny-llama"}, "data": TASK,
                      "eval": {"filters": [{"name": "reward_model", "model": reward_paths["plain"]}]}})
+
+
+def test_checker_reward_model_trains_saves_and_serves_as_a_reward_model_filter(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    from checker_reward_model import train_checker_reward_model, wrong_answer
+
+    import random
+
+    rng = random.Random(0)
+    assert all(wrong_answer(a, rng).strip() != a for a in ["0", "7", "82", "199"] for _ in range(50))
+    result = train_checker_reward_model({"num_train": 32, "num_heldout": 8, "num_warmup": 8}, str(tmp_path / "ck"),
+                                        steps=20, batch_size=16)
+    assert set(result) >= {"path", "false_accept_rate", "false_reject_rate", "threshold"}
+    assert 0 <= result["false_accept_rate"] <= 1 and 0 <= result["false_reject_rate"] <= 1
+    assert result["steps"] == 20 and result["heldout_pairs"] == 8 * 3
+    # What it saved is a reward_model filter's model, loaded as a user's config would name it.
+    load_config({"model": {"name_or_path": "tiny-llama"}, "data": TASK,
+                 "filters": [{"name": "reward_model", "model": result["path"]}, {"name": "best_of_k", "k": 1}]})
