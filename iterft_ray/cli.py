@@ -67,6 +67,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     from iterft_ray.run.run_dir import check_start
     from iterft_ray.actors.failures import ActorFailedError, RoundTimeoutError
     from iterft_ray.actors.placement import PlacementError
+    from iterft_ray.actors.reward_pool import reward_models_of
     from iterft_ray.data.prompts import PromptDataError
     from iterft_ray.ray_start import RayAddressError, init_ray
 
@@ -82,7 +83,7 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     print(f"{'resuming' if start.checkpoint else 'starting'} run {start.run_id[:8]} in {start.out}", flush=True)
     started_ray = not ray.is_initialized()
     try:
-        init_ray(run_config.resources, address)
+        init_ray(run_config.resources, address, len(reward_models_of(run_config.filters)))
     except RayAddressError as e:
         raise UserError(str(e)) from e
     stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError, PromptDataError)

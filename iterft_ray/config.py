@@ -220,6 +220,12 @@ class ResourcesConfig:
     generator_gpus: float = non_negative(0)
     filter_pool_size: int = positive(1)
     filter_cpus: float = non_negative(0.5)
+    # Actors per reward model (a `reward_model` filter), each holding the model's weights; started
+    # only when the filters name one. They ask for no custom resource: the cluster configs have no
+    # reward-model node type, so they go wherever their CPUs and GPUs fit.
+    num_reward_models: int = positive(1)
+    reward_model_cpus: float = non_negative(1)
+    reward_model_gpus: float = non_negative(0)
     # On a cluster made from cluster/*.yaml, actors also ask for the `trainer`,
     # `generator` and `filter` resources so they land on their node types.
     custom_resources: bool = False
@@ -240,7 +246,7 @@ class ResourcesConfig:
     weight_transport: str = "auto"
 
     def __post_init__(self):
-        for key in ("trainer_gpus", "generator_gpus"):
+        for key in ("trainer_gpus", "generator_gpus", "reward_model_gpus"):
             gpus = getattr(self, key)
             if gpus > 1 and not float(gpus).is_integer():
                 raise ValueError(f"resources.{key}: expected a share of one GPU (0.5: a trainer and a generator on "
@@ -515,6 +521,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     _check_filters(config.filters)
     if config.eval.filters is not None:
         _check_filters(config.eval.filters, "eval.filters")
+        _check_eval_reward_models(config)
     check_lora_serving(config.model.lora, config.sampling)
     _check_lora_transport(config)
     _check_trackers(config.trainer)
@@ -619,8 +626,8 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
     """Make the relative input paths of a config file's data absolute against `base`, the file's directory.
 
     `data.prompts_file`, `data.warmup_file` and `eval.prompts_file` always; `model.name_or_path`,
-    `model.tokenizer` and `data.dataset.path` when they name something beside the file (else they are a
-    hub id or a built-in name). `loop.output_dir` stays relative to the working directory, as built-in
+    `model.tokenizer`, `data.dataset.path` and a `reward_model` filter's `model` when they name something
+    beside the file (else they are a hub id or a built-in name). `loop.output_dir` stays relative to the working directory, as built-in
     configs and TrainingArguments have it.
     """
     if not isinstance(data, dict):
@@ -638,6 +645,14 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
             beside = base / value
             if key in ("prompts_file", "warmup_file") or value.startswith(("./", "../")) or beside.exists():
                 section[key] = str(beside.resolve())
+    for name in ("filters", "eval"):  # a reward model's directory beside the file
+        section = data.get("eval") if name == "eval" else None
+        specs = data.get(name) if name == "filters" else section.get("filters") if isinstance(section, dict) else None
+        for spec in specs if isinstance(specs, list) else []:
+            path = spec.get("model") if isinstance(spec, dict) and spec.get("name") == "reward_model" else None
+            if isinstance(path, str) and path and not Path(path).expanduser().is_absolute():
+                if path.startswith(("./", "../")) or (base / path).exists():
+                    spec["model"] = str((base / path).resolve())
     for name in ("data", "eval"):
         dataset = data[name].get("dataset") if isinstance(data.get(name), dict) else None
         if isinstance(dataset, dict) and isinstance(dataset.get("path"), str) and dataset["path"]:
@@ -658,6 +673,7 @@ def _check_filters(filters: list[Any], key: str = "filters") -> None:
     every row it scores stays accepted, which is warned about.
     """
     from iterft_ray.verify.filters import Selector, resolve_filter, returns_number
+    from iterft_ray.verify.reward_model import RewardModel
 
     resolved = []
     for i, spec in enumerate(filters):
@@ -667,10 +683,25 @@ def _check_filters(filters: list[Any], key: str = "filters") -> None:
             raise ValueError(f"{key}[{i}]: {e}") from e
     selected = [isinstance(f, Selector) for f in resolved]
     for i, f in enumerate(resolved):
-        if key == "filters" and returns_number(f) and not any(selected[i + 1:]):
+        numeric = returns_number(f) or isinstance(f, RewardModel)
+        if key == "filters" and numeric and not any(selected[i + 1:]):
             warnings.warn(f"filters[{i}]: a numeric filter adds to each row's score and rejects no row; without a "
                           f"selector after it (best_of_k, top_fraction, score_threshold) every row it scores is "
                           f"trained on", ConfigWarning, stacklevel=3)
+
+
+def _check_eval_reward_models(config: RunConfig) -> None:
+    """Reward-model actors start for the run's filters; an evaluation can score only with those."""
+    from iterft_ray.verify.filters import resolve_filter
+    from iterft_ray.verify.reward_model import RewardModel
+
+    served = [f for f in map(resolve_filter, config.filters) if isinstance(f, RewardModel)]
+    for i, spec in enumerate(config.eval.filters):
+        model = resolve_filter(spec)
+        if isinstance(model, RewardModel) and model not in served:
+            raise ValueError(f"eval.filters[{i}]: reward model {model.model} is not among the run's filters; "
+                             "reward-model actors start for those only, so name the same model (and options) "
+                             "in filters")
 
 
 def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from iterft_ray.actors.filter_pool import FilterPool
 from iterft_ray.actors.generator_pool import GeneratorPool
 from iterft_ray.actors.placement import (actor_options, actor_requests, check_cluster_fits, format_resources,
                                          not_started, placement_timeout, wait_started)
+from iterft_ray.actors.reward_pool import RewardModelPool, reward_models_of
 from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.actors.trainer_group import TrainerGroup
 from iterft_ray.config import ModelConfig, ResourcesConfig, SamplingConfig, check_lora_serving
@@ -37,7 +38,8 @@ class RayIterativeSFTTrainer:
     """A trainer actor group, a generator pool and a filter pool, driven one call at a time.
 
     The pieces: `trainer` (TrainerGroup), `generators` (GeneratorPool), `filter_pool` (FilterPool),
-    and `weight_sync` (WeightSync: the current weight version and how it reaches the generators).
+    `reward_pool` (RewardModelPool: actors for the reward models `filters` name; the filter actors
+    call them), and `weight_sync` (WeightSync: the current weight version and how it reaches the generators).
     """
 
     def __init__(
@@ -56,21 +58,27 @@ class RayIterativeSFTTrainer:
         self.resources = resources or ResourcesConfig()
         self.sampling = sampling or SamplingConfig()
         check_lora_serving(self.model.lora, self.sampling)
-        init_ray(self.resources)
-        self._requests = {q.role: q for q in actor_requests(self.resources)}
+        filters = filters if filters is not None else []
+        reward_models = reward_models_of(filters)  # a bad spec fails here, before Ray starts
+        init_ray(self.resources, reward_models=len(reward_models))
+        self._requests = {q.role: q for q in actor_requests(self.resources, len(reward_models))}
         check_cluster_fits(list(self._requests.values()))
         self._trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
         # Generators and filters are asked for first: creating the trainer waits for its
         # placement group, and on an autoscaling cluster their nodes can start meanwhile.
         self.generators = GeneratorPool(self.model, self.sampling, self._restartable("generator"))
         self.filter_pool: FilterPool | None = None
+        self.reward_pool: RewardModelPool | None = None
         self.trainer: TrainerGroup | None = None
         self.weight_sync: WeightSync | None = None
         try:
             start = Deadline.after(self.resources.start_timeout_s, "resources.start_timeout_s")
             self.generators.scale(self.resources.num_generators)
-            self.filter_pool = FilterPool(filters if filters is not None else [], self.resources.filter_pool_size,
-                                          filter_timeout_s, self._restartable("filter actor"))
+            # Reward-model actors load their weights once, at start; a restarted one loads them again.
+            self.reward_pool = RewardModelPool(reward_models, self.resources.num_reward_models,
+                                               self._restartable("reward model"))
+            self.filter_pool = FilterPool(filters, self.resources.filter_pool_size, filter_timeout_s,
+                                          self._restartable("filter actor"), rewards=self.reward_pool.client())
             self.trainer = self._new_trainer(checkpoint, start)
             self._wait_started(start)
             self.weight_sync = WeightSync(self.trainer, self.generators, self.resources, self.actor_roster)
@@ -102,14 +110,16 @@ class RayIterativeSFTTrainer:
                                     list(self._requests.values())) from None
 
     def _other_actors(self) -> list[tuple[str, Any, dict[str, float]]]:
-        """(name, handle, request) of every generator and filter actor."""
+        """(name, handle, request) of every generator, filter actor and reward-model actor."""
         generator, filter_actor = self._requests["generator"].bundle, self._requests["filter actor"].bundle
         actors = [(f"generator {i}", g, generator) for i, g in enumerate(self.generators.actors)]
         pool = self.filter_pool.actors if self.filter_pool is not None else []
-        return actors + [(f"filter actor {i}", a, filter_actor) for i, a in enumerate(pool)]
+        rewards = self.reward_pool.actors if self.reward_pool is not None else []
+        return (actors + [(f"filter actor {i}", a, filter_actor) for i, a in enumerate(pool)]
+                + [(f"reward model {i}", a, self._requests["reward model"].bundle) for i, a in enumerate(rewards)])
 
     def _wait_started(self, start: Deadline) -> None:
-        """Every generator and filter actor placed and constructed, by the `start` deadline."""
+        """Every generator, filter actor and reward-model actor placed and constructed, by the `start` deadline."""
         wait_started(self._other_actors(), start, self.actor_roster(), list(self._requests.values()))
 
     def _restartable(self, role: str) -> dict[str, Any]:
@@ -125,6 +135,7 @@ class RayIterativeSFTTrainer:
         """How errors name this trainer's actors (`generator 0`, `filter actor 1`, `trainer rank 0`)."""
         return roster_of({"generator": self.generators.actors,
                           "filter actor": self.filter_pool.actors if self.filter_pool is not None else [],
+                          "reward model": self.reward_pool.actors if self.reward_pool is not None else [],
                           "trainer rank": self.trainer.ranks if self.trainer is not None else []}, self.resources)
 
     def restore_trainer(self, checkpoint: StoragePath | str) -> dict[str, Any]:
@@ -170,7 +181,9 @@ class RayIterativeSFTTrainer:
         return self.generators.generate(prompt_table(prompts), self.weights, self.version, config, seed, round_index)
 
     def filter(self, rollouts: list[ray.ObjectRef], filters: list | None = None) -> ScoredRollouts:
-        """Score rollout batches in the filter pool (as soon as each is ready); returns references."""
+        """Score rollout batches in the filter pool (as soon as each is ready); returns references.
+
+        `filters` may name only the reward models the trainer was built with: their actors start with it."""
         pairs = [self.filter_pool.score(ref, filters) for ref in rollouts]
         return ScoredRollouts([p[0] for p in pairs], [p[1] for p in pairs])
 
@@ -223,5 +236,7 @@ class RayIterativeSFTTrainer:
         self.generators.shutdown()
         for a in self.filter_pool.actors if self.filter_pool is not None else []:
             ray.kill(a)
+        if self.reward_pool is not None:
+            self.reward_pool.shutdown()
         if self.trainer is not None:
             self.trainer.shutdown()

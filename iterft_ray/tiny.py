@@ -142,6 +142,29 @@ def build_tiny_model(
     return out
 
 
+def build_tiny_reward_model(out_dir: str | os.PathLike, seed: int = 0, chat_template: bool = False,
+                            **overrides) -> Path:
+    """A tiny-llama-shaped reward model (`LlamaForSequenceClassification`, one label) with the tiny tokenizer,
+    random weights, saved to `out_dir` for `AutoModelForSequenceClassification.from_pretrained`.
+
+    The `reward_model` filter's test model, and the start of a checker trained in `jobs/`.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = build_tokenizer(chat_template=chat_template)
+    settings = {k: v for k, v in TINY_CONFIGS["tiny-llama"].items() if k != "model_type"}
+    settings.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, num_labels=1, tie_word_embeddings=False)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model("llama", **settings))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None, **overrides) -> Path:
     """Path of built-in tiny model `name`, built once into a cache directory.
 

@@ -8,6 +8,7 @@ from typing import Any
 import cloudpickle
 import ray
 
+from iterft_ray.actors.reward_pool import RewardModelClient
 from iterft_ray.data.rollouts import RolloutBatch, summarize
 from iterft_ray.verify.scoring import RolloutScorer
 
@@ -18,11 +19,13 @@ class FilterActor:
 
     The row filters run in `processes` worker processes that live as long as the actor,
     so a slow verifier holds up one process, not the batch, and a call past `timeout_s`
-    is killed with its process.
+    is killed with its process. Reward models are scored by the reward-model actors through
+    `rewards` (`iterft_ray.actors.reward_pool`), never loaded here.
     """
 
-    def __init__(self, filters: list, timeout_s: float, processes: int):
-        self.scorer = RolloutScorer(filters, timeout_s, processes)
+    def __init__(self, filters: list, timeout_s: float, processes: int, rewards: RewardModelClient | None = None):
+        self.rewards = rewards or RewardModelClient({})
+        self.scorer = RolloutScorer(filters, timeout_s, processes, self.rewards)
         self.timeout_s = timeout_s
         self.processes = processes
         # The last override (the driver's held-out check each round) keeps its processes too.
@@ -41,14 +44,15 @@ class FilterActor:
         if self._override is None or self._override[0] != key:
             if self._override is not None:
                 self._override[1].close()
-            self._override = (key, RolloutScorer(filters, self.timeout_s, self.processes))
+            self._override = (key, RolloutScorer(filters, self.timeout_s, self.processes, self.rewards))
         return self._override[1]
 
 
 class FilterPool:
     """A fixed pool of FilterActors fed round-robin; Ray queues batches at busy actors.
 
-    `processes` is the number of rows each actor scores at once.
+    `processes` is the number of rows each actor scores at once; `rewards`, the reward-model actors
+    every filter actor sends its reward-model rows to.
     """
 
     def __init__(
@@ -58,10 +62,12 @@ class FilterPool:
         timeout_s: float = 10.0,
         actor_options: dict | None = None,
         processes: int = 4,
+        rewards: RewardModelClient | None = None,
     ):
         RolloutScorer(filters, timeout_s, processes)  # fail here, in the driver, on a bad spec; starts nothing
         self.actors = [
-            FilterActor.options(**(actor_options or {})).remote(filters, timeout_s, processes) for _ in range(size)
+            FilterActor.options(**(actor_options or {})).remote(filters, timeout_s, processes, rewards)
+            for _ in range(size)
         ]
         self._next = itertools.cycle(range(size))
 

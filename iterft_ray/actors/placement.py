@@ -34,18 +34,22 @@ class ActorRequest:
     bundle: dict[str, float]
 
 
-def actor_requests(resources: ResourcesConfig) -> list[ActorRequest]:
-    """What the whole run asks Ray for: trainer ranks, generators, filter actors (the one place it is spelt out)."""
+def actor_requests(resources: ResourcesConfig, reward_models: int = 0) -> list[ActorRequest]:
+    """What the whole run asks Ray for: trainer ranks, generators, filter actors, and `resources.num_reward_models`
+    reward-model actors for each of the filters' `reward_models` distinct reward models (the one place it is
+    spelt out)."""
     r = resources
 
-    def bundle(cpus: float, gpus: float, custom: str) -> dict[str, float]:
-        b = {"CPU": cpus, "GPU": gpus, custom: 1 if r.custom_resources else 0}
+    def bundle(cpus: float, gpus: float, custom: str | None) -> dict[str, float]:
+        b = {"CPU": cpus, "GPU": gpus, **({custom: 1 if r.custom_resources else 0} if custom else {})}
         return {k: float(v) for k, v in b.items() if v}
 
     return [
         ActorRequest("trainer rank", r.trainer_ranks, bundle(r.trainer_cpus, r.trainer_gpus, "trainer")),
         ActorRequest("generator", r.num_generators, bundle(r.generator_cpus, r.generator_gpus, "generator")),
         ActorRequest("filter actor", r.filter_pool_size, bundle(r.filter_cpus, 0, "filter")),
+        ActorRequest("reward model", r.num_reward_models * reward_models,
+                     bundle(r.reward_model_cpus, r.reward_model_gpus, None)),
     ]
 
 
@@ -100,13 +104,15 @@ def check_cluster_fits(requests: list[ActorRequest]) -> None:
 def _too_big(requests: list[ActorRequest], asked: dict[str, float], there: str) -> str:
     parts = ", ".join(f"{q.count} {q.role}{'s' * (q.count != 1)} x {format_resources(q.bundle)}"
                       for q in requests if q.count)
+    rewards = ", num_reward_models" if any(q.role == "reward model" and q.count for q in requests) else ""
     return (f"resources: the run asks for {parts}: {format_resources(asked)} in all, but {there}, so not every "
             f"actor could ever start; lower the counts or per-actor resources (resources.trainer_ranks, "
-            f"num_generators, filter_pool_size, *_cpus, *_gpus) or give the cluster more")
+            f"num_generators, filter_pool_size{rewards}, *_cpus, *_gpus) or give the cluster more")
 
 
 def _keys_of(role: str) -> str:
-    key = {"trainer rank": "trainer", "generator": "generator", "filter actor": "filter"}[role]
+    key = {"trainer rank": "trainer", "generator": "generator", "filter actor": "filter",
+           "reward model": "reward_model"}[role]
     return f"lower resources.{key}_cpus / resources.{key}_gpus or add a bigger node"
 
 

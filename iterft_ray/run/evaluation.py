@@ -93,7 +93,9 @@ def _reduce_evaluation(path: StoragePath, num_samples: int, greedy_count: int, *
 
 def evaluation_filters(config: RunConfig) -> list[Any]:
     """The filters that grade evaluation answers: eval.filters, else the run's row filters (no selectors:
-    a best-of-k would reject correct answers beyond the k-th)."""
+    a best-of-k would reject correct answers beyond the k-th). A reward model among them scores here too, through
+    the run's reward-model actors (the same spec finds the same actors): it rejects nothing, so with it alone
+    eval_greedy and pass@k are 1 and eval_score_mean, the mean reward, is the number to watch."""
     if config.eval.filters is not None:
         return list(config.eval.filters)
     return [spec for spec in config.filters if not isinstance(resolve_filter(spec), Selector)]

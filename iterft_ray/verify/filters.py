@@ -7,6 +7,8 @@ There are two kinds of filter:
   number adds to the row's score; a `Verdict` is either, with the final answer the filter
   read from the completion (what an evaluation's majority vote counts). Row filters run in worker processes, several rows at
   once, and a call past its timeout is killed with its process (`iterft_ray.verify.processes`).
+- A reward model (`reward_model`, `iterft_ray.verify.reward_model`) is neither: a descriptor the
+  scoring code sends whole batches to; its reward adds to the score of each row that passed the gates.
 - A selector is any object with `select(table) -> pyarrow boolean array`. It sees the
   whole batch with `score` and `accepted` columns and returns the new accepted mask. All
   samples of a prompt are in one batch, so per-prompt selection (best-of-k) works.
@@ -33,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from iterft_ray.data.tasks import get_task
+from iterft_ray.verify.reward_model import RewardModel, reward_model
 from iterft_ray.verify.verdict import Verdict
 from iterft_ray.verify.verifiers import math_answer, python_tests
 
@@ -222,6 +225,7 @@ _BUILTINS: dict[str, Callable[..., RowFilter | Selector]] = {
     "length_bounds": length_bounds,
     "math_answer": math_answer,
     "python_tests": python_tests,
+    "reward_model": reward_model,
     "deduplicate": deduplicate,
     "best_of_k": best_of_k,
     "top_fraction": top_fraction,
@@ -229,14 +233,15 @@ _BUILTINS: dict[str, Callable[..., RowFilter | Selector]] = {
 }
 
 
-def resolve_filter(spec: RowFilter | Selector | str | dict) -> RowFilter | Selector:
+def resolve_filter(spec: RowFilter | Selector | RewardModel | str | dict) -> RowFilter | Selector | RewardModel:
     """Turn a filter spec from code or YAML into a row filter or a selector.
 
     A spec is a callable or selector (used as-is), a built-in name or import string
     "package.module:attribute", or a dict `{"name": ..., **options}`. Options go to a
-    built-in's factory; an imported object is used as-is, so it takes no options.
+    built-in's factory; an imported object is used as-is, so it takes no options. `reward_model`
+    resolves to a `RewardModel` descriptor, scored by batch, not per row (`iterft_ray.verify.reward_model`).
     """
-    if callable(spec) or isinstance(spec, Selector):
+    if callable(spec) or isinstance(spec, (Selector, RewardModel)):
         return spec
     if isinstance(spec, str):
         spec = {"name": spec}

@@ -56,8 +56,11 @@ class FilterProcesses:
     the next row.
     """
 
-    def __init__(self, row_filters: list[RowFilter], size: int):
+    def __init__(self, row_filters: list[RowFilter], size: int, passed_score: float = 1.0):
+        """`passed_score`: the score of a row that passed and that no filter gave a number (1.0 for gates only;
+        0.0 when a reward model's reward is added afterwards, so the score is the reward)."""
         self.row_filters = row_filters
+        self.passed_score = passed_score
         self.names = [getattr(f, "__name__", None) or getattr(f, "name", None) or repr(f) for f in row_filters]
         self.size = size
         try:
@@ -143,7 +146,7 @@ class FilterProcesses:
         row.filter_index += 1
         if row.filter_index < len(self.row_filters):
             return None
-        return (1.0 if row.total is None else row.total), True, None, row.answer
+        return (self.passed_score if row.total is None else row.total), True, None, row.answer
 
     @staticmethod
     def _reject(row: _Row, error: str | None) -> tuple[float, bool, str | None, str | None]:
