@@ -58,8 +58,8 @@ class IterativeLoop:
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         c = self.config
         start = start if start is not None else check_start(c, resume, overwrite)
+        check_rationalize(c.recipe, start.prompts.column_names)  # recipe.rationalize needs an answer column
         # A file or a dataset streams through Ray Data; eval.heldout_fraction's prompts are skipped.
-        check_rationalize(c.recipe, start.prompts.column_names)
         self.prompts = open_prompts(start.prompts, c.loop.seed, held_out_rule(c))
         # The pass-rate record; with a curriculum rule, the cursor skips the prompts it sets aside.
         self.pass_record = PassRecord(c.curriculum)
