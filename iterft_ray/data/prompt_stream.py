@@ -39,23 +39,35 @@ class PromptCursor:
     num_rows: int
     cursor: int = 0  # rows passed so far, over all epochs (held-out ones included)
     held_out: HeldOut | None = None  # eval.heldout_fraction: rows the rounds skip
+    set_aside: Any = None  # a curriculum's `PassRecord` (iterft_ray.data.curriculum): prompts skipped for now
 
     def rows(self, start: int, count: int) -> pa.Table:
         raise NotImplementedError
 
     def next_rows(self, count: int) -> pa.Table:
-        """The next `count` rows, skipping held-out ones (the cursor moves only when they were read)."""
-        if self.held_out is None:
+        """The next `count` rows, skipping held-out and set-aside ones (the cursor moves only when they were read)."""
+        if self.held_out is None and self.set_aside is None:
             table = self.rows(self.cursor, count)
             self.cursor += count
             return table
         # Each pass reads exactly as many rows as are still wanted, so it never takes more than it needs and
         # the ranges stay consecutive (a stream reads on without reopening).
         parts, need, passed = [], count, 0
+        # Held-out prompts are the same every epoch; set-aside ones may come back in the next (curriculum.bring_back).
+        horizon = self.num_rows * (1 if self.set_aside is None else 2)
         while need:
-            table = self.held_out.training_part(self.rows(self.cursor + passed, need))
+            start = self.cursor + passed
+            table = self.rows(start, need)
+            if self.set_aside is not None:
+                table = self.set_aside.training_part(table, start, self.num_rows)
+            if self.held_out is not None:
+                table = self.held_out.training_part(table)
             passed += need
-            if passed >= self.num_rows and need == count and not table.num_rows:
+            if passed >= horizon and need == count and not table.num_rows:
+                if self.set_aside is not None:
+                    raise PromptDataError(f"curriculum: every one of the {self.num_rows} prompts is set aside or "
+                                          "held out; set curriculum.bring_back: true, raise curriculum.solved_rounds "
+                                          "or curriculum.max_attempts, or add prompts")
                 raise PromptDataError(f"eval.heldout_fraction: {self.held_out.fraction} holds out all "
                                       f"{self.num_rows} prompts; lower it")
             parts.append(table)

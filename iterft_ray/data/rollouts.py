@@ -40,7 +40,15 @@ SAMPLE_SCHEMA = pa.schema([
     ("weight_version", pa.int64()),
     ("generator_id", pa.int32()),
     ("sampling_seed", pa.int64()),
+    ("hinted", pa.bool_()),
 ])
+
+# Columns a prompt table may carry for one sampling call, read by `rollout_table` and not kept in the batch:
+# `first_sample`, the number of a prompt's first sample in this call (sequential best-of-n's later waves
+# go on numbering where the earlier ones stopped, so sample ids never repeat); `unhinted_prompt` and
+# `unhinted_prompt_ids`, the prompt without its hint (STaR's rationalization: sampled from the hinted
+# prompt, recorded and trained as the plain one, with `hinted` true).
+CALL_COLUMNS = ("first_sample", "unhinted_prompt", "unhinted_prompt_ids")
 
 # `final_answer` is the answer a row filter extracted from the completion (a `Verdict`'s), null when
 # none did: what majority voting (maj@n) counts.
@@ -65,17 +73,22 @@ def rollout_table(
     `finished`, `logprob_sum`): the prompt rows repeated per sample, plus `SAMPLE_SCHEMA`.
 
     `seed` is the shard's sampling seed (`iterft_ray.engines.seeding.shard_seed`), kept with each row.
+    A prompt table's `CALL_COLUMNS` number the samples on and swap a hinted prompt for its plain one.
 
     Completions are decoded here, once per batch, so both engines decode alike.
     """
     index = pa.array(samples["prompt_index"], pa.int64())
     rows = prompts.take(index)
-    if "prompt_ids" in rows.column_names:  # given by the caller; the column below holds the same ids
-        rows = rows.drop_columns(["prompt_ids"])
+    first = rows.column("first_sample").to_pylist() if "first_sample" in rows.column_names else [0] * len(index)
+    hinted = "unhinted_prompt" in rows.column_names
+    if hinted:  # the plain prompt replaces the hinted one it was sampled from
+        rows = rows.set_column(rows.column_names.index("prompt"), "prompt", rows.column("unhinted_prompt"))
+        prompt_ids_all = prompts.column("unhinted_prompt_ids").to_pylist()
+    rows = rows.drop_columns([c for c in ("prompt_ids", *CALL_COLUMNS) if c in rows.column_names])
     completion_ids = samples["completion_ids"]
     prompt_id_column = rows.column("prompt_id").to_pylist()
     values = {
-        "sample_id": [f"r{round_index}-p{pid}-s{s}" for pid, s in zip(prompt_id_column, samples["sample"])],
+        "sample_id": [f"r{round_index}-p{pid}-s{f + s}" for pid, f, s in zip(prompt_id_column, first, samples["sample"])],
         "completion": tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
         "prompt_ids": [prompt_ids_all[i] for i in samples["prompt_index"]],
         "completion_ids": completion_ids,
@@ -84,6 +97,7 @@ def rollout_table(
         "weight_version": [weight_version] * len(index),
         "generator_id": [generator_id] * len(index),
         "sampling_seed": [seed] * len(index),
+        "hinted": [hinted] * len(index),
     }
     for column in SAMPLE_SCHEMA:
         rows = rows.append_column(column, pa.array(values[column.name], column.type))
@@ -117,12 +131,18 @@ def training_rows(table: RolloutBatch) -> list[tuple[list[int], list[int]]]:
 
 
 def summarize(scored: RolloutBatch) -> dict[str, Any]:
-    """Counts a driver needs from a scored batch: rows, accepted, score sum, errors (and the first), weight versions.
+    """Counts a driver needs from a scored batch: rows, accepted, score sum, errors (and the first), weight versions,
+    and per prompt (`prompts`: prompt_id -> [generated, accepted]: sequential best-of-n and the pass-rate record).
 
     Made beside the batch (in the filter actor), so the driver reads a small dict, never the rows.
     """
     versions = pc.value_counts(scored["weight_version"]).to_pylist() if scored.num_rows else []
     errors = pc.drop_null(scored["filter_error"])
+    per_prompt: dict[Any, list[int]] = {}
+    for pid, accepted in zip(scored["prompt_id"].to_pylist(), scored["accepted"].to_pylist()):
+        counts = per_prompt.setdefault(pid, [0, 0])
+        counts[0] += 1
+        counts[1] += bool(accepted)
     return {
         "rows": scored.num_rows,
         "accepted": int(pc.sum(scored["accepted"]).as_py() or 0),
@@ -130,7 +150,19 @@ def summarize(scored: RolloutBatch) -> dict[str, Any]:
         "errors": len(errors),
         "first_error": errors[0].as_py() if len(errors) else None,
         "weight_versions": {int(v["values"]): int(v["counts"]) for v in versions},
+        "prompts": per_prompt,
     }
+
+
+def prompt_counts(parts: list[dict[str, Any]]) -> dict[Any, list[int]]:
+    """prompt_id -> [generated, accepted] over summaries (`summarize`'s `prompts`)."""
+    total: dict[Any, list[int]] = {}
+    for p in parts:
+        for pid, (generated, accepted) in p.get("prompts", {}).items():
+            counts = total.setdefault(pid, [0, 0])
+            counts[0] += generated
+            counts[1] += accepted
+    return total
 
 
 def combine_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:

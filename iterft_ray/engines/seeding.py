@@ -12,3 +12,10 @@ def shard_seed(seed: int, round_index: int, shard: int) -> int:
 def request_seed(shard_seed_: int, request: int) -> int:
     """The seed of the `request`-th prompt of a shard, for engines seeded per request (vLLM's `seed`)."""
     return (shard_seed_ * 1_000_003 + request) % (1 << 63)
+
+
+def wave_seed(seed: int, wave: int) -> int:
+    """The seed a round's `wave`-th sampling call starts from (sequential best-of-n, STaR's hinted pass): wave 0
+    keeps `seed`, so a run without waves samples as before; a later wave's seeds differ from the earlier ones'
+    (and from the seeds of the next 1000 rollbacks, which move `seed` on by one each)."""
+    return seed + wave * 1_000

@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +24,9 @@ from iterft_ray.config import RunConfig, load_config
 from iterft_ray.data.prompt_stream import open_prompts
 from iterft_ray.data.chat import chat_example_ids, with_chat_template
 from iterft_ray.data.prompts import PromptDataError
-from iterft_ray.data.rollouts import combine_summaries
+from iterft_ray.data.curriculum import PassRecord
+from iterft_ray.data.rollouts import ScoredRollouts
+from iterft_ray.engines.seeding import wave_seed
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 from iterft_ray.run.evaluation import Evaluation, eval_path, evaluation_filters, held_out_rule
 from iterft_ray.run.in_flight import delete_in_flight, load_in_flight, save_in_flight
@@ -31,6 +34,7 @@ from iterft_ray.run.ledger import describe_filters, write_accepted
 from iterft_ray.run.records import RunRecorder, write_generations
 from iterft_ray.run.trackers import open_trackers, trainer_report_to
 from iterft_ray.run.training_set import training_set
+from iterft_ray.run.waves import RoundSampler, check_rationalize
 from iterft_ray.run.run_dir import (RunStart, base_weights_dir, check_start, checkpoint_dir, latest_checkpoint,
                                     trainer_output_dir)
 from iterft_ray.storage import StoragePath
@@ -56,8 +60,13 @@ class IterativeLoop:
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         c = self.config
         start = start if start is not None else check_start(c, resume, overwrite)
+        check_rationalize(c.recipe, start.prompts.column_names)  # recipe.rationalize needs an answer column
         # A file or a dataset streams through Ray Data; eval.heldout_fraction's prompts are skipped.
         self.prompts = open_prompts(start.prompts, c.loop.seed, held_out_rule(c))
+        # The pass-rate record; with a curriculum rule, the cursor skips the prompts it sets aside.
+        self.pass_record = PassRecord(c.curriculum)
+        if self.pass_record.active:
+            self.prompts.set_aside = self.pass_record
         self.task, self.warmup_examples = start.task, start.warmup_examples
         self.chat_tokenizer = start.chat_tokenizer  # data.chat_template: prompts become its template's tokens
         self.evaluation: Evaluation | None = None
@@ -90,6 +99,7 @@ class IterativeLoop:
             self.rollbacks = 0  # each one moves the sampling seed on
             self._rounds_at_version = {self.rl.version: 0}  # weight version -> rounds trained into it
             self._pending: deque[tuple[int, list[ray.ObjectRef]]] = deque()  # async: (round, rollouts) in flight
+            self._sampling_stats: dict[str, Any] = {}  # the last round's waves, hinted samples, set-aside prompts
             if start.checkpoint is not None:
                 self._restore_loop_state(self.rl.trainer.restored)
                 print(f"resumed from {start.checkpoint}: next round {self.round_index + 1}", flush=True)
@@ -128,7 +138,8 @@ class IterativeLoop:
         self._prefetch(r)
         self._wait(rollouts, f"round {r + 1} generate", deadline)
         t["generated"] = time.perf_counter()
-        summary = combine_summaries(self._wait(scored.summaries, f"round {r + 1} filter", deadline, fetch=True))
+        summaries = self._wait(scored.summaries, f"round {r + 1} filter", deadline, fetch=True)
+        scored, summary = self._sample_rest(r, scored, summaries, deadline)  # later waves, hinted pass (run/waves.py)
         t["filtered"] = time.perf_counter()
         generations = self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet"
         written = write_generations(generations, scored.tables)
@@ -205,6 +216,7 @@ class IterativeLoop:
         self._rounds_at_version = {int(k): v for k, v in state["rounds_at_version"].items()}
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
         self._pending = load_in_flight(self.out, self.round_index, state.get("in_flight", []))
+        self.pass_record.restore(state.get("pass_record"))
         if "prompt_position" in state:
             self.prompts.seek(state["prompt_position"])
         else:  # checkpoints from before streamed prompts: every round took the next prompts_per_round
@@ -270,7 +282,33 @@ class IterativeLoop:
         prompts = self.prompts.next_rows(self.config.loop.prompts_per_round)
         if self.chat_tokenizer is not None:
             prompts = with_chat_template(prompts, self.chat_tokenizer, self.config.data.system_prompt)
-        return self.rl.generate(prompts, seed=self.config.loop.seed + self.rollbacks, round_index=r)
+        return self._sample_wave(r, prompts, 0)
+
+    def _sample_wave(self, r: int, prompts: pa.Table, wave: int) -> list[ray.ObjectRef]:
+        """Sample prompt rows for round r's `wave`-th sampling call on the weights at hand (its own seeds)."""
+        return self.rl.generate(prompts, seed=wave_seed(self.config.loop.seed + self.rollbacks, wave), round_index=r)
+
+    def _sample_rest(self, r: int, scored: ScoredRollouts, summaries: list[dict],
+                     deadline: Deadline) -> tuple[ScoredRollouts, dict[str, Any]]:
+        """Round r's later waves and hinted pass after its first wave (`iterft_ray.run.waves`), and the pass-rate
+        record updated from their per-prompt counts; returns every scored table of the round and their totals."""
+        c = self.config
+        sampler = RoundSampler(
+            c.sampling, c.recipe,
+            sample=lambda prompts, wave: self._sample_wave(r, prompts, wave),
+            score=self.rl.filter,
+            fetch=lambda refs, desc: self._wait(refs, desc, deadline, fetch=True),
+            chat=None if self.chat_tokenizer is None else
+            (lambda prompts: with_chat_template(prompts, self.chat_tokenizer, c.data.system_prompt)))
+        samples = sampler.complete(r + 1, scored, summaries)
+        self.pass_record.update(r + 1, samples.counts)
+        self._sampling_stats = {
+            **({"waves": samples.waves} if sampler.in_waves else {}),
+            **({"hinted": samples.hinted, "hinted_accepted": samples.hinted_accepted} if c.recipe.rationalize else {}),
+            **({"set_aside": len(self.pass_record.set_aside), "brought_back": self.pass_record.brought_back}
+               if self.pass_record.active else {}),
+        }
+        return samples.scored, samples.summary
 
     def scale_generators(self, count: int) -> None:
         """Change the number of generators between rounds; new ones load the current weights before sampling."""
@@ -351,6 +389,7 @@ class IterativeLoop:
             "run_id": self.run_id,
             "prompt_position": self.prompts.position,  # after the prompts of the rounds in flight
             "in_flight": in_flight,
+            "pass_record": self.pass_record.state(),  # small JSON: a few numbers per prompt drawn so far
         })
         delete_in_flight(self.out, self.round_index)
         return target
@@ -406,6 +445,7 @@ class IterativeLoop:
             "train_time": t["trained"] - t["filtered"],
             "sync_time": t["synced"] - t["trained"],
             "round_time": time.perf_counter() - t["start"],
+            **self._sampling_stats,
         }
         return stats
 
@@ -457,6 +497,12 @@ def _summary_line(s: dict[str, Any]) -> str:
     )
     if "eval_greedy" in s:
         line += f" | eval {_evaluation_line(s)}"
+    if "waves" in s:
+        line += f" | waves {s['waves']}"
+    if "hinted" in s:
+        line += f" | hinted {s['hinted_accepted']}/{s['hinted']}"
+    if "set_aside" in s:
+        line += f" | aside {s['set_aside']}"
     if "rolled_back_to" in s:
         line += f" | rolled back to round {s['rolled_back_to']}"
     if s["filter_errors"]:
