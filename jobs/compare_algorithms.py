@@ -35,7 +35,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from iterft_ray.config import BUILTIN_CONFIGS  # noqa: E402
+from iterft_ray.actors.placement import actor_requests, total_request  # noqa: E402
+from iterft_ray.config import BUILTIN_CONFIGS, load_config  # noqa: E402
+from iterft_ray.actors.reward_pool import reward_models_of  # noqa: E402
+from iterft_ray.ray_start import init_ray  # noqa: E402
 
 # The demo's task. 3-digit addition was tried first: from the same warm-up (3000 examples) the demo's recipe climbed
 # from 3% to 5% held-out accuracy in 170k samples, too slowly for any method to part from another in a budget
@@ -63,12 +66,13 @@ def methods(reward_model: str | None) -> dict[str, dict]:
 
 
 def base_config(out: Path, seed: int, eval_every: int, budget: int) -> dict:
-    """The demo's config, rounds ended by the budget instead, evaluated greedily, without rollbacks."""
+    """The demo's config, rounds ended by the budget instead, evaluated greedily by the exact checker (a reward
+    model accepts every answer: it only scores), without rollbacks."""
     config = yaml.safe_load((BUILTIN_CONFIGS / "demo.yaml").read_text())
     rounds = budget // config["loop"]["prompts_per_round"] + 1  # more than any method runs: one sample per prompt
     config["loop"] = {**config["loop"], "rounds": rounds, "eval_every": eval_every, "save_every": 1000, "seed": seed,
                       "output_dir": str(out)}
-    config["eval"] = {"num_samples": 0}
+    config["eval"] = {"num_samples": 0, "filters": [EXACT]}  # every method graded by the exact checker
     return config
 
 
@@ -101,6 +105,10 @@ def run_method(config: dict, budget: int) -> dict:
         loop.shutdown()
     return {"points": points, "generated": generated, "accepted": accepted, "rounds": loop.round_index,
             "minutes": (time.perf_counter() - start) / 60}
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("(", "").replace(")", "")
 
 
 def plot(results: dict[str, list[dict]], path: Path, budget: int) -> None:
@@ -147,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/compare", help="where the runs and the figures go")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--budget", type=int, default=160000, help="samples generated per run")
+    p.add_argument("--budget", type=int, default=180000, help="samples generated per run")
     p.add_argument("--eval-every", type=int, default=2, help="rounds between evaluations")
     p.add_argument("--methods", nargs="+", help="a subset of the methods (default: all)")
+    p.add_argument("--reward-steps", type=int, default=3000, help="updates of the learned reward model")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,24 +172,29 @@ def main(argv: list[str] | None = None) -> int:
         # The demo model's shape and 3000 updates (about 80 s): 24% false accepts, 1% false rejects here, where the
         # default tiny shape at 1500 updates gave 28% / 3.5%.
         shape = yaml.safe_load((BUILTIN_CONFIGS / "demo.yaml").read_text())["model"]["tiny_overrides"]
-        reward = train_checker_reward_model(TASK, str(out / "reward_model"), seed=0, steps=3000, max_seconds=300,
+        reward = train_checker_reward_model(TASK, str(out / "reward_model"), seed=0, steps=args.reward_steps, max_seconds=300,
                                             **shape)
         print(f"reward model: false accepts {reward['false_accept_rate']:.1%}, "
               f"false rejects {reward['false_reject_rate']:.1%}", flush=True)
     chosen = {name: keys for name, keys in methods(reward and reward["path"]).items()
               if args.methods is None or name in args.methods or name.split(" (")[0] in args.methods}
+    configs = {(name, seed): merged(base_config(out / "runs" / f"{_slug(name)}-seed{seed}", seed, args.eval_every,
+                                                 args.budget), keys)
+               for name, keys in chosen.items() for seed in args.seeds}
+    # One local Ray for every run, big enough for the one that asks most (a reward model's actor on top).
+    demands = [(total_request(actor_requests(c.resources, len(reward_models_of(c.filters)))).get("CPU", 0), i, c)
+               for i, c in enumerate(load_config(c) for c in configs.values())]
+    largest = max(demands)[2]
+    init_ray(largest.resources, reward_models=len(reward_models_of(largest.filters)))
     results: dict[str, list[dict]] = {}
-    for name, keys in chosen.items():
-        for seed in args.seeds:
-            slug = name.replace(" ", "_").replace("(", "").replace(")", "")
-            config = merged(base_config(out / "runs" / f"{slug}-seed{seed}", seed, args.eval_every, args.budget), keys)
-            print(f"== {name}, seed {seed}", flush=True)
-            result = run_method(config, args.budget)
-            print(f"== {name}, seed {seed}: {result['points'][-1][1]:.1%} after {result['generated']} samples "
-                  f"({result['rounds']} rounds, {result['minutes']:.1f} min)", flush=True)
-            results.setdefault(name, []).append(result)
-            (out / "compare.json").write_text(json.dumps({"budget": args.budget, "results": results,
-                                                          "reward_model": reward}, indent=1))
+    for (name, seed), config in configs.items():
+        print(f"== {name}, seed {seed}", flush=True)
+        result = run_method(config, args.budget)
+        print(f"== {name}, seed {seed}: {result['points'][-1][1]:.1%} after {result['generated']} samples "
+              f"({result['rounds']} rounds, {result['minutes']:.1f} min)", flush=True)
+        results.setdefault(name, []).append(result)
+        (out / "compare.json").write_text(json.dumps({"budget": args.budget, "results": results,
+                                                      "reward_model": reward}, indent=1))
     plot(results, out / "compare.png", args.budget)
     (out / "compare.md").write_text(table(results, args.seeds, reward))
     print((out / "compare.md").read_text(), flush=True)
