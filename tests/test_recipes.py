@@ -24,8 +24,9 @@ def local_ray(shared_ray):
     shared_ray.up()
 
 
-def config(tmp_path, recipe, rounds=3):
+def config(tmp_path, recipe, rounds=3, algorithm="rft"):
     return {
+        "algorithm": algorithm,
         "model": {"name_or_path": "tiny-llama"},
         "data": {"task": "addition", "task_options": {"num_train": 64, "num_heldout": 8, "num_warmup": 8}},
         "sampling": {"num_samples": 3, "max_new_tokens": 4},
@@ -47,10 +48,10 @@ def _weights(directory):
 
 
 def test_train_from_base_on_all_rounds_for_two_epochs_restarts_each_round(tmp_path):
-    """recipe: train_from base, train_on all, epochs 2: each round's weights are the base weights trained afresh
-    (new optimizer and schedule) for two passes over every round's accepted samples so far, deduplicated; the
-    versions still advance and the generators sample the new ones; a resume goes on alike."""
-    c = config(tmp_path, {"train_from": "base", "train_on": "all", "epochs": 2}, rounds=2)
+    """algorithm: rest_em (train_from: base) with recipe train_on all, epochs 2: each round's weights are the base
+    weights trained afresh (new optimizer and schedule) for two passes over every round's accepted samples so far,
+    deduplicated; the versions still advance and the generators sample the new ones; a resume goes on alike."""
+    c = config(tmp_path, {"train_on": "all", "epochs": 2}, rounds=2, algorithm="rest_em")
     loop = IterativeLoop(c)
     try:
         stats = loop.run()
