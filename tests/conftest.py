@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from iterft_ray.ray_start import QUIET_ACTORS  # noqa: E402
 from iterft_ray.tiny import build_tiny_model  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -110,7 +111,7 @@ class SharedRay:
         reset_auth_token_state()
         try:
             ray.init(address="local", num_cpus=self.NUM_CPUS, include_dashboard=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+                     runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), **QUIET_ACTORS}})
         except BaseException:
             self._restore()
             raise
