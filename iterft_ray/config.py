@@ -244,6 +244,12 @@ class ResourcesConfig:
     # torch.distributed group with the generators: Gloo on CPU, NCCL when all have GPUs), or "auto":
     # broadcast when a generator is on another node than the trainer, and the trainer is one rank.
     weight_transport: str = "auto"
+    # "auto": a new weight version travels as what changed since the version before (a `WeightDelta`: the
+    # changed elements' indices and values in the engines' dtype) to a generator that holds exactly that
+    # version in memory of its own: every generator of the broadcast, and on the object store a generator
+    # on a GPU; the rest, and a generator new, restarted or behind, load the whole version. "off": whole
+    # versions only.
+    weight_delta: str = "auto"
 
     def __post_init__(self):
         for key in ("trainer_gpus", "generator_gpus", "reward_model_gpus"):
@@ -258,6 +264,8 @@ class ResourcesConfig:
         if self.weight_transport not in ("auto", "object_store", "broadcast"):
             raise ValueError(f"resources.weight_transport: expected 'auto', 'object_store' or 'broadcast', "
                              f"got {self.weight_transport!r}")
+        if self.weight_delta not in ("auto", "off"):
+            raise ValueError(f"resources.weight_delta: expected 'auto' or 'off', got {self.weight_delta!r}")
         if self.weight_transport == "broadcast" and self.trainer_ranks != 1:
             raise ValueError(f"resources.weight_transport: 'broadcast' sends from a trainer of one rank (a sharded "
                              f"trainer's ranks hold parts only); got resources.trainer_ranks: {self.trainer_ranks}. "

@@ -36,7 +36,8 @@ from iterft_ray.storage import StoragePath
 from iterft_ray.tiny import model_files
 from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
 from iterft_ray.weights.broadcast import (
-    WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, broadcast_weights, open_weight_group_store, weight_layout,
+    WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, broadcast_delta, broadcast_weights, open_weight_group_store,
+    weight_layout,
 )
 from iterft_ray.weights.snapshot import publish_adapter, publish_shard, publish_weights, weights_checksum
 
@@ -206,11 +207,14 @@ class TrainerRank:
         """Rank 0: join the `WeightGroup` as its rank 0, while the generators join it."""
         self.weight_group = WeightGroup(address, 0, size, backend, WEIGHT_GROUP_TIMEOUT, store=self._weight_store)
 
-    def broadcast_weights(self) -> int:
+    def broadcast_weights(self, delta: list[ray.ObjectRef] | None = None) -> int:
         """Rank 0: broadcast the current weights to the `WeightGroup` (the generators call `receive_weights`
-        at the same time); returns the version sent."""
+        at the same time), whole or, given `[ref]` of a `WeightDelta`, as that delta (read zero-copy: it was
+        made on this node); returns the bytes sent."""
+        if delta is not None:
+            return broadcast_delta(self.weight_group, ray.get(delta[0]), self.weight_layout)
         broadcast_weights(self.weight_group, self._published_model(), self.weight_layout)
-        return self.version()
+        return sum(self.weight_layout.bucket_sizes)
 
     def _published_model(self) -> torch.nn.Module:
         return self.trainer.accelerator.unwrap_model(self.trainer.model)

@@ -13,7 +13,8 @@ from iterft_ray.config import SamplingConfig
 from iterft_ray.data.rollouts import RolloutBatch
 from iterft_ray.engines.hf_sampling import sample_rollouts
 from iterft_ray.train.trainer import load_model
-from iterft_ray.weights.snapshot import WeightSnapshot, load_snapshot, weights_checksum
+from iterft_ray.weights.delta import WeightDelta, apply_delta
+from iterft_ray.weights.snapshot import WeightSnapshot, is_writable, load_snapshot, weights_checksum
 
 
 class HFEngine:
@@ -28,6 +29,9 @@ class HFEngine:
         # `dtype`: `engine_dtype`'s in a run, the dtype the trainer publishes versions in (None: transformers').
         dtype_arg = {} if dtype is None else {"dtype": dtype}
         self.model = load_model(model_path, trust_remote_code=trust_remote_code, **dtype_arg).to(device).eval()
+        # On CPU the replica's weights are the arrays of the snapshot it loaded last (`load`).
+        self.keeps_snapshot = device == "cpu"
+        self._owns_weights = True  # False while they are a read-only snapshot of the object store
 
     def load(self, snapshot: WeightSnapshot) -> None:
         """Copy a snapshot in; an adapter snapshot into the adapter only, added to the replica on the first one.
@@ -44,6 +48,17 @@ class HFEngine:
         if snapshot.adapter_config is not None and not isinstance(self.model, PeftModel):
             self.model = get_peft_model(self.model, copy.deepcopy(snapshot.adapter_config)).eval()
         load_snapshot(self.model, snapshot, share=True)
+        self._owns_weights = not self.keeps_snapshot or is_writable(snapshot)
+
+    def can_load_delta(self) -> bool:
+        """Whether a `WeightDelta` can be written into the replica's weights: on a GPU always, on CPU when
+        they are its own memory (a broadcast's buckets), never the node's one shared snapshot."""
+        return self._owns_weights and not isinstance(self.model, PeftModel)
+
+    def load_delta(self, delta: WeightDelta) -> None:
+        """Write the changed elements of the next version into the replica's weights, in place (on a GPU, the
+        changed indices and values are what cross to the device)."""
+        apply_delta(self.model.state_dict(), delta)
 
     def sample(self, prompts: pa.Table, config: SamplingConfig, seed: int, weight_version: int,
                generator_id: int, round_index: int) -> RolloutBatch:

@@ -35,7 +35,10 @@ from iterft_ray.config import LoraConfig, SamplingConfig, VllmConfig
 from iterft_ray.data.rollouts import RolloutBatch, rollout_table
 from iterft_ray.engines.hf_sampling import prompt_token_ids, stop_token_ids
 from iterft_ray.engines.seeding import request_seed
-from iterft_ray.weights.snapshot import WeightSnapshot, _from_array, _reading_shared_arrays, weights_checksum
+from iterft_ray.weights.delta import WeightDelta, apply_delta
+from iterft_ray.weights.snapshot import (
+    WeightSnapshot, _from_array, _reading_shared_arrays, is_writable, weights_checksum,
+)
 
 # On CPU: no torch.compile (start-up 12 s instead of ~60 s on 2 cores for a tiny Llama) and a
 # fixed KV cache (vLLM would otherwise size it from free RAM, taking most of the machine).
@@ -85,6 +88,8 @@ class VLLMEngine:
         self._serves_lora = lora is not None
         self._sleeps = (options or VllmConfig()).enable_sleep_mode
         self.asleep = False
+        # The snapshot last loaded stays referenced (`checksum`, and the base a delta is applied to).
+        self.keeps_snapshot = True
 
     def sleep(self) -> None:
         """With sleep mode: free the GPU for the trainer (level 1: weights to CPU memory, KV cache dropped)."""
@@ -105,6 +110,29 @@ class VLLMEngine:
             self._load_adapter(snapshot)
             self._snapshot, self._checksum = snapshot, None
             return
+        self._reload(snapshot)
+
+    def can_load_delta(self) -> bool:
+        """Whether a `WeightDelta` can be applied: to the snapshot last loaded, when it is this process's own
+        memory (a broadcast's buckets, or a copy of its own: `GeneratorActor.sync`), not the node's shared one."""
+        return (self._snapshot is not None and self._snapshot.adapter_config is None
+                and is_writable(self._snapshot))
+
+    def load_delta(self, delta: WeightDelta) -> None:
+        """Apply `delta` in place to the snapshot last loaded, then reload the engine from it.
+
+        vLLM fuses (qkv, gate/up) and, on CPU, repacks its parameters, so the changed elements cannot be
+        written into them by the trainer's names; the whole reload is a copy inside this process. What
+        travelled to it is the delta.
+        """
+        self.wake_up()
+        snapshot = self._snapshot
+        with _reading_shared_arrays():
+            apply_delta({n: _from_array(a, snapshot.dtypes[n]) for n, a in snapshot.arrays.items()}, delta)
+        snapshot.version = delta.version
+        self._reload(snapshot)
+
+    def _reload(self, snapshot: WeightSnapshot) -> None:
         names = {**{n: n for n in snapshot.arrays}, **snapshot.aliases}
         with _reading_shared_arrays():
             weights = [(name, _from_array(snapshot.arrays[src], snapshot.dtypes[src])) for name, src in names.items()]

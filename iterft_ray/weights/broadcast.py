@@ -3,7 +3,9 @@
 A `WeightGroup` is a torch.distributed process group of its own (Gloo on CPU, NCCL on GPUs);
 rank 0 hands the receivers a `WeightLayout` once, when the group forms, and each version then
 moves its bytes only, in buckets packed into two staging buffers. What a receiver gets is a
-`WeightSnapshot`, loaded like one from the object store. `weights/sync.py` decides when.
+`WeightSnapshot`, loaded like one from the object store. A version can travel instead as a `WeightDelta`
+from the one before (`broadcast_delta`): first the number of changed elements of every entry (one int64
+each), then the changed indices and values packed into buckets the same way. `weights/sync.py` decides when.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 
-from iterft_ray.weights.snapshot import WeightSnapshot, _stored_entries, _to_array, adapter_parameters
+from iterft_ray.weights.delta import WeightDelta, index_dtype
+from iterft_ray.weights.snapshot import (
+    WeightSnapshot, _reading_shared_arrays, _stored_entries, _to_array, adapter_parameters,
+)
 
 # A broadcast moves a version in buckets of about this size: large enough that each collective's
 # latency is small against its bytes, small enough that the staging buffers cost little memory.
@@ -193,3 +198,96 @@ def receive_weights(group: WeightGroup, layout: WeightLayout, version: int) -> W
             arrays[name] = _to_array(t) if t.device.type == "cpu" else t
     return WeightSnapshot(version=version, arrays=arrays, dtypes={n: d for n, d, _ in layout.entries},
                           aliases=dict(layout.aliases), adapter_config=layout.adapter_config)
+
+
+# A delta's count for an entry that travels whole (most of it changed); 0: unchanged, k > 0: k changed elements.
+_WHOLE = -1
+
+
+def _delta_parts(layout: WeightLayout, counts: list[int]) -> list[tuple[int, str, int]]:
+    """The byte runs a delta with `counts` sends, in order: (entry index, "index" | "values" | "whole", bytes)."""
+    parts = []
+    for i, ((_, dtype, shape), count) in enumerate(zip(layout.entries, counts)):
+        if count == _WHOLE:
+            parts.append((i, "whole", _entry_bytes(dtype, shape)))
+        elif count:
+            parts.append((i, "index", count * index_dtype(math.prod(shape)).itemsize))
+            parts.append((i, "values", count * getattr(torch, dtype).itemsize))
+    return parts
+
+
+def _packed(parts: list[tuple[int, str, int]], bucket_bytes: int) -> list[tuple[list[tuple[int, int]], int]]:
+    """`parts` packed into buckets of about `bucket_bytes`: per bucket, (part index, byte offset) and its size."""
+    buckets: list[tuple[list[tuple[int, int]], int]] = []
+    placed: list[tuple[int, int]] = []
+    size = 0
+    for p, (_, _, nbytes) in enumerate(parts):
+        if placed and size + nbytes > bucket_bytes:
+            buckets.append((placed, size))
+            placed, size = [], 0
+        placed.append((p, size))
+        size += -(-nbytes // _ALIGN) * _ALIGN
+    if placed:
+        buckets.append((placed, size))
+    return buckets
+
+
+def _delta_counts(delta: WeightDelta, layout: WeightLayout) -> list[int]:
+    return [_WHOLE if name in delta.whole else len(delta.changed[name][0]) if name in delta.changed else 0
+            for name, _, _ in layout.entries]
+
+
+def broadcast_delta(group: WeightGroup, delta: WeightDelta, layout: WeightLayout,
+                    bucket_bytes: int = BUCKET_BYTES) -> int:
+    """Rank 0: send version `delta.version` as `delta` (from `delta.base_version`) to every member of `group`;
+    returns the bytes sent, the counts included (what the transport moved)."""
+    counts = torch.tensor(_delta_counts(delta, layout), dtype=torch.int64, device=group.device)
+    group.broadcast(counts).wait()
+    parts = _delta_parts(layout, counts.tolist())
+    sent = counts.nbytes
+    with torch.no_grad(), _reading_shared_arrays():
+        for placed, size in _packed(parts, bucket_bytes):
+            buffer = torch.empty(size, dtype=torch.uint8, device=group.device)
+            for p, offset in placed:
+                i, kind, nbytes = parts[p]
+                name = layout.entries[i][0]
+                array = (delta.whole[name] if kind == "whole"
+                         else delta.changed[name][0 if kind == "index" else 1])
+                src = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
+                buffer[offset : offset + nbytes].copy_(src.reshape(-1).view(torch.uint8))
+            group.broadcast(buffer).wait()
+            sent += size
+    return sent
+
+
+def receive_delta(group: WeightGroup, layout: WeightLayout, base_version: int, version: int,
+                  bucket_bytes: int = BUCKET_BYTES) -> tuple[WeightDelta, int]:
+    """A member: receive the `WeightDelta` rank 0 is broadcasting (`broadcast_delta`), as views of the buckets,
+    and the bytes received. Over NCCL its indices and values are CUDA tensors."""
+    counts = torch.empty(len(layout.entries), dtype=torch.int64, device=group.device)
+    group.broadcast(counts).wait()
+    parts = _delta_parts(layout, counts.tolist())
+    delta = WeightDelta(base_version, version, dtypes={n: d for n, d, _ in layout.entries})
+    received = counts.nbytes
+    index_parts: dict[str, Any] = {}
+    for placed, size in _packed(parts, bucket_bytes):
+        buffer = torch.empty(size, dtype=torch.uint8, device=group.device)
+        group.broadcast(buffer).wait()
+        received += size
+        for p, offset in placed:
+            i, kind, nbytes = parts[p]
+            name, dtype, shape = layout.entries[i]
+            run = buffer[offset : offset + nbytes]
+            if kind == "index":
+                t = run.view(getattr(torch, str(index_dtype(math.prod(shape)))))
+            else:
+                t = run.view(getattr(torch, dtype))
+                t = t.view(shape) if kind == "whole" else t
+            array = _to_array(t) if t.device.type == "cpu" else t
+            if kind == "whole":
+                delta.whole[name] = array
+            elif kind == "index":
+                index_parts[name] = array
+            else:
+                delta.changed[name] = (index_parts.pop(name), array)
+    return delta, received

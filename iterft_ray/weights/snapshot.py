@@ -202,6 +202,21 @@ def _snapshot(model: torch.nn.Module, version: int, copy: bool, local: bool = Fa
     return WeightSnapshot(version=version, arrays=arrays, dtypes=dtypes, aliases=aliases)
 
 
+def owned_copy(snapshot: WeightSnapshot) -> WeightSnapshot:
+    """`snapshot` copied into this process's own, writable memory (a snapshot from `ray.get` is read-only and
+    shared by the node's readers), for a replica that applies later versions' deltas in place
+    (`iterft_ray.weights.delta`)."""
+    arrays = {name: np.array(array) for name, array in snapshot.arrays.items()}
+    return WeightSnapshot(snapshot.version, arrays, dict(snapshot.dtypes), dict(snapshot.aliases),
+                          snapshot.adapter_config)
+
+
+def is_writable(snapshot: WeightSnapshot) -> bool:
+    """Whether every array of `snapshot` may be written in place: this process's own memory (a broadcast's
+    buckets, `owned_copy`), not the object store's."""
+    return all(isinstance(a, torch.Tensor) or a.flags.writeable for a in snapshot.arrays.values())
+
+
 def snapshot_from_model(model: torch.nn.Module, version: int, dtype: torch.dtype | None = None) -> WeightSnapshot:
     """A CPU copy of `model`'s state_dict as a `WeightSnapshot` (floating-point entries in `dtype` if given).
 
