@@ -93,6 +93,9 @@ def test_a_vllm_engine_applies_broadcast_deltas_in_place(vllm_bf16, ray_up, tmp_
     try:
         rt.sync_weights()
         full = ray.get(rt.weights).nbytes
+        rt.step(texts=TEXTS)
+        version = rt.sync_weights()  # the group's first version travels whole
+        assert _held(rt) == [(version, "broadcast", "whole", rt.trainer.checksum())]
         for _ in range(2):
             rt.step(texts=TEXTS)
             version = rt.sync_weights()
@@ -116,6 +119,11 @@ def rt(bf16_checkpoint, shared_ray, tmp_path_factory):
 
 def test_each_version_is_broadcast_as_a_delta(rt):
     full = ray.get(rt.weights).nbytes
+    # The group's first version travels whole: before it, a CPU hf engine samples from the node's shared
+    # snapshot, which a delta cannot be written into.
+    rt.step(texts=TEXTS)
+    version = rt.sync_weights()
+    assert _held(rt) == [(version, "broadcast", "whole", rt.trainer.checksum())] * 2
     for _ in range(2):
         rt.step(texts=TEXTS)
         version = rt.sync_weights()
@@ -143,11 +151,10 @@ def test_a_generator_behind_loads_the_whole_version_then_deltas_again(rt):
 
 
 def test_a_new_generator_loads_the_whole_version(rt):
-    rt.scale_generators(3)  # the group forms anew, with the newcomer
+    rt.scale_generators(3)  # the group forms anew, with the newcomer: its first version travels whole to all
     rt.step(texts=TEXTS)
     version = rt.sync_weights()
-    trained = rt.trainer.checksum()
-    assert _held(rt) == [(version, "broadcast", "delta", trained)] * 2 + [(version, "object_store", "whole", trained)]
+    assert _held(rt) == [(version, "broadcast", "whole", rt.trainer.checksum())] * 3
     rt.step(texts=TEXTS)
     version = rt.sync_weights()
     assert _held(rt) == [(version, "broadcast", "delta", rt.trainer.checksum())] * 3

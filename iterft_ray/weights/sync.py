@@ -143,6 +143,7 @@ class WeightSync:
 
     def _form_group(self) -> None:
         """With the broadcast transport: (re)form the `WeightGroup` of the trainer's rank 0 and every generator."""
+        self._group_version = None  # the version the group's members were last sent
         if self.transport != "broadcast" or not len(self.generators):
             return
         size = len(self.generators) + 1
@@ -163,12 +164,18 @@ class WeightSync:
         restarted since the group formed has no place in it: the group is formed again and the broadcast
         tried once more.
         """
-        delta, base = (None, None) if self.delta is None else ([self.delta], self.delta_base)
+        # A delta only onto a version this group was sent: before that, a member may be sampling from the
+        # node's shared snapshot (a CPU hf engine), which a delta cannot be written into.
+        if self.delta is None or self.delta_base != self._group_version:
+            delta, base = None, None
+        else:
+            delta, base = [self.delta], self.delta_base
         for attempt in (1, 2):
             refs = self.trainer.call_async(TrainerRank.broadcast_weights, delta, on="rank0")
             refs += [g.receive_weights.remote(self.version, base) for g in self.generators.actors]
             try:
                 self.broadcast_bytes = ray.get(refs)[0]
+                self._group_version = self.version
                 return
             except ray.exceptions.RayTaskError:
                 if attempt == 2:
