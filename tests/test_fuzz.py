@@ -370,6 +370,8 @@ def valid_value(key: str, tp) -> st.SearchStrategy:
         base = st.sampled_from(["hf", "vllm"])
     elif key == "resources.weight_transport":  # "broadcast" depends on other keys (one rank, no LoRA)
         base = st.sampled_from(["auto", "object_store"])
+    elif key == "resources.weight_delta":
+        base = st.sampled_from(["auto", "off"])
     elif key in ("data.warmup_file", "eval.prompts_file", "eval.dataset", "eval.heldout_fraction"):
         base = st.none()  # a file that must exist / one of three exclusive sources: checked in their own tests
     elif key in ("resources.trainer_gpus", "resources.generator_gpus"):
