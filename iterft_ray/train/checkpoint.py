@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from torch.distributed.tensor import DTensor
 
 from iterft_ray.storage import StoragePath
+from iterft_ray.train.sharding import rank, world_size
 from iterft_ray.weights.snapshot import full_adapter_state
 
 TENSORS, META, OPTIMIZER = "training_state.safetensors", "training_state.json", "optimizer"
@@ -60,12 +61,12 @@ def save_training_state(trainer, path: str | Path, extra: dict[str, Any] | None 
     """
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     _write_checkpoint(trainer, tmp, extra)
-    if _rank() != 0:
+    if rank() != 0:
         return None
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -80,8 +81,8 @@ def _write_checkpoint(trainer, directory: Path, extra: dict[str, Any] | None) ->
     tensors, optimizer_meta = _split_optimizer_state(optimizer)
     # Each rank writes its shard of the moments (plain tensors on one rank); the offsets go in the header.
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory / OPTIMIZER),
-                                                              save_distributed=_world() > 1))
-    if _rank() == 0:
+                                                              save_distributed=world_size() > 1))
+    if rank() == 0:
         trainer.tokenizer.save_pretrained(directory)
         _write_state(trainer, directory, optimizer_meta, extra)
 
@@ -91,7 +92,7 @@ def _write_model(trainer, directory: Path) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     if isinstance(model, PeftModel):  # the base never changes: the adapter alone, gathered whole (small)
         state = full_adapter_state(model)
-        if _rank() == 0:
+        if rank() == 0:
             model.save_pretrained(directory, state_dict={k: v.detach().cpu() for k, v in state.items()},
                                   safe_serialization=True)
     elif trainer.sharded:
@@ -109,7 +110,7 @@ def _stream_sharded_model(model: torch.nn.Module, directory: Path) -> None:
     FSDPLlamaForCausalLM, is no architecture a loader knows) and the dtype stored.
     """
     state = _untied(model, get_model_state_dict(model))
-    writing = _rank() == 0
+    writing = rank() == 0
     with open(directory / WEIGHTS, "wb") if writing else nullcontext() as out, torch.no_grad():
         if writing:
             out.write(_safetensors_header(state))
@@ -233,16 +234,8 @@ def _unsharded_class(model: torch.nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _barrier() -> None:
-    if _world() > 1:
+    if world_size() > 1:
         dist.barrier()
 
 
@@ -263,13 +256,13 @@ def save_checkpoint(trainer, location: StoragePath | str | Path, extra: dict[str
         written = Path(tmp) / target.name
         written.mkdir()
         _write_checkpoint(trainer, written, extra)
-        if _rank() == 0:
+        if rank() == 0:
             target.delete()
         _barrier()
         for file in sorted(p for p in written.rglob("*") if p.is_file() and p.name != META):
             StoragePath.of(file).copy_to(target / file.relative_to(written).as_posix())
         _barrier()
-        if _rank() == 0:
+        if rank() == 0:
             StoragePath.of(written / META).copy_to(target / META)
 
 

@@ -10,6 +10,11 @@ import torch
 import torch.distributed as dist
 
 
+def rank() -> int:
+    """This process's rank in the trainer's group; 0 for a trainer of one rank."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def world_size() -> int:
     """Ranks in the trainer's process group; 1 when there is none."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

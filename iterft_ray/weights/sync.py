@@ -75,6 +75,7 @@ class WeightSync:
         self.delta_base: int | None = None
         # Bytes the trainer's last broadcast sent (a delta's or the whole version's).
         self.broadcast_bytes: int | None = None
+        self.trainer_node = self._trainer_node()
         self.transport = self._resolve_transport()
         self._form_group()
 
@@ -106,6 +107,7 @@ class WeightSync:
         """A trainer restored from a checkpoint takes over: its version moves on past every version published
         so far, and every generator loads its weights now."""
         self.trainer = trainer
+        self.trainer_node = self._trainer_node()
         trainer.call(TrainerRank.advance_version, self.version + 1)
         self.snapshot, self.version = publish_from(trainer)
         self.delta = None  # restored weights: most of them differ
@@ -124,10 +126,11 @@ class WeightSync:
         if (self.resources.weight_delta == "off" or self.trainer.model.lora is not None
                 or (self.transport != "broadcast" and self.resources.generator_gpus == 0)):
             return None
-        node = NodeAffinitySchedulingStrategy(self._trainer_node(), soft=True)
+        node = NodeAffinitySchedulingStrategy(self.trainer_node, soft=True)
         return _delta_task.options(scheduling_strategy=node).remote(base, self.snapshot)
 
     def _trainer_node(self) -> str:
+        """The node of the trainer's rank 0, asked once per trainer (not on every version)."""
         return self.trainer.call(TrainerRank.placement, on="rank0")[0][0]
 
     def _resolve_transport(self) -> str:
@@ -138,8 +141,7 @@ class WeightSync:
             return transport
         if len(self.trainer.ranks) != 1 or self.trainer.model.lora is not None:  # shards, or a few MB of adapter
             return "object_store"
-        trainer_node = self._trainer_node()
-        return "broadcast" if any(node != trainer_node for node in self.generators.node_ids()) else "object_store"
+        return "broadcast" if any(node != self.trainer_node for node in self.generators.node_ids()) else "object_store"
 
     def _form_group(self) -> None:
         """With the broadcast transport: (re)form the `WeightGroup` of the trainer's rank 0 and every generator."""
