@@ -33,7 +33,7 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     Refuses an unknown algorithm and RAFT without a reward model, naming the key, before anything starts.
     """
     algorithm = data.get("algorithm", "rft")
-    if algorithm not in PRESETS:
+    if not isinstance(algorithm, str) or algorithm not in PRESETS:
         raise ValueError(f"algorithm: expected one of {sorted(PRESETS)}, got {algorithm!r}")
     data = copy.deepcopy(data)
     for section, values in PRESETS[algorithm].items():
