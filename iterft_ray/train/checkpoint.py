@@ -23,7 +23,9 @@ import random
 import shutil
 import struct
 import tempfile
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +82,9 @@ def _write_checkpoint(trainer, directory: Path, extra: dict[str, Any] | None) ->
     optimizer = get_optimizer_state_dict(trainer.model, _torch_optimizer(trainer))
     tensors, optimizer_meta = _split_optimizer_state(optimizer)
     # Each rank writes its shard of the moments (plain tensors on one rank); the offsets go in the header.
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory / OPTIMIZER),
-                                                              save_distributed=world_size() > 1))
+    with _one_process_quiet():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory / OPTIMIZER),
+                                                                  save_distributed=world_size() > 1))
     if rank() == 0:
         trainer.tokenizer.save_pretrained(directory)
         _write_state(trainer, directory, optimizer_meta, extra)
@@ -205,7 +208,8 @@ def load_training_state(trainer, path: str | Path) -> dict[str, Any]:
     model, optimizer = trainer.model, _torch_optimizer(trainer)
     # The live state (made if need be) gives each tensor its shape and shard, dcp.load fills it in place.
     live, _ = _split_optimizer_state(get_optimizer_state_dict(model, optimizer))
-    dcp.load(live, storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER)))
+    with _one_process_quiet():
+        dcp.load(live, storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER)))
     state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in meta["optimizer"]["state"].items()}
     for key, value in live.items():
         name, field = key.rsplit(".", 1)
@@ -232,6 +236,15 @@ def _unsharded_class(model: torch.nn.Module) -> type:
     from torch.distributed.fsdp import FSDPModule
 
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+@contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """DCP warns on every save and load without a process group that it assumes one process: on one
+    rank that is the intent, and the warning would reach a run's console."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _barrier() -> None:
