@@ -63,6 +63,7 @@ def test_two_sharded_ranks_make_the_same_update_as_one_rank(optim, texts):
 
 
 def test_ranks_hold_half_the_parameters_and_get_the_torchrun_environment():
+    """Rank 1 never holds the whole model: it is built on the meta device and receives its shards from rank 0."""
     two = group(2, optim="adamw_torch", per_device_train_batch_size=2)
     try:
         two.step(texts=TEXTS)
@@ -81,6 +82,7 @@ def test_ranks_hold_half_the_parameters_and_get_the_torchrun_environment():
             assert env["RANK"] == env["LOCAL_RANK"] == str(rank) and env["WORLD_SIZE"] == "2"
         assert sizes[0][0] + sizes[1][0] == total
         assert sizes[0][2]["MASTER_PORT"] == sizes[1][2]["MASTER_PORT"]
+        assert two.call(lambda actor: actor.built_on) == ["cpu", "meta"]
     finally:
         two.shutdown()
 

@@ -34,7 +34,7 @@ from iterft_ray.data.rollouts import training_rows
 from iterft_ray.engines import engine_dtype
 from iterft_ray.storage import StoragePath
 from iterft_ray.tiny import model_files
-from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, empty_model, load_model
 from iterft_ray.weights.broadcast import (
     WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, broadcast_delta, broadcast_weights, open_weight_group_store,
     weight_layout,
@@ -116,7 +116,10 @@ class TrainerRank:
         LoRA adapter saved in `adapter_dir` (a new one when None) if the run trains one."""
         model = self.model_config
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=model.trust_remote_code)
-        loaded = load_model(model_path, trust_remote_code=model.trust_remote_code)
+        # Ranks after the first start on the meta device and receive their shards from rank 0 (shard_model).
+        load = empty_model if self.world_size > 1 and self.rank > 0 else load_model
+        loaded = load(model_path, trust_remote_code=model.trust_remote_code)
+        self.built_on = next(loaded.parameters()).device.type
         self.trainer = IterativeSFTTrainer(_model_to_train(loaded, model.lora, adapter_dir, self.args.seed),
                                            self.args, processing_class=tokenizer)
 

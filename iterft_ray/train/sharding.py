@@ -6,6 +6,8 @@ no-op, so the trainer runs the same code on one rank and on N.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -41,12 +43,24 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
 
 
 def shard_model(model: torch.nn.Module, bf16: bool) -> None:
-    """`fully_shard` each decoder layer (the model's `_no_split_modules`), then the root.
+    """`fully_shard` each decoder layer (the model's `_no_split_modules`), then the root, on the
+    rank's device (its GPU, set by the rank group, or the CPU); every rank then holds rank 0's values.
+
+    Rank 0's weights are the run's. The other ranks may hold the model on the meta device
+    (`trainer.empty_model`): they get storage for their own shards only and receive them from
+    rank 0 a tensor at a time, so no rank but rank 0 ever holds the whole model.
 
     Gradients are summed, not averaged, over ranks: each rank's loss is already divided
     by the update's target tokens over all ranks.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    on_meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    if not on_meta:
+        model.to(device)
+    full = model.state_dict() if rank() == 0 else {}  # rank 0's unsharded tensors, kept until they are sent
 
     policy = MixedPrecisionPolicy()
     if bf16:
@@ -60,3 +74,9 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> None:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM: Gloo has no PREMUL_SUM or AVG
+    if on_meta:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for buffer in model.buffers():  # not sharded, and the non-persistent ones (rotary tables) are in no state dict
+        dist.broadcast(buffer, src=0)

@@ -78,6 +78,12 @@ class IterativeSFTConfig(TrainingArguments):
         super().__post_init__()
         _check_truncation(self.max_length, self.truncation_mode)
 
+    @property
+    def place_model_on_device(self) -> bool | None:
+        """Sharded ranks place their own shards (`shard_model`), and a rank that starts on the meta
+        device cannot be moved; otherwise `Trainer` decides as it does."""
+        return False if world_size() > 1 else None
+
 
 def _check_truncation(max_length: int | None, truncation_mode: str) -> None:
     if truncation_mode not in TRUNCATION_MODES:
@@ -89,8 +95,22 @@ def _check_truncation(max_length: int | None, truncation_mode: str) -> None:
 def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
     """Load a causal or seq2seq LM with the Auto class its config calls for."""
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    auto_cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto_cls.from_pretrained(name_or_path, config=config, **kwargs)
+    return _auto_class(config).from_pretrained(name_or_path, config=config, **kwargs)
+
+
+def empty_model(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """The model `load_model` would load, built on the meta device: shapes and dtypes, no storage.
+
+    A sharded rank other than 0 starts from it, so it never holds the whole model: `shard_model`
+    gives it storage for its own shards and fills them from rank 0.
+    """
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    with torch.device("meta"):
+        return _auto_class(config).from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+
+
+def _auto_class(config) -> type:
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
 class IterativeSFTTrainer(Trainer):
@@ -190,12 +210,13 @@ class IterativeSFTTrainer(Trainer):
                         p.data = p.data.float()
             else:
                 self.model.to(torch.float32)
-        if self.packing:
+        if self.packing and not next(self.model.parameters()).is_meta:
+            # Before sharding, where rank 0 holds the weights (a rank started on the meta device has none
+            # yet; if rank 0 refuses, the group raises its error). A forward of the sharded model here
+            # changed the first update.
             check_packed_attention(self.model)
         self.sharded = world_size() > 1
         if self.sharded:
-            if torch.cuda.is_available():  # FSDP2 shards onto the rank's own device (set by the rank group)
-                self.model.to(torch.device("cuda", torch.cuda.current_device()))
             shard_model(self.model, bf16=bool(args.bf16))
         self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
         if self.sharded:
