@@ -32,7 +32,7 @@ import psutil
 import yaml
 
 from bench_common import environment, init_ray, print_environment, write_json
-from iterft_ray.cli import resolve_config
+from iterft_ray.config import resolve_config
 
 GB = 1e9
 # Published configs (config.json on the hub), the fields that set the size.

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray import IterativeSFTConfig, IterativeSFTTrainer
+from iterft_ray.train import checkpoint
 from iterft_ray.train.checkpoint import load_training_state, save_training_state
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.run_dir import latest_checkpoint
@@ -41,7 +42,11 @@ def tiny_config(run_dir, rounds=3, **loop):
     }
 
 
-def test_training_state_round_trip_is_exact(llama_path, tmp_path):
+@pytest.mark.parametrize("part_bytes", [None, 2**16])
+def test_training_state_round_trip_is_exact(llama_path, tmp_path, monkeypatch, part_bytes):
+    """Also with the optimizer state written in many parts (a small part size), as a large model's is."""
+    if part_bytes is not None:
+        monkeypatch.setattr(checkpoint, "OPTIMIZER_PART_BYTES", part_bytes)
     def trainer(path):
         args = IterativeSFTConfig(output_dir=str(tmp_path / "o"), report_to="none", learning_rate=1e-2,
                                   per_device_train_batch_size=2, optim="adamw_torch", warmup_steps=3)
@@ -52,6 +57,8 @@ def test_training_state_round_trip_is_exact(llama_path, tmp_path):
     a = trainer(llama_path)
     a.step(texts=texts)
     save_training_state(a, tmp_path / "ckpt", {"round_index": 1})
+    parts = list((tmp_path / "ckpt" / "optimizer").glob("part-*"))
+    assert len(parts) == 1 if part_bytes is None else len(parts) > 10
     (tmp_path / "ckpt.tmp").mkdir()  # what a crash while saving the next one leaves behind
     a.step(texts=texts)
 

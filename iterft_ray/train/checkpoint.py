@@ -45,6 +45,7 @@ from iterft_ray.weights.snapshot import full_adapter_state
 
 TENSORS, META, OPTIMIZER = "training_state.safetensors", "training_state.json", "optimizer"
 WEIGHTS = "model.safetensors"
+OPTIMIZER_PART_BYTES = 256 * 2**20  # the most optimizer state a save holds serialized at once, over all ranks
 # safetensors' names of the dtypes a model's parameters and buffers come in.
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -81,10 +82,14 @@ def _write_checkpoint(trainer, directory: Path, extra: dict[str, Any] | None) ->
     _write_model(trainer, directory)
     optimizer = get_optimizer_state_dict(trainer.model, _torch_optimizer(trainer))
     tensors, optimizer_meta = _split_optimizer_state(optimizer)
+    optimizer_meta["parts"] = _parts(tensors)
     # Each rank writes its shard of the moments (plain tensors on one rank); the offsets go in the header.
-    with _one_process_quiet():
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory / OPTIMIZER),
-                                                                  save_distributed=world_size() > 1))
+    # DCP's writer serializes a file in memory, so it gets one part at a time, not the whole state.
+    for number, keys in enumerate(optimizer_meta["parts"]):
+        with _one_process_quiet():
+            dcp.save({k: tensors[k] for k in keys},
+                     storage_writer=HuggingFaceStorageWriter(str(directory / OPTIMIZER / f"part-{number:04d}"),
+                                                             save_distributed=world_size() > 1))
     if rank() == 0:
         trainer.tokenizer.save_pretrained(directory)
         _write_state(trainer, directory, optimizer_meta, extra)
@@ -158,6 +163,21 @@ def _safetensors_header(state: dict[str, torch.Tensor]) -> bytes:
     return struct.pack("<Q", len(encoded)) + encoded
 
 
+def _parts(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """`tensors`' keys in runs of about OPTIMIZER_PART_BYTES (whole tensors, counted at their full size:
+    every rank, whatever it holds of each, draws the same parts)."""
+    parts: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if parts[-1] and size + nbytes > OPTIMIZER_PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(key)
+        size += nbytes
+    return [part for part in parts if part]
+
+
 def _split_optimizer_state(optimizer: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """An optimizer state dict keyed by parameter name as (its tensors, flat; the rest, JSON)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -208,8 +228,10 @@ def load_training_state(trainer, path: str | Path) -> dict[str, Any]:
     model, optimizer = trainer.model, _torch_optimizer(trainer)
     # The live state (made if need be) gives each tensor its shape and shard, dcp.load fills it in place.
     live, _ = _split_optimizer_state(get_optimizer_state_dict(model, optimizer))
-    with _one_process_quiet():
-        dcp.load(live, storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER)))
+    for number, keys in enumerate(meta["optimizer"]["parts"]):
+        with _one_process_quiet():
+            dcp.load({k: live[k] for k in keys},
+                     storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER / f"part-{number:04d}")))
     state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in meta["optimizer"]["state"].items()}
     for key, value in live.items():
         name, field = key.rsplit(".", 1)
