@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 

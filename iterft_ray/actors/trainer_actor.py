@@ -117,7 +117,7 @@ class TrainerRank:
         model = self.model_config
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=model.trust_remote_code)
         # Ranks after the first start on the meta device and receive their shards from rank 0 (shard_model).
-        load = empty_model if self.world_size > 1 and self.rank > 0 else load_model
+        load = empty_model if self.rank > 0 else load_model
         loaded = load(model_path, trust_remote_code=model.trust_remote_code)
         self.built_on = next(loaded.parameters()).device.type
         self.trainer = IterativeSFTTrainer(_model_to_train(loaded, model.lora, adapter_dir, self.args.seed),

@@ -85,8 +85,8 @@ def _write_checkpoint(trainer, directory: Path, extra: dict[str, Any] | None) ->
     optimizer_meta["parts"] = _parts(tensors)
     # Each rank writes its shard of the moments (plain tensors on one rank); the offsets go in the header.
     # DCP's writer serializes a file in memory, so it gets one part at a time, not the whole state.
-    for number, keys in enumerate(optimizer_meta["parts"]):
-        with _one_process_quiet():
+    with _one_process_quiet():
+        for number, keys in enumerate(optimizer_meta["parts"]):
             dcp.save({k: tensors[k] for k in keys},
                      storage_writer=HuggingFaceStorageWriter(str(directory / OPTIMIZER / f"part-{number:04d}"),
                                                              save_distributed=world_size() > 1))
@@ -166,16 +166,16 @@ def _safetensors_header(state: dict[str, torch.Tensor]) -> bytes:
 def _parts(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
     """`tensors`' keys in runs of about OPTIMIZER_PART_BYTES (whole tensors, counted at their full size:
     every rank, whatever it holds of each, draws the same parts)."""
-    parts: list[list[str]] = [[]]
+    parts: list[list[str]] = []
     size = 0
     for key, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
-        if parts[-1] and size + nbytes > OPTIMIZER_PART_BYTES:
+        if not parts or size + nbytes > OPTIMIZER_PART_BYTES:
             parts.append([])
             size = 0
         parts[-1].append(key)
         size += nbytes
-    return [part for part in parts if part]
+    return parts
 
 
 def _split_optimizer_state(optimizer: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -228,8 +228,8 @@ def load_training_state(trainer, path: str | Path) -> dict[str, Any]:
     model, optimizer = trainer.model, _torch_optimizer(trainer)
     # The live state (made if need be) gives each tensor its shape and shard, dcp.load fills it in place.
     live, _ = _split_optimizer_state(get_optimizer_state_dict(model, optimizer))
-    for number, keys in enumerate(meta["optimizer"]["parts"]):
-        with _one_process_quiet():
+    with _one_process_quiet():
+        for number, keys in enumerate(meta["optimizer"]["parts"]):
             dcp.load({k: live[k] for k in keys},
                      storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER / f"part-{number:04d}")))
     state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in meta["optimizer"]["state"].items()}

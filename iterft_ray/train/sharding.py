@@ -77,6 +77,5 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> None:
     if on_meta:
         model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
     for buffer in model.buffers():  # not sharded, and the non-persistent ones (rotary tables) are in no state dict
         dist.broadcast(buffer, src=0)
