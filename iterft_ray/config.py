@@ -171,6 +171,10 @@ class VllmConfig:
 
     gpu_memory_utilization: float = bounded(0.9, IN_ZERO_ONE)
     enable_sleep_mode: bool = False
+    # The KV cache's size in bytes, set: on a GPU in place of sizing it by `gpu_memory_utilization`; on CPU,
+    # where it is 1 GiB unset, the engine's RAM beyond the weights (it must hold one sequence of the model's
+    # `max_position_embeddings` tokens).
+    kv_cache_memory_bytes: int | None = positive(None)
 
 
 @dataclass

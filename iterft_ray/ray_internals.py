@@ -75,6 +75,15 @@ def readonly_node_type(node_id: str) -> str:
     return format_readonly_node_type(node_id)
 
 
+# Ray frees the objects whose last reference went once a second (its `free_objects_period_milliseconds`,
+# 1000). A weight version the driver lets go just before the trainer puts the next is then still in the
+# store, the next goes into pages the store had not used yet, and the store keeps every page it has
+# used: two versions' worth (1 GB more at Qwen2.5-0.5B in bf16) for the rest of the run. Within 10 ms the
+# old version's pages are free before the cast of the next ends. Private: `_system_config`, read when a
+# Ray starts (a cluster started elsewhere keeps its own; `RAY_free_objects_period_milliseconds=10` there).
+FREE_OBJECTS_SOON = {"free_objects_period_milliseconds": 10}
+
+
 def listen_on_loopback_only() -> None:
     """Make an embedded local Ray bind 127.0.0.1 instead of the host's address.
 

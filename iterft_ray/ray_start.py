@@ -12,7 +12,7 @@ import ray
 
 from iterft_ray.actors.placement import actor_requests, total_request
 from iterft_ray.config import ResourcesConfig
-from iterft_ray.ray_internals import dialed_address, inside_ray_job, listen_on_loopback_only
+from iterft_ray.ray_internals import FREE_OBJECTS_SOON, dialed_address, inside_ray_job, listen_on_loopback_only
 
 
 def init_ray(resources: ResourcesConfig, address: str | None = None, reward_models: int = 0) -> None:
@@ -37,7 +37,7 @@ def init_ray(resources: ResourcesConfig, address: str | None = None, reward_mode
     token_note.setLevel(logging.ERROR)
     try:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)), runtime_env=_runtime_env(cluster=False),
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, _system_config=FREE_OBJECTS_SOON)
     finally:
         token_note.setLevel(level)
 

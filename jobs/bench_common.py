@@ -57,11 +57,13 @@ def init_ray(num_cpus: int | None = None, worker_niceness: int | None = 0, match
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        from iterft_ray.ray_internals import listen_on_loopback_only
+        from iterft_ray.ray_internals import FREE_OBJECTS_SOON, listen_on_loopback_only
 
         listen_on_loopback_only()
+        # As the package's own local Ray (`iterft_ray.ray_start.init_ray`).
+        kwargs["_system_config"] = {**FREE_OBJECTS_SOON, **kwargs.get("_system_config", {})}
         if worker_niceness is not None:
-            kwargs["_system_config"] = {**kwargs.get("_system_config", {}), "worker_niceness": worker_niceness}
+            kwargs["_system_config"]["worker_niceness"] = worker_niceness
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
     @ray.remote(num_cpus=0)

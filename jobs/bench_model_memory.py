@@ -23,6 +23,7 @@ running besides this one are listed at the start (`--others`).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -49,12 +50,17 @@ QWEN2 = dict(vocab_size=151936, tie_word_embeddings=True, max_position_embedding
              rms_norm_eps=1e-6, hidden_act="silu")
 
 
-def mem_available() -> int:
+def meminfo(field: str) -> int:
+    """A /proc/meminfo field in bytes (MemAvailable; Shmem: the object store's pages, among others)."""
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    raise RuntimeError(f"no {field} in /proc/meminfo")
+
+
+def mem_available() -> int:
+    return meminfo("MemAvailable")
 
 
 class PeakSampler:
@@ -64,6 +70,8 @@ class PeakSampler:
         self.idle = mem_available()
         self.lowest, self.phase, self.phase_at_peak, self.procs_at_peak = self.idle, "start", "start", []
         self.phase_peaks: dict[str, int] = {}
+        # At each phase's peak: shared memory (GB) and the largest processes' private and shared RSS (GB).
+        self.phase_detail: dict[str, tuple[float, list[tuple[str, float, float]]]] = {}
         self._stop = threading.Event()
         self._root = psutil.Process()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
@@ -73,7 +81,9 @@ class PeakSampler:
         while not self._stop.wait(interval):
             avail, phase = mem_available(), self.phase
             used = self.idle - avail
-            self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), used)
+            if used > self.phase_peaks.get(phase, -1):
+                self.phase_peaks[phase] = used
+                self.phase_detail[phase] = (meminfo("Shmem") / GB, self._split_rss(self._top_processes()[:3]))
             if avail < self.lowest:
                 self.lowest, self.phase_at_peak = avail, phase
                 self.procs_at_peak = self._top_processes()
@@ -87,6 +97,20 @@ class PeakSampler:
             except psutil.Error:
                 continue
         return sorted(rows, key=lambda r: -r[1])[:6]
+
+    @staticmethod
+    def _split_rss(rows: list[tuple[str, float]]) -> list[tuple[str, float, float]]:
+        """Each process's RSS as private (RssAnon) and shared-memory (RssShmem) pages: the object store's
+        pages count in the RSS of every process that maps them, once in the machine's use."""
+        split = []
+        for name, _ in rows:
+            try:
+                with open(f"/proc/{name.split()[0]}/status") as f:
+                    kb = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssShmem")))
+            except OSError:
+                continue
+            split.append((name, int(kb["RssAnon"].split()[0]) * 1024 / GB, int(kb["RssShmem"].split()[0]) * 1024 / GB))
+        return split
 
     def stop(self) -> None:
         self._stop.set()
@@ -129,13 +153,14 @@ def build_model(shape: str) -> str:
     return str(out)
 
 
-def run_config(model_dir: str, engine: str, lora_r: int | None, out_dir: str) -> dict:
+def run_config(model_dir: str, engine: str, lora_r: int | None, out_dir: str, kv_cache_bytes: int) -> dict:
     with open(resolve_config("tiny"), encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
     cfg["model"] = {"name_or_path": model_dir, **({"lora": {"r": lora_r}} if lora_r else {})}
     cfg["data"]["task_options"] = {"num_train": 64, "num_heldout": 0, "num_warmup": 0}
     cfg["filters"] = [{"name": "length_bounds"}]
-    cfg["sampling"] = {**cfg["sampling"], "engine": engine, "num_samples": 2, "max_new_tokens": 8}
+    cfg["sampling"] = {**cfg["sampling"], "engine": engine, "num_samples": 2, "max_new_tokens": 8,
+                       "vllm": {"kv_cache_memory_bytes": kv_cache_bytes}}
     cfg["trainer"] = {"learning_rate": 1e-5, "per_device_train_batch_size": 16}
     cfg["resources"] = {"num_generators": 1, "filter_pool_size": 1}
     cfg["loop"] = {"rounds": 2, "prompts_per_round": 8, "warmup_passes": 0, "save_every": 1, "async_mode": False,
@@ -165,6 +190,9 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--lora-r", type=int, default=None, help="train a LoRA adapter of this rank (model.lora.r)")
+    p.add_argument("--kv-cache-bytes", type=int, default=512 << 20,
+                   help="sampling.vllm.kv_cache_memory_bytes (the engine's default on CPU: 1 GiB); 512 MiB holds one "
+                        "sequence of the shapes' 32,768 positions")
     p.add_argument("--json")
     args = p.parse_args()
 
@@ -180,7 +208,8 @@ def main() -> None:
     sampler = PeakSampler()
     start = time.perf_counter()
     env.update(init_ray(num_cpus=4, log_to_driver=False))
-    loop = IterativeLoop(run_config(model_dir, args.engine, args.lora_r, tempfile.mkdtemp(prefix="bench_mem_")))
+    out_dir = tempfile.mkdtemp(prefix="bench_mem_")  # checkpoints: GBs, removed at the end
+    loop = IterativeLoop(run_config(model_dir, args.engine, args.lora_r, out_dir, args.kv_cache_bytes))
     rl = loop.rl
     phased(rl, "step", sampler)
     phased(rl, "sync_weights", sampler)
@@ -196,13 +225,18 @@ def main() -> None:
     sampler.stop()
     loop.shutdown()
     ray.shutdown()
+    shutil.rmtree(out_dir, ignore_errors=True)
 
     what = f"{args.shape}{f' LoRA r{args.lora_r}' if args.lora_r else ' full fine-tune'}, {args.engine} engine"
     print(f"\n{what}: machine peak {sampler.peak / GB:.1f} GB above idle, in phase '{sampler.phase_at_peak}' "
           f"({wall:.0f} s)")
-    print("peak per phase (GB above idle):")
+    print("peak per phase (GB above idle; at it, shared memory and the 3 largest processes' private + shared "
+          "RSS, GB):")
     for phase, used in sampler.phase_peaks.items():
-        print(f"  {phase:34s} {used / GB:6.1f}")
+        shmem, procs = sampler.phase_detail[phase]
+        largest = ", ".join(f"{name.split()[1].removeprefix('ray::')} {anon:.1f}+{shm:.1f}"
+                            for name, anon, shm in procs)
+        print(f"  {phase:34s} {used / GB:6.1f}   shm {shmem:4.1f}  {largest}")
     print("largest processes of the run at the peak (RSS, GB; shared memory counts in each):")
     for name, rss in sampler.procs_at_peak:
         print(f"  {rss:6.2f}  {name}")
@@ -210,6 +244,7 @@ def main() -> None:
                            "lora_r": args.lora_r, "environment": env, "besides": besides,
                            "peak_gb": sampler.peak / GB, "phase_at_peak": sampler.phase_at_peak,
                            "phase_peaks_gb": {k: v / GB for k, v in sampler.phase_peaks.items()},
+                           "phase_detail": sampler.phase_detail,
                            "procs_at_peak": sampler.procs_at_peak, "wall_s": wall, "rounds": rounds})
 
 

@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from iterft_ray.ray_internals import FREE_OBJECTS_SOON  # noqa: E402
 from iterft_ray.ray_start import QUIET_ACTORS  # noqa: E402
 from iterft_ray.tiny import build_tiny_model  # noqa: E402
 
@@ -110,7 +111,7 @@ class SharedRay:
         ray_constants.ENABLE_RAY_CLUSTER = False
         reset_auth_token_state()
         try:
-            ray.init(address="local", num_cpus=self.NUM_CPUS, include_dashboard=False,
+            ray.init(address="local", num_cpus=self.NUM_CPUS, include_dashboard=False, _system_config=FREE_OBJECTS_SOON,
                      runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), **QUIET_ACTORS}})
         except BaseException:
             self._restore()

@@ -5,9 +5,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 from iterft_ray.cli import config_data
-from iterft_ray.config import ConfigWarning, load_config, resolve_config
+from iterft_ray.config import ConfigWarning, VllmConfig, load_config, resolve_config
 from iterft_ray.run.run_dir import check_start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,3 +160,12 @@ def test_trainer_values_that_hold_load():
     config = load_config({**base(), "trainer": {"learning_rate": 0.0, "max_steps": -1, "lr_scheduler_type": "cosine",
                                                 "max_length": None, "adam_beta1": 0.0}})
     assert config.trainer["lr_scheduler_type"] == "cosine"
+
+
+def test_vllm_kv_cache_size_reaches_the_engine_options():
+    from iterft_ray.engines.vllm import engine_options
+
+    assert "kv_cache_memory_bytes" not in engine_options(VllmConfig())
+    assert engine_options(VllmConfig(kv_cache_memory_bytes=1 << 29))["kv_cache_memory_bytes"] == 1 << 29
+    with pytest.raises(ValueError, match="sampling.vllm.kv_cache_memory_bytes"):
+        load_config({**yaml.safe_load(resolve_config("tiny").read_text()), "sampling": {"vllm": {"kv_cache_memory_bytes": 0}}})

@@ -1,5 +1,7 @@
 """Every private Ray API the package uses, called against a real Ray: a Ray upgrade that moves one fails here."""
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -71,3 +73,22 @@ def test_dialed_address_is_what_ray_init_dials():
     assert ray_internals.dialed_address("10.1.2.3:6379") == "10.1.2.3:6379"
     with pytest.raises(ValueError):
         ray_internals.dialed_address("http://10.1.2.3:8265")
+
+
+def _shmem() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Shmem:"))
+
+
+def test_a_dropped_object_frees_its_pages_for_the_next_put(local_ray):
+    """`FREE_OBJECTS_SOON`: a weight version let go just before the next is put leaves its pages to it, so
+    the store holds one version's pages, not two (Ray's default frees once a second)."""
+    size = 64 << 20
+    first = ray.put(np.ones(size, np.uint8))  # pages the store may not have used yet
+    del first
+    time.sleep(0.2)
+    before = _shmem()
+    second = ray.put(np.full(size, 2, np.uint8))
+    grown = _shmem() - before
+    assert ray.get(second)[0] == 2
+    assert grown < size // 2, f"the second put took {grown >> 20} MiB of new pages"

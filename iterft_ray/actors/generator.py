@@ -8,6 +8,7 @@ import time
 import pyarrow as pa
 import ray
 
+from iterft_ray.actors.heap import return_freed_memory
 from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines import create_engine
 from iterft_ray.weights.broadcast import (
@@ -82,6 +83,7 @@ class GeneratorActor:
                 # a broadcast's buckets: the deltas broadcast after this version then apply to it.
                 owned = self.weight_group is not None and self.engine.keeps_snapshot
                 self._load(owned_copy(snapshot) if owned else snapshot, "object_store", snapshot.nbytes)
+            return_freed_memory()  # the engine's temporaries of the load (vLLM's repacking: ~1 GB at 0.5B)
             self.load_seconds = time.perf_counter() - start
             self.loads += 1
         return self.version

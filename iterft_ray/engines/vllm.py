@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 
 import pyarrow as pa
 import torch
@@ -41,7 +42,8 @@ from iterft_ray.weights.snapshot import (
 )
 
 # On CPU: no torch.compile (start-up 12 s instead of ~60 s on 2 cores for a tiny Llama) and a
-# fixed KV cache (vLLM would otherwise size it from free RAM, taking most of the machine).
+# fixed KV cache unless `sampling.vllm.kv_cache_memory_bytes` sizes it (vLLM would otherwise size it
+# from free RAM, taking most of the machine).
 _CPU_OPTIONS = {"compilation_config": {"mode": 0}, "kv_cache_memory_bytes": 1 << 30}
 
 
@@ -78,17 +80,18 @@ class VLLMEngine:
             # Log-probs after temperature / top-k / top-p, like the hf engine's `logprob_sum`.
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.SnapshotLoader",
-            **engine_options(options or VllmConfig()),
-            **(_lora_options(lora) if lora is not None else {}),
-            **({} if torch.cuda.is_available() else _CPU_OPTIONS),
+            **{**({} if torch.cuda.is_available() else _CPU_OPTIONS), **engine_options(options or VllmConfig()),
+               **(_lora_options(lora) if lora is not None else {})},
         )
         self._checksum: str | None = None
+        self._digest: threading.Thread | None = None  # hashing a shared snapshot let go after its load
         self._snapshot: WeightSnapshot | None = None
         self._adapter = None  # the LoRARequest of the adapter version loaded last
         self._serves_lora = lora is not None
         self._sleeps = (options or VllmConfig()).enable_sleep_mode
         self.asleep = False
-        # The snapshot last loaded stays referenced (`checksum`, and the base a delta is applied to).
+        # A snapshot of its own (a copy, a broadcast's buckets) stays referenced after its load: the base a
+        # delta is applied to. The node's shared one is let go once hashed.
         self.keeps_snapshot = True
 
     def sleep(self) -> None:
@@ -106,6 +109,7 @@ class VLLMEngine:
     def load(self, snapshot: WeightSnapshot) -> None:
         """Reload the engine's weights in place from `snapshot` (tied names included, the model skips them)."""
         self.wake_up()
+        self._join_digest()
         if snapshot.adapter_config is not None:
             self._load_adapter(snapshot)
             self._snapshot, self._checksum = snapshot, None
@@ -137,7 +141,23 @@ class VLLMEngine:
         with _reading_shared_arrays():
             weights = [(name, _from_array(snapshot.arrays[src], snapshot.dtypes[src])) for name, src in names.items()]
         self.llm.collective_rpc("load_weights_in_place", args=(weights,))
+        del weights
         self._snapshot, self._checksum = snapshot, None
+        if not is_writable(snapshot):
+            # The engine holds its own weights now. Holding the shared snapshot too would keep this version
+            # in the object store while the trainer puts the next, and the store keeps the pages it has
+            # used: two versions' worth for the rest of the run. It is hashed off the sampling path, then let go.
+            self._snapshot = None
+            self._digest = threading.Thread(target=self._hash_and_release, args=(snapshot,), daemon=True)
+            self._digest.start()
+
+    def _hash_and_release(self, snapshot: WeightSnapshot) -> None:
+        self._checksum = weights_checksum(snapshot)
+
+    def _join_digest(self) -> None:
+        if self._digest is not None:
+            self._digest.join()
+            self._digest = None
 
     def sample(self, prompts: pa.Table, config: SamplingConfig, seed: int, weight_version: int,
                generator_id: int, round_index: int) -> RolloutBatch:
@@ -182,6 +202,7 @@ class VLLMEngine:
     def checksum(self) -> str | None:
         """`weights_checksum` of the snapshot last loaded (vLLM fuses and repacks its own parameters,
         so they cannot be hashed under the trainer's names); None before the first load."""
+        self._join_digest()
         if self._checksum is None and self._snapshot is not None:
             self._checksum = weights_checksum(self._snapshot)
         return self._checksum
@@ -209,7 +230,9 @@ class VLLMEngine:
 
 def engine_options(options: VllmConfig) -> dict:
     """`sampling.vllm` as `vllm.LLM` / `EngineArgs` keyword arguments (the same names)."""
-    return {"gpu_memory_utilization": options.gpu_memory_utilization, "enable_sleep_mode": options.enable_sleep_mode}
+    given = {"kv_cache_memory_bytes": options.kv_cache_memory_bytes} if options.kv_cache_memory_bytes else {}
+    return {"gpu_memory_utilization": options.gpu_memory_utilization, "enable_sleep_mode": options.enable_sleep_mode,
+            **given}
 
 
 # vLLM takes these adapter ranks only (vllm.config.lora.MaxLoRARanks); the engine reserves the

@@ -431,14 +431,20 @@ class IterativeSFTTrainer(Trainer):
                 decoder_input_ids=decoder_input_ids,
             ).logits
             targets = labels
-        elif "position_ids" in batch:
-            # Packed rows: no attention mask and no cache (even with `use_cache: true`), or transformers
-            # does not look for the packed sequences in `position_ids` and a row's examples attend to each other.
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            logits, targets = logits[:, :-1], labels[:, 1:]
         else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            targets = labels[:, 1:]
+            # Logits only where a target follows (the completions, not the prompts): the LM head's output is
+            # positions x vocabulary, the largest activation of a step at a real vocabulary (152k ids), and its
+            # cross-entropy and gradient are as large again.
+            keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            inputs = dict(input_ids=batch["input_ids"])
+            if "position_ids" in batch:
+                # Packed rows: no attention mask and no cache (even with `use_cache: true`), or transformers does
+                # not look for the packed sequences in `position_ids` and a row's examples attend to each other.
+                inputs.update(position_ids=batch["position_ids"], use_cache=False)
+            else:
+                inputs.update(attention_mask=batch["attention_mask"])
+            logits = model(**inputs, logits_to_keep=keep).logits
+            targets = labels[:, keep + 1]
         return F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]),
             targets.reshape(-1),

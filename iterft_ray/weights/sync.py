@@ -89,8 +89,12 @@ class WeightSync:
         current = self.trainer.version() if version is None else version
         if current > self.version:
             base, base_version = self.snapshot, self.version
+            if not self._deltas_travel():
+                # Let the old version go before the new one is put: the object store keeps the pages it has
+                # used, so two versions at once would stay the store's size for the rest of the run.
+                base = self.snapshot = None
             self.snapshot, self.version = publish_from(self.trainer)
-            self.delta, self.delta_base = self._delta_from(base), base_version
+            self.delta, self.delta_base = None if base is None else self._delta_from(base), base_version
             if self.transport == "broadcast":
                 self._broadcast()
         return self.version
@@ -119,13 +123,15 @@ class WeightSync:
         self.transport = self._resolve_transport()
         self._form_group()
 
-    def _delta_from(self, base: ray.ObjectRef) -> ray.ObjectRef | None:
-        """The current version as a delta from snapshot `base`, made on the trainer's node, where one can
-        travel (`resources.weight_delta`): to the broadcast's generators, or on the object store to generators
-        on GPUs (the others there share the node's snapshot). An adapter always travels whole."""
-        if (self.resources.weight_delta == "off" or self.trainer.model.lora is not None
-                or (self.transport != "broadcast" and self.resources.generator_gpus == 0)):
-            return None
+    def _deltas_travel(self) -> bool:
+        """Whether versions also travel as deltas (`resources.weight_delta`): to the broadcast's generators, or
+        on the object store to generators on GPUs (the others there share the node's snapshot). An adapter
+        always travels whole."""
+        return not (self.resources.weight_delta == "off" or self.trainer.model.lora is not None
+                    or (self.transport != "broadcast" and self.resources.generator_gpus == 0))
+
+    def _delta_from(self, base: ray.ObjectRef) -> ray.ObjectRef:
+        """The current version as a delta from snapshot `base`, made on the trainer's node."""
         node = NodeAffinitySchedulingStrategy(self.trainer_node, soft=True)
         return _delta_task.options(scheduling_strategy=node).remote(base, self.snapshot)
 
