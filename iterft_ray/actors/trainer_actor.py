@@ -27,7 +27,6 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel
 
-from iterft_ray.actors.heap import return_freed_memory
 from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
 from iterft_ray.train.checkpoint import load_training_state, save_checkpoint
 from iterft_ray.config import LoraConfig, ModelConfig
@@ -170,7 +169,6 @@ class TrainerRank:
         """Train `epochs` passes over this rank's examples (each pass shuffled anew); the statistics, of all
         passes together, carry the weight `version` the step made."""
         stats = merge_step_stats([self.trainer.train_examples(examples) for _ in range(epochs)])
-        return_freed_memory()
         if stats["updates"]:
             self.weight_version += 1
         stats["version"] = self.weight_version
@@ -198,11 +196,8 @@ class TrainerRank:
         if isinstance(model, PeftModel):  # gathered whole from the shards; rank 0 puts it
             return [publish_adapter(model, self.version(), put=self.rank == 0)]
         if self.trainer.sharded:
-            ref = publish_shard(self.trainer.model, self.version(), self.publish_dtype)
-        else:
-            ref = publish_weights(model, self.version(), self.publish_dtype)
-        return_freed_memory()  # the cast copies, freed once put
-        return [ref]
+            return [publish_shard(self.trainer.model, self.version(), self.publish_dtype)]
+        return [publish_weights(model, self.version(), self.publish_dtype)]
 
     def open_weight_group(self, size: int) -> tuple[tuple[str, int], WeightLayout]:
         """Rank 0: serve the store where a `WeightGroup` of `size` members (this rank and the generators)
@@ -234,7 +229,6 @@ class TrainerRank:
         """Save a checkpoint (Hugging Face model + training state + `extra`) to a local path or a store,
         atomically; collective, rank 0 writes (a store gets it uploaded from this node)."""
         save_checkpoint(self.trainer, path, {**(extra or {}), VERSION_KEY: self.weight_version})
-        return_freed_memory()
 
     def checksum(self) -> str:
         """One rank only: `weights_checksum` of its model as it publishes it (cast to the engines' dtype; the
