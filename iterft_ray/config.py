@@ -175,6 +175,9 @@ class VllmConfig:
     # where it is 1 GiB unset, the engine's RAM beyond the weights (it must hold one sequence of the model's
     # `max_position_embeddings` tokens).
     kv_cache_memory_bytes: int | None = positive(None)
+    # The longest sequence (prompt + completion) the engine serves; unset, the model's `max_position_embeddings`.
+    # A shorter one lets a smaller KV cache hold a sequence (Qwen2.5-0.5B: 12 KiB a token, 384 MiB for 32,768).
+    max_model_len: int | None = positive(None)
 
 
 @dataclass

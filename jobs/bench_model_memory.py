@@ -63,11 +63,22 @@ def mem_available() -> int:
     return meminfo("MemAvailable")
 
 
+# Where MemAvailable goes: processes' private pages, shared memory (the object store), the kernel's own.
+MEMINFO_PARTS = ("AnonPages", "Shmem", "Dirty", "Writeback", "Slab", "PageTables", "KernelStack")
+
+
+def meminfo_parts() -> dict[str, int]:
+    with open("/proc/meminfo") as f:
+        rows = dict(line.split(":", 1) for line in f)
+    return {k: int(rows[k].split()[0]) * 1024 for k in MEMINFO_PARTS}
+
+
 class PeakSampler:
     """Samples MemAvailable every `interval` s on a thread; remembers the lowest, its phase and the top processes."""
 
     def __init__(self, interval: float = 0.1):
-        self.idle = mem_available()
+        self.idle, self.idle_parts = mem_available(), meminfo_parts()
+        self.parts_at_peak = self.idle_parts
         self.lowest, self.phase, self.phase_at_peak, self.procs_at_peak = self.idle, "start", "start", []
         self.phase_peaks: dict[str, int] = {}
         # At each phase's peak: shared memory (GB) and the largest processes' private and shared RSS (GB).
@@ -85,7 +96,7 @@ class PeakSampler:
                 self.phase_peaks[phase] = used
                 self.phase_detail[phase] = (meminfo("Shmem") / GB, self._split_rss(self._top_processes()[:3]))
             if avail < self.lowest:
-                self.lowest, self.phase_at_peak = avail, phase
+                self.lowest, self.phase_at_peak, self.parts_at_peak = avail, phase, meminfo_parts()
                 self.procs_at_peak = self._top_processes()
 
     def _top_processes(self) -> list[tuple[str, float]]:
@@ -153,15 +164,16 @@ def build_model(shape: str) -> str:
     return str(out)
 
 
-def run_config(model_dir: str, engine: str, lora_r: int | None, out_dir: str, kv_cache_bytes: int) -> dict:
+def run_config(model_dir: str, engine: str, lora_r: int | None, out_dir: str, kv_cache_bytes: int,
+               max_model_len: int, trainer: dict) -> dict:
     with open(resolve_config("tiny"), encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
     cfg["model"] = {"name_or_path": model_dir, **({"lora": {"r": lora_r}} if lora_r else {})}
     cfg["data"]["task_options"] = {"num_train": 64, "num_heldout": 0, "num_warmup": 0}
     cfg["filters"] = [{"name": "length_bounds"}]
     cfg["sampling"] = {**cfg["sampling"], "engine": engine, "num_samples": 2, "max_new_tokens": 8,
-                       "vllm": {"kv_cache_memory_bytes": kv_cache_bytes}}
-    cfg["trainer"] = {"learning_rate": 1e-5, "per_device_train_batch_size": 16}
+                       "vllm": {"kv_cache_memory_bytes": kv_cache_bytes, "max_model_len": max_model_len}}
+    cfg["trainer"] = {"learning_rate": 1e-5, "per_device_train_batch_size": 16, **trainer}
     cfg["resources"] = {"num_generators": 1, "filter_pool_size": 1}
     cfg["loop"] = {"rounds": 2, "prompts_per_round": 8, "warmup_passes": 0, "save_every": 1, "async_mode": False,
                    "output_dir": out_dir}
@@ -190,12 +202,23 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--lora-r", type=int, default=None, help="train a LoRA adapter of this rank (model.lora.r)")
-    p.add_argument("--kv-cache-bytes", type=int, default=512 << 20,
-                   help="sampling.vllm.kv_cache_memory_bytes (the engine's default on CPU: 1 GiB); 512 MiB holds one "
-                        "sequence of the shapes' 32,768 positions")
+    p.add_argument("--kv-cache-bytes", type=int, default=64 << 20,
+                   help="sampling.vllm.kv_cache_memory_bytes (the engine's default on CPU: 1 GiB); 64 MiB holds one "
+                        "sequence of --max-model-len at either shape (0.5B: 12 KiB a token, 1.5B: 28 KiB)")
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="sampling.vllm.max_model_len: the run's sequences are ~40 tokens (unset, vLLM takes the "
+                        "shapes' 32,768 positions and needs 384 MiB of KV cache at 0.5B to hold one)")
+    p.add_argument("--trainer", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer.* setting on top of the run's (YAML value), e.g. gradient_checkpointing=true")
     p.add_argument("--json")
     args = p.parse_args()
 
+    trainer = {}
+    for item in args.trainer:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--trainer: expected KEY=VALUE, got {item!r}")
+        trainer[key] = yaml.safe_load(value)
     model_dir = build_model(args.shape)
     env = environment()
     print_environment(env)
@@ -209,7 +232,8 @@ def main() -> None:
     start = time.perf_counter()
     env.update(init_ray(num_cpus=4, log_to_driver=False))
     out_dir = tempfile.mkdtemp(prefix="bench_mem_")  # checkpoints: GBs, removed at the end
-    loop = IterativeLoop(run_config(model_dir, args.engine, args.lora_r, out_dir, args.kv_cache_bytes))
+    loop = IterativeLoop(run_config(model_dir, args.engine, args.lora_r, out_dir, args.kv_cache_bytes,
+                                    args.max_model_len, trainer))
     rl = loop.rl
     phased(rl, "step", sampler)
     phased(rl, "sync_weights", sampler)
@@ -227,7 +251,8 @@ def main() -> None:
     ray.shutdown()
     shutil.rmtree(out_dir, ignore_errors=True)
 
-    what = f"{args.shape}{f' LoRA r{args.lora_r}' if args.lora_r else ' full fine-tune'}, {args.engine} engine"
+    what = (f"{args.shape}{f' LoRA r{args.lora_r}' if args.lora_r else ' full fine-tune'}, {args.engine} engine"
+            + "".join(f", {k}={v}" for k, v in trainer.items()))
     print(f"\n{what}: machine peak {sampler.peak / GB:.1f} GB above idle, in phase '{sampler.phase_at_peak}' "
           f"({wall:.0f} s)")
     print("peak per phase (GB above idle; at it, shared memory and the 3 largest processes' private + shared "
@@ -237,14 +262,17 @@ def main() -> None:
         largest = ", ".join(f"{name.split()[1].removeprefix('ray::')} {anon:.1f}+{shm:.1f}"
                             for name, anon, shm in procs)
         print(f"  {phase:34s} {used / GB:6.1f}   shm {shmem:4.1f}  {largest}")
+    grown = {k: (sampler.parts_at_peak[k] - sampler.idle_parts[k]) / GB for k in MEMINFO_PARTS}
+    print("machine-wide growth from idle to the peak (/proc/meminfo, GB): "
+          + ", ".join(f"{k} {v:+.2f}" for k, v in grown.items()))
     print("largest processes of the run at the peak (RSS, GB; shared memory counts in each):")
     for name, rss in sampler.procs_at_peak:
         print(f"  {rss:6.2f}  {name}")
     write_json(args.json, {"benchmark": "model_memory", "shape": args.shape, "engine": args.engine,
-                           "lora_r": args.lora_r, "environment": env, "besides": besides,
+                           "lora_r": args.lora_r, "trainer": trainer, "environment": env, "besides": besides,
                            "peak_gb": sampler.peak / GB, "phase_at_peak": sampler.phase_at_peak,
                            "phase_peaks_gb": {k: v / GB for k, v in sampler.phase_peaks.items()},
-                           "phase_detail": sampler.phase_detail,
+                           "phase_detail": sampler.phase_detail, "meminfo_growth_gb": grown,
                            "procs_at_peak": sampler.procs_at_peak, "wall_s": wall, "rounds": rounds})
 
 

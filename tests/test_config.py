@@ -162,10 +162,12 @@ def test_trainer_values_that_hold_load():
     assert config.trainer["lr_scheduler_type"] == "cosine"
 
 
-def test_vllm_kv_cache_size_reaches_the_engine_options():
+def test_vllm_kv_cache_size_and_max_model_len_reach_the_engine_options():
     from iterft_ray.engines.vllm import engine_options
 
     assert "kv_cache_memory_bytes" not in engine_options(VllmConfig())
     assert engine_options(VllmConfig(kv_cache_memory_bytes=1 << 29))["kv_cache_memory_bytes"] == 1 << 29
+    assert "max_model_len" not in engine_options(VllmConfig())
+    assert engine_options(VllmConfig(max_model_len=4096))["max_model_len"] == 4096
     with pytest.raises(ValueError, match="sampling.vllm.kv_cache_memory_bytes"):
         load_config({**yaml.safe_load(resolve_config("tiny").read_text()), "sampling": {"vllm": {"kv_cache_memory_bytes": 0}}})

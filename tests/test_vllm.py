@@ -49,7 +49,7 @@ def loop(model_path, tmp_path_factory, shared_ray):
         "model": {"name_or_path": model_path[0]},
         "data": {"task": "addition", "task_options": {"num_train": 64, "num_heldout": 8, "num_warmup": 16}},
         "filters": [{"name": "length_bounds", "min_chars": 1}],
-        "sampling": {"engine": "vllm", "num_samples": 4, "max_new_tokens": 8, "vllm": {"gpu_memory_utilization": 0.45}},
+        "sampling": {"engine": "vllm", "num_samples": 4, "max_new_tokens": 8, "vllm": {"gpu_memory_utilization": 0.45, "max_model_len": 256}},
         "trainer": {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "optim": "adamw_torch"},
         "resources": {"num_generators": 1, "filter_pool_size": 1},
         "loop": {"rounds": 2, "prompts_per_round": 16, "save_every": 1, "warmup_passes": 1,
@@ -119,13 +119,16 @@ def test_generator_killed_mid_round_loses_and_duplicates_nothing(loop):
 
 
 def test_vllm_options_reach_the_engine(loop, model_path):
-    """`sampling.vllm` reaches vLLM's own config: the running engine's share of GPU memory, and sleep mode,
+    """`sampling.vllm` reaches vLLM's own config: the running engine's share of GPU memory and longest sequence, and sleep mode,
     which vLLM's CPU build refuses by name when its model config is made (so the engine is not started here)."""
     from vllm import EngineArgs
 
     share = ray.get(loop.rl.generators[0].__ray_call__.remote(
         lambda actor: actor.engine.llm.llm_engine.vllm_config.cache_config.gpu_memory_utilization))
     assert share == 0.45
+    longest = ray.get(loop.rl.generators[0].__ray_call__.remote(
+        lambda actor: actor.engine.llm.llm_engine.vllm_config.model_config.max_model_len))
+    assert longest == 256
     asleep = ray.get(loop.rl.generators[0].__ray_call__.remote(lambda actor: actor.engine.asleep))
     assert asleep is False  # without sleep mode the engine never sleeps
     args = EngineArgs(model=model_path[0], **engine_options(VllmConfig(enable_sleep_mode=True)))

@@ -1,4 +1,5 @@
-"""Handing the C heap's free pages back to the system after a generator loads a weight version."""
+"""Handing the C heap's free pages back to the system: after a generator loads a weight version, and as a CPU
+trainer frees its step's tensors."""
 
 from __future__ import annotations
 
@@ -15,6 +16,21 @@ def return_freed_memory() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def map_large_blocks(threshold: int = 1 << 20) -> None:
+    """Serve every C-heap block of `threshold` bytes or more with its own mapping, unmapped when freed (glibc's
+    `mallopt(M_MMAP_THRESHOLD)`), for a trainer on CPU, whose weights, gradients and activations all live on that
+    heap. By default glibc raises the threshold as large blocks are freed (up to 32 MB), so a step's activations
+    and gradients land in the heap and stay resident, scattered, after they are freed; the next step's do not
+    fit the holes. At the 0.5B shape that held 3 GB more between steps and 0.6 GB more at the backward pass's
+    peak; steps took ~10% longer (the kernel zeroes each new mapping). A no-op off glibc."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 @functools.cache

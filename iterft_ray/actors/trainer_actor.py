@@ -27,6 +27,7 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel
 
+from iterft_ray.actors.heap import map_large_blocks
 from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
 from iterft_ray.train.checkpoint import load_training_state, save_checkpoint
 from iterft_ray.config import LoraConfig, ModelConfig
@@ -102,6 +103,7 @@ class TrainerRank:
                 dist.init_process_group(backend, init_method="env://", timeout=timeout)
             if not ray.get_gpu_ids():  # a rank given no GPU trains on the CPU, where bf16 needs `use_cpu`
                 trainer_args = {**trainer_args, "use_cpu": True}
+                map_large_blocks()
             self.model_config, self.args = model, IterativeSFTConfig(**trainer_args)
             self._build_trainer(model_path, tokenizer_path, checkpoint)
             if checkpoint is None:

@@ -230,7 +230,8 @@ class VLLMEngine:
 
 def engine_options(options: VllmConfig) -> dict:
     """`sampling.vllm` as `vllm.LLM` / `EngineArgs` keyword arguments (the same names)."""
-    given = {"kv_cache_memory_bytes": options.kv_cache_memory_bytes} if options.kv_cache_memory_bytes else {}
+    given = {key: getattr(options, key) for key in ("kv_cache_memory_bytes", "max_model_len")
+             if getattr(options, key) is not None}
     return {"gpu_memory_utilization": options.gpu_memory_utilization, "enable_sleep_mode": options.enable_sleep_mode,
             **given}
 
