@@ -17,7 +17,10 @@ page cache of written checkpoints included, as a user's `free` shows). It names 
 peak fell in (start: Ray, actors, models loaded; then per round generate, step, sync,
 checkpoint) and the resident memory of the run's largest processes at that moment.
 MemAvailable is the whole machine's: other work on it moves the figure, so the processes
-running besides this one are listed at the start (`--others`).
+running besides this one are listed at the start (`--others`). It moved by up to 1.9 GB between runs
+of the same code here (a process that had just ended still handing pages back, page cache counted as
+available or not), so the bench also reports the held pages' peak: the growth of the pages processes
+and the kernel hold (AnonPages, Shmem, Slab, PageTables, KernelStack), which page cache does not move.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def mem_available() -> int:
 
 # Where MemAvailable goes: processes' private pages, shared memory (the object store), the kernel's own.
 MEMINFO_PARTS = ("AnonPages", "Shmem", "Dirty", "Writeback", "Slab", "PageTables", "KernelStack")
+# The pages processes and the kernel hold (not page cache): a second measure of the peak, which the page cache's
+# share of MemAvailable (other work's files, the run's checkpoints) does not move.
+HELD = ("AnonPages", "Shmem", "Slab", "PageTables", "KernelStack")
 
 
 def meminfo_parts() -> dict[str, int]:
@@ -79,6 +85,7 @@ class PeakSampler:
     def __init__(self, interval: float = 0.1):
         self.idle, self.idle_parts = mem_available(), meminfo_parts()
         self.parts_at_peak = self.idle_parts
+        self.held_peak, self.phase_at_held_peak = 0, "start"
         self.lowest, self.phase, self.phase_at_peak, self.procs_at_peak = self.idle, "start", "start", []
         self.phase_peaks: dict[str, int] = {}
         # At each phase's peak: shared memory (GB) and the largest processes' private and shared RSS (GB).
@@ -90,13 +97,16 @@ class PeakSampler:
 
     def _run(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            avail, phase = mem_available(), self.phase
+            avail, phase, parts = mem_available(), self.phase, meminfo_parts()
             used = self.idle - avail
+            held = sum(parts[k] - self.idle_parts[k] for k in HELD)
+            if held > self.held_peak:
+                self.held_peak, self.phase_at_held_peak = held, phase
             if used > self.phase_peaks.get(phase, -1):
                 self.phase_peaks[phase] = used
                 self.phase_detail[phase] = (meminfo("Shmem") / GB, self._split_rss(self._top_processes()[:3]))
             if avail < self.lowest:
-                self.lowest, self.phase_at_peak, self.parts_at_peak = avail, phase, meminfo_parts()
+                self.lowest, self.phase_at_peak, self.parts_at_peak = avail, phase, parts
                 self.procs_at_peak = self._top_processes()
 
     def _top_processes(self) -> list[tuple[str, float]]:
@@ -255,6 +265,8 @@ def main() -> None:
             + "".join(f", {k}={v}" for k, v in trainer.items()))
     print(f"\n{what}: machine peak {sampler.peak / GB:.1f} GB above idle, in phase '{sampler.phase_at_peak}' "
           f"({wall:.0f} s)")
+    print(f"held pages peak (growth of {' + '.join(HELD)}): {sampler.held_peak / GB:.1f} GB, in phase "
+          f"'{sampler.phase_at_held_peak}'")
     print("peak per phase (GB above idle; at it, shared memory and the 3 largest processes' private + shared "
           "RSS, GB):")
     for phase, used in sampler.phase_peaks.items():
@@ -273,6 +285,7 @@ def main() -> None:
                            "peak_gb": sampler.peak / GB, "phase_at_peak": sampler.phase_at_peak,
                            "phase_peaks_gb": {k: v / GB for k, v in sampler.phase_peaks.items()},
                            "phase_detail": sampler.phase_detail, "meminfo_growth_gb": grown,
+                           "held_peak_gb": sampler.held_peak / GB, "phase_at_held_peak": sampler.phase_at_held_peak,
                            "procs_at_peak": sampler.procs_at_peak, "wall_s": wall, "rounds": rounds})
 
 

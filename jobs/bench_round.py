@@ -217,6 +217,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_round_")
     start = time.perf_counter()
     cfg["model"] = {"name_or_path": warm_started_model(cfg), "tiny_overrides": {}}
+    # Warm-started already: a loop's first round() would otherwise run the warm-up passes again on the Ray sides.
+    cfg["loop"]["warmup_passes"] = 0
     print(f"warm-started model (cached): {cfg['model']['name_or_path']} ({time.perf_counter() - start:.1f} s)")
     async_cfg = copy.deepcopy(cfg)
     async_cfg["loop"]["async_mode"] = True
@@ -243,6 +245,9 @@ def main() -> None:
     meter = CpuMeter(groups)
     inproc = InProcessRounds(cfg["model"]["name_or_path"], load_config(cfg), os.path.join(tmp, "inproc"))
     c = sync_loop.config
+    # The in-process side's own cursor over the same prompts: its round i gets the Ray sync side's round i's.
+    inproc_prompts = copy.deepcopy(sync_loop.prompts)
+    next_prompts = lambda: inproc_prompts.next_rows(c.loop.prompts_per_round)  # noqa: E731
     print(f"config {args.config}: {c.loop.prompts_per_round} prompts x {c.sampling.num_samples} samples, "
           f"max_new_tokens {c.sampling.max_new_tokens}, sampling batch {c.sampling.batch_size}, filters {c.filters}, "
           f"trainer {c.trainer}; {k} rounds per rep, {args.reps} reps after {args.warmup} warm-up round(s); "
@@ -251,7 +256,7 @@ def main() -> None:
     def inproc_block():
         parts = {"generate": 0.0, "filter": 0.0, "train": 0.0, "accepted": [], "loss": []}
         for _ in range(k):
-            s = inproc.round(sync_loop._round_prompts(inproc.round_index))
+            s = inproc.round(next_prompts())
             for key in ("generate", "filter", "train"):
                 parts[key] += s[key]
             parts["accepted"].append(s["accepted"])
@@ -269,7 +274,7 @@ def main() -> None:
     sides.update({name: metered(lambda lp=lp: ray_block(lp, k)) for name, lp in loops.items()})
     # Warm-up: untimed single rounds of every side (first calls: weight loads, imports, plot.png setup).
     for _ in range(args.warmup):
-        inproc.round(sync_loop._round_prompts(inproc.round_index))
+        inproc.round(next_prompts())
         for lp in loops.values():
             lp.config.loop.rounds = lp.round_index + 1
             lp.round()

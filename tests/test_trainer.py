@@ -55,8 +55,11 @@ def test_step_matches_plain_pytorch_loop(llama_path, tmp_path):
     )
     tok = trainer.tokenizer
     stats = trainer.step(texts=TEXTS[:4])
+    # The tied embedding's lookup gradient comes back sparse (no dense copy beside the LM head's); same update.
+    assert trainer.model.get_input_embeddings().sparse and trainer.model.lm_head.weight.grad is None
 
     model = AutoModelForCausalLM.from_pretrained(llama_path)
+    assert not model.get_input_embeddings().sparse
     decay = [p for n, p in model.named_parameters() if "norm" not in n and "bias" not in n]
     no_decay = [p for n, p in model.named_parameters() if "norm" in n or "bias" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)

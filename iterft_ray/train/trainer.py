@@ -109,6 +109,21 @@ def empty_model(name_or_path: str, **kwargs) -> PreTrainedModel:
         return _auto_class(config).from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
 
 
+def _sparse_lookup_gradient_if_tied(model: torch.nn.Module) -> None:
+    """Where the input embedding is the LM head's weight and trains, have its lookup's gradient come back sparse.
+
+    The LM head's gradient is dense and reaches the shared weight first; autograd then adds the lookup's
+    rows into it in place. A dense lookup gradient would be a second vocabulary x hidden tensor beside it at
+    the end of every backward pass (0.55 GB at Qwen2.5-0.5B's 151,936 x 896 in fp32): the trainer's peak.
+    The weight's `.grad` stays dense, so optimizers and clipping see what they did. Not for FSDP2 shards
+    (DTensor gradients) nor an untied embedding, whose only gradient would then be sparse.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if (isinstance(embedding, torch.nn.Embedding) and head is not None and head.weight is embedding.weight
+            and embedding.weight.requires_grad):
+        embedding.sparse = True
+
+
 def _auto_class(config) -> type:
     return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
@@ -218,6 +233,8 @@ class IterativeSFTTrainer(Trainer):
         self.sharded = world_size() > 1
         if self.sharded:
             shard_model(self.model, bf16=bool(args.bf16))
+        else:
+            _sparse_lookup_gradient_if_tied(self.model)
         self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
         if self.sharded:
             # FSDP2 owns the collectives; accelerate would wrap the sharded model in DDP.
