@@ -26,8 +26,8 @@ def map_large_blocks(threshold: int = 1 << 20) -> None:
     `mallopt(M_MMAP_THRESHOLD)`), for a trainer on CPU, whose weights, gradients and activations all live on that
     heap. By default glibc raises the threshold as large blocks are freed (up to 32 MB), so a step's activations
     and gradients land in the heap and stay resident, scattered, after they are freed; the next step's do not
-    fit the holes. At the 0.5B shape that held 3 GB more between steps and 0.6 GB more at the backward pass's
-    peak; steps took ~10% longer (the kernel zeroes each new mapping). A no-op off glibc."""
+    fit the holes. On the 0.5B shape's step that held 1.8 GB more between steps and 1.6 GB more at the backward
+    pass's peak; step times were the same within their spread. A no-op off glibc."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, threshold)
