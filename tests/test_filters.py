@@ -386,6 +386,43 @@ def test_a_scorer_keeps_its_processes_and_replaces_dead_ones(tmp_path):
     assert later & pids == pids - {dead}  # the survivor is reused, the dead one replaced
 
 
+HEAVY_FILTERS = """
+import os, pathlib
+with open(pathlib.Path(os.environ["IFT_IMPORT_LOG"]), "a") as log:  # one line per import of this module
+    log.write(f"{os.getpid()}\\n")
+
+def dies_on_die(prompt, completion, meta):
+    if completion == "die":
+        os._exit(3)
+    return True
+
+def short(prompt, completion, meta):
+    return len(completion) < 5
+"""
+
+
+def test_filter_processes_load_a_filter_module_once_for_every_worker_and_replacement(tmp_path, monkeypatch):
+    """A user's filter module may import torch (seconds): the workers, the replacement of a dead one, and a
+    second scorer's workers (another list of the same module's filters) fork from the one process that
+    imported it."""
+    (tmp_path / "heavy_filters.py").write_text(HEAVY_FILTERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("IFT_IMPORT_LOG", str(tmp_path / "imports.log"))
+    first = RolloutScorer(["heavy_filters:dies_on_die"], timeout_s=30, processes=3)
+    second = RolloutScorer(["heavy_filters:short", "heavy_filters:dies_on_die"], timeout_s=30, processes=2)
+    try:
+        imported_here = (tmp_path / "imports.log").read_text().split()  # resolving the specs imported it here
+        assert first.score(_rollouts(["82", "die", "7", "die"]))["accepted"].to_pylist() == [True, False, True, False]
+        assert second.score(_rollouts(["82", "toolong", "die"]))["accepted"].to_pylist() == [True, False, False]
+        assert first.score(_rollouts(["1", "2", "3"]))["accepted"].to_pylist() == [True, True, True]
+    finally:
+        first.close()
+        second.close()
+    imports = (tmp_path / "imports.log").read_text().split()
+    assert imported_here == [str(os.getpid())]
+    assert len(imports) == 2, imports  # here, and once in the zygote: not in each of the 5+ workers
+
+
 def test_unpicklable_filters_are_an_error_before_any_process_starts():
     import threading
 

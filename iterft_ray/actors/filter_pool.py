@@ -26,6 +26,7 @@ class FilterActor:
     def __init__(self, filters: list, timeout_s: float, processes: int, rewards: RewardModelClient | None = None):
         self.rewards = rewards or RewardModelClient({})
         self.scorer = RolloutScorer(filters, timeout_s, processes, self.rewards)
+        self.scorer.start()  # the filters' modules load while the other actors start
         self.timeout_s = timeout_s
         self.processes = processes
         # The last override (the driver's held-out check each round) keeps its processes too.

@@ -41,8 +41,8 @@ class _Row:
     deadline: float = 0.0
 
 
-# A filter process imports the filters' modules before its first call (math-verify
-# loads sympy); on a busy node that can take a while, but not this long.
+# The zygote imports the filters' modules before it forks the first filter process (math-verify
+# loads sympy, a user's module may load torch); on a busy node that can take a while, but not this long.
 _START_LIMIT_S = 120.0
 
 
@@ -53,7 +53,8 @@ class FilterProcesses:
     to a watchdog in its own process; killing the worker process is the only stop that
     always works. Each worker leads its own process group, so a filter's children die
     with it, and gets SIGKILL when its parent dies. A killed worker is replaced before
-    the next row.
+    the next row. The workers are forked from a zygote (`_Zygote`) that loaded the filters, so
+    neither the first nor a replacement imports the filters' modules again.
     """
 
     def __init__(self, row_filters: list[RowFilter], size: int, passed_score: float = 1.0):
@@ -68,13 +69,14 @@ class FilterProcesses:
         except Exception as e:
             raise ValueError(f"row filters {self.names}: cannot be pickled for a filter process: {e}") from None
         self._workers: list[_FilterProcess] = []
+        self._zygote: _Zygote | None = None
 
     def score_rows(self, rows: list[tuple], timeout_s: float) -> list[tuple[float, bool, str | None, str | None]]:
         """(score, accepted, filter_error, final_answer) for each (prompt, completion, meta)."""
         results: list = [None] * len(rows)
         todo = collections.deque(_Row(i, args) for i, args in enumerate(rows))
         while len(self._workers) < min(self.size, len(rows)):
-            self._workers.append(_FilterProcess(self._payload))
+            self._workers.append(self._new_worker())
         busy: dict[_FilterProcess, _Row] = {}
 
         def call(worker: _FilterProcess, row: _Row) -> None:
@@ -89,7 +91,7 @@ class FilterProcesses:
             results[row.index] = result
             del busy[worker]
             if replace:
-                self._workers[self._workers.index(worker)] = _FilterProcess(self._payload)
+                self._workers[self._workers.index(worker)] = self._new_worker()
 
         while todo or busy:
             for worker in self._workers:
@@ -153,20 +155,62 @@ class FilterProcesses:
         """A rejected row keeps the score so far, and the answer it gave (a wrong answer counts in a vote)."""
         return row.total or 0.0, False, error, row.answer
 
+    def start(self) -> None:
+        """Start the workers now rather than at the first batch: a filter actor calls this at its start, so
+        loading the filters' modules overlaps the other actors' start."""
+        while len(self._workers) < self.size:
+            self._workers.append(self._new_worker())
+
+    def _new_worker(self) -> _FilterProcess:
+        if self._zygote is not None and self._zygote.process.poll() is not None:  # it was killed: a new one
+            self._zygote.release()
+            self._zygote = None
+        if self._zygote is None:
+            self._zygote = _Zygote.shared()
+        return self._zygote.fork(self._payload)
+
     def close(self) -> None:
         for worker in self._workers:
             worker.stop()
         self._workers = []
+        if self._zygote is not None:
+            self._zygote.release()
+            self._zygote = None
 
 
-class _FilterProcess:
-    """One worker process and the socket the parent talks to it through."""
+class _Zygote:
+    """The process the filter processes are forked from, one per process that runs filters.
 
-    def __init__(self, payload: bytes):
-        ours, theirs = socket.socketpair()
-        # The worker imports what this process can (a test module, a Ray working_dir).
+    A user's filter module may import torch or a whole project: seconds of CPU for each process
+    that loads it. The zygote loads each list of filters once (a list it has seen is loaded
+    already; a new one whose modules it imported loads in milliseconds) and forks a filter
+    process that has it; so neither the first worker, nor one that replaces a killed worker,
+    nor the workers of a second list (the held-out check's) pay the imports again. It leads its
+    own session and dies with its parent; its children die with it. It is shared by this
+    process's `FilterProcesses` and stopped when the last one closes.
+
+    Requests come on its control socket, one datagram each, in order: a worker's socket to fork
+    a filter process for (SCM_RIGHTS; the filters follow on that socket), or a pid whose exit
+    code to answer.
+    """
+
+    _current: _Zygote | None = None
+
+    @classmethod
+    def shared(cls) -> _Zygote:
+        zygote = cls._current
+        if zygote is None or zygote.process.poll() is not None:
+            if zygote is not None:
+                zygote.stop()
+            zygote = cls._current = cls()
+        zygote.users += 1
+        return zygote
+
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # It imports what this process can (a test module, a Ray working_dir).
         path = os.pathsep.join(os.path.abspath(p) for p in sys.path)
-        command = f"from iterft_ray.verify.processes import _serve_calls; _serve_calls({theirs.fileno()})"
+        command = f"from iterft_ray.verify.processes import _zygote_main; _zygote_main({theirs.fileno()})"
         self.process = subprocess.Popen(
             [sys.executable, "-c", command],
             pass_fds=[theirs.fileno()],
@@ -175,15 +219,59 @@ class _FilterProcess:
             start_new_session=True,
         )
         theirs.close()
-        self.conn = mp_connection.Connection(ours.detach())
-        self.conn.send_bytes(payload)
+        self.control = ours
+        self.users = 0
+
+    def fork(self, payload: bytes) -> _FilterProcess:
+        """A new filter process with the filters `payload` holds; it says hello on its socket once forked."""
+        ours, theirs = socket.socketpair()
+        conn = mp_connection.Connection(ours.detach())
+        try:
+            socket.send_fds(self.control, [b"f"], [theirs.fileno()])
+            conn.send_bytes(payload)
+        except OSError:  # the zygote died: the worker reports it at its hello, as one that died at start
+            pass
+        theirs.close()
+        return _FilterProcess(conn, self)
+
+    def exit_code(self, pid: int) -> int | None:
+        """The exit code of a filter process this zygote forked (it has been killed or has exited)."""
+        try:
+            self.control.send(b"w" + pid.to_bytes(8, "little"))
+            reply = self.control.recv(64)
+        except OSError:
+            return None
+        return pickle.loads(reply) if reply else None
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.stop()
+
+    def stop(self) -> None:
+        if _Zygote._current is self:
+            _Zygote._current = None
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.control.close()
+        self.process.wait()
+
+
+class _FilterProcess:
+    """One worker process, forked by the zygote, and the socket the parent talks to it through."""
+
+    def __init__(self, conn: mp_connection.Connection, zygote: _Zygote):
+        self.conn = conn
+        self.zygote = zygote
+        self.pid: int | None = None
         self.started = time.monotonic()
         self.ready = False
 
     def receive_ready(self) -> None:
-        """Take the worker's hello; it says whether the filters loaded there."""
+        """Take the worker's hello: its pid, or why the filters did not load."""
         try:
-            error = pickle.loads(self.conn.recv_bytes())
+            error, self.pid = pickle.loads(self.conn.recv_bytes())
         except EOFError:
             error = f"it exited with code {self.stop()} while starting"
         if error is not None:
@@ -196,25 +284,81 @@ class _FilterProcess:
     def receive(self) -> tuple[bool, Any]:
         return pickle.loads(self.conn.recv_bytes())
 
-    def stop(self) -> int:
-        """Kill the worker and its process group; returns its exit code."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.conn.close()
-        return self.process.wait()
+    def stop(self) -> int | None:
+        """Kill the worker and its process group; returns its exit code (None if it never started)."""
+        self.conn.close()  # one not forked yet is not: the zygote finds its socket closed
+        if self.pid is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        return self.zygote.exit_code(self.pid)
 
 
-def _serve_calls(fd: int) -> None:
-    """Main of a filter process: load the filters, then answer calls until the parent goes."""
+def _zygote_main(fd: int) -> None:
+    """Main of the zygote: fork a filter process per request, with its filters loaded, until the parent goes."""
     _die_with_parent()
-    conn = mp_connection.Connection(fd)
-    try:
-        row_filters = cloudpickle.loads(conn.recv_bytes())
-    except Exception as e:
-        conn.send_bytes(pickle.dumps(f"{type(e).__name__}: {e}"))
-        return
-    conn.send_bytes(pickle.dumps(None))
+    control = socket.socket(fileno=fd)
+    loaded: dict[bytes, tuple[list | None, str | None]] = {}  # payload -> (filters, why they did not load)
+    exited: dict[int, int | None] = {}  # pid -> exit code of the children reaped so far
+    while True:
+        try:
+            request, fds, _, _ = socket.recv_fds(control, 16, 4)
+        except OSError:
+            return
+        if not request:  # the parent closed its end
+            return
+        if request[:1] == b"w":
+            pid = int.from_bytes(request[1:9], "little")
+            if pid not in exited:
+                try:
+                    exited[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                except ChildProcessError:
+                    exited[pid] = None
+            control.send(pickle.dumps(exited.pop(pid)))
+            continue
+        for worker_fd in fds:
+            conn = mp_connection.Connection(worker_fd)
+            try:
+                payload = conn.recv_bytes()
+            except (EOFError, OSError):  # the parent gave up on this worker before it was forked
+                conn.close()
+                continue
+            if payload not in loaded:
+                try:
+                    loaded[payload] = cloudpickle.loads(payload), None
+                except Exception as e:
+                    loaded[payload] = None, f"{type(e).__name__}: {e}"
+            row_filters, error = loaded[payload]
+            if error is not None:
+                with contextlib.suppress(OSError):
+                    conn.send_bytes(pickle.dumps((error, None)))
+            elif os.fork() == 0:
+                control.close()
+                os.setsid()  # its own process group: a filter's children die with it
+                _die_with_parent()
+                try:
+                    _serve_calls(conn, row_filters)
+                finally:
+                    os._exit(0)
+            conn.close()
+        _reap(exited)
+
+
+def _reap(exited: dict[int, int | None]) -> None:
+    """Collect the children that have exited (their codes kept for `exit_code`), so none lingers as a zombie."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        exited[pid] = os.waitstatus_to_exitcode(status)
+
+
+def _serve_calls(conn: mp_connection.Connection, row_filters: list) -> None:
+    """Main of a filter process: say hello, then answer calls until the parent goes."""
+    conn.send_bytes(pickle.dumps((None, os.getpid())))
     while True:
         try:
             filter_index, args = pickle.loads(conn.recv_bytes())

@@ -124,6 +124,11 @@ class RolloutScorer:
                 rows[i] = (score + float(reward), accepted, error, answer)
         return rows
 
+    def start(self) -> None:
+        """Start the filter processes now, not at the first batch (`FilterProcesses.start`)."""
+        if self._pool is not None:
+            self._pool.start()
+
     def close(self) -> None:
         """Stop the filter processes (they also die with this process)."""
         if self._pool is not None:
