@@ -32,8 +32,12 @@ system-deps:
 
 install: $(VENV)/.installed
 
+# The suite runs in TEST_WORKERS pytest-xdist processes, a test file per process at a time (its module
+# fixtures and the session's shared Ray stay within one process). Two keep two cores busy.
+TEST_WORKERS ?= 2
+
 test: install
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: install
 	$(VENV)/bin/iterft demo
