@@ -7,6 +7,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.actors.trainer_group import TrainerGroup, TrainerRankError
 from iterft_ray.config import ModelConfig, ResourcesConfig
 from iterft_ray.weights.sync import publish_from
@@ -42,24 +43,45 @@ def on_rank(g, rank, fn):
     return ray.get(g.ranks[rank].__ray_call__.remote(fn))
 
 
-@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
+@pytest.fixture(scope="module")
+def warm_groups():
+    """(one rank, two ranks) for an optimizer, started once: each test of it restarts them from the base weights
+    with a fresh optimizer and schedule (`TrainerRank.restart_from`, as recipe.train_from: base does), which is
+    what new groups would hold, without starting three trainer processes per test. One optimizer's at a time:
+    the module's later tests need the CPUs."""
+    groups = {}
+
+    def groups_for(optim):
+        for other in [o for o in groups if o != optim]:
+            for g in groups.pop(other):
+                g.shutdown()
+        if optim not in groups:
+            # Adam's first updates (about lr * sign(grad)) amplify float noise of near-zero gradients: a smaller rate.
+            lr = 1e-2 if optim == "sgd" else 1e-3
+            groups[optim] = (group(1, optim=optim, learning_rate=lr, per_device_train_batch_size=4),
+                             group(2, optim=optim, learning_rate=lr, per_device_train_batch_size=2))
+        else:
+            for g in groups[optim]:
+                g.call(TrainerRank.restart_from, two_path())
+        return groups[optim]
+
+    yield groups_for
+    for pair in groups.values():
+        for g in pair:
+            g.shutdown()
+
+
 @pytest.mark.parametrize("texts", [TEXTS, TEXTS[:7], TEXTS[:1]], ids=["even", "uneven", "one-rank-empty"])
-def test_two_sharded_ranks_make_the_same_update_as_one_rank(optim, texts):
-    # Adam's first updates (about lr * sign(grad)) amplify float noise of near-zero gradients: a smaller rate.
-    lr = 1e-2 if optim == "sgd" else 1e-3
-    one = group(1, optim=optim, learning_rate=lr, per_device_train_batch_size=4)
-    two = group(2, optim=optim, learning_rate=lr, per_device_train_batch_size=2)
-    try:
-        assert one.checksum() == two.checksum()
-        for _ in range(2):  # AdamW's second update uses the (sharded) moments of the first
-            s1, s2 = one.step(texts=texts), two.step(texts=texts)
-            assert s1["updates"] == s2["updates"] and s1["num_sequences"] == s2["num_sequences"] == len(texts)
-            assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
-            assert s1["grad_norm"] == pytest.approx(s2["grad_norm"], rel=1e-4)
-        assert_close(full_weights(one), full_weights(two))
-    finally:
-        one.shutdown()
-        two.shutdown()
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])  # the outer loop: one optimizer's groups at a time
+def test_two_sharded_ranks_make_the_same_update_as_one_rank(optim, texts, warm_groups):
+    one, two = warm_groups(optim)
+    assert one.checksum() == two.checksum()
+    for _ in range(2):  # AdamW's second update uses the (sharded) moments of the first
+        s1, s2 = one.step(texts=texts), two.step(texts=texts)
+        assert s1["updates"] == s2["updates"] and s1["num_sequences"] == s2["num_sequences"] == len(texts)
+        assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
+        assert s1["grad_norm"] == pytest.approx(s2["grad_norm"], rel=1e-4)
+    assert_close(full_weights(one), full_weights(two))
 
 
 def test_ranks_hold_half_the_parameters_and_get_the_torchrun_environment():
