@@ -141,9 +141,13 @@ def test_a_cpu_trainers_freed_tensors_leave_its_memory(mode):
     import subprocess
     import sys
 
-    grown = int(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True,
-                               check=True).stdout)
+    def grown() -> int:
+        return int(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True,
+                                  check=True).stdout)
+
     if mode == "default":
-        assert grown > 200e6  # glibc's behaviour the setting exists for
+        # glibc's behaviour the setting exists for. Where the heap can grow depends on the address layout: in about
+        # 1 run of 4 here the blocks land where freeing returns them, so the behaviour shows in one of five runs.
+        assert max(grown() for _ in range(5)) > 200e6
     else:
-        assert grown < 30e6
+        assert max(grown() for _ in range(5)) < 30e6  # in every run
