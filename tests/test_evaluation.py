@@ -17,11 +17,6 @@ from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.records import plotted_metrics
 
 
-def only_version_zero(prompt, completion, meta):
-    """An evaluation filter that passes answers of the untrained weights only: any training is a drop."""
-    return meta["weight_version"] == 0
-
-
 def test_pass_at_k_is_the_chance_that_k_of_n_samples_hold_a_pass():
     for n, c in [(5, 0), (5, 1), (5, 3), (6, 6), (4, 2)]:
         samples = [True] * c + [False] * (n - c)
@@ -129,7 +124,7 @@ def test_a_run_on_a_prompts_file_evaluates_every_round_and_iterft_eval_reproduce
 
 
 def test_a_drop_past_eval_rollback_drop_restores_the_best_checkpoint(tmp_path, ray_up, capsys):
-    config = _config(tmp_path, eval={"filters": ["test_evaluation:only_version_zero"], "num_samples": 0,
+    config = _config(tmp_path, eval={"filters": ["toy_filters:only_version_zero"], "num_samples": 0,
                                      "rollback_drop": 0.5, "final_model": "best"})
     loop = IterativeLoop(config)
     try:

@@ -25,27 +25,9 @@ from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 REPO = Path(__file__).resolve().parents[1]
 
 
-class CrashingSelector:
-    """A user's selector whose process dies on every call (as a segfaulting reward model would)."""
-
-    def select(self, table):
-        os._exit(1)
-
-
-class HangingSelector:
-    """A user's selector that never answers in time (a reward model waiting on a dead server)."""
-
-    def select(self, table):
-        time.sleep(120)
-
-
-crashing = CrashingSelector()
-hanging = HangingSelector()
-
-
 @pytest.fixture(scope="module")
 def local_ray(own_ray):
-    # A Ray of its own, of 4 CPUs that the tests fill on purpose. Like `ray job submit --working-dir`: actors import this module's selectors by import string.
+    # A Ray of its own, of 4 CPUs that the tests fill on purpose. Like `ray job submit --working-dir`: actors import tests/toy_filters.py's selectors by import string.
     ray.init(address="local", num_cpus=4, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     yield
@@ -53,11 +35,11 @@ def local_ray(own_ray):
 
 
 def config(tmp_path, selector=None, **overrides):
-    """A small run; `selector` names one of this module's selectors (else a plain length filter)."""
+    """A small run; `selector` names one of tests/toy_filters.py's selectors (else a plain length filter)."""
     cfg = {
         "model": {"name_or_path": "tiny-llama"},
         "data": {"task": "addition", "task_options": {"num_train": 16, "num_heldout": 4, "num_warmup": 4}},
-        "filters": [f"{__name__}:{selector}" if selector else {"name": "length_bounds", "min_chars": 1}],
+        "filters": [f"toy_filters:{selector}" if selector else {"name": "length_bounds", "min_chars": 1}],
         "sampling": {"num_samples": 2, "max_new_tokens": 4},
         "trainer": {"learning_rate": 1e-3, "per_device_train_batch_size": 8},
         "resources": {"num_generators": 1, "filter_pool_size": 1, "max_restarts": 1, "max_task_retries": 1},

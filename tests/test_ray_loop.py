@@ -1,7 +1,6 @@
 """The Ray actor system on a local Ray with tiny models: rounds, weight sync, rank groups, async mode."""
 
 import json
-from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -16,21 +15,10 @@ from iterft_ray.weights.sync import publish_from
 TASK = {"task": "addition", "task_options": {"num_train": 64, "num_heldout": 8, "num_warmup": 8}}
 
 
-def raising_filter(prompt, completion, meta):
-    """Fails on every prompt with an even id: those rows must be rejected, the others scored."""
-    if meta["prompt_id"] % 2 == 0:
-        raise RuntimeError("broken reward model")
-    return True
-
-
-def odd_prompts(prompt, completion, meta):
-    return meta["prompt_id"] % 2 == 1
-
-
 @pytest.fixture(scope="module", autouse=True)
 def local_ray(shared_ray):
     # The session's Ray (tests/conftest.py; 8 CPUs): like `ray job submit --working-dir`, actors can import
-    # this module by its import string.
+    # tests/toy_filters.py by its import string.
     shared_ray.up()
 
 
@@ -41,7 +29,7 @@ def config(tmp_path, **loop):
         "sampling": {"num_samples": 3, "max_new_tokens": 4},
         "trainer": {"learning_rate": 1e-3, "per_device_train_batch_size": 32},
         "resources": {"num_generators": 2, "filter_pool_size": 2},
-        "filters": [f"{__name__}:odd_prompts"],
+        "filters": ["toy_filters:odd_prompts"],
         "loop": {"rounds": 2, "prompts_per_round": 10, "output_dir": str(tmp_path / "run"), "save_every": 2,
                  "eval_every": 2, **loop},
     }
@@ -87,7 +75,7 @@ def test_round_trains_syncs_and_records_every_sample(tmp_path):
 
 def test_raising_filter_rejects_its_rows_and_round_completes(tmp_path):
     cfg = config(tmp_path)
-    cfg["filters"] = [f"{__name__}:raising_filter"]
+    cfg["filters"] = ["toy_filters:raising_filter"]
     cfg["resources"] = {"num_generators": 1, "filter_pool_size": 1}
     loop = IterativeLoop(cfg)
     try:

@@ -1,11 +1,8 @@
 """Where each round trains from and on what (recipe.*), and the algorithm presets, through the loop."""
 
-import io
-
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from iterft_ray.actors.trainer_actor import TrainerRank
@@ -13,10 +10,6 @@ from iterft_ray.config import ModelConfig, load_config
 from iterft_ray.presets import PRESETS
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.training_set import deduplicated
-
-
-def odd_prompts(prompt, completion, meta):
-    return meta["prompt_id"] % 2 == 1
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +25,7 @@ def config(tmp_path, recipe, rounds=3, algorithm="rft"):
         "sampling": {"num_samples": 3, "max_new_tokens": 4},
         "trainer": {"learning_rate": 1e-2, "per_device_train_batch_size": 8},
         "resources": {"num_generators": 1, "filter_pool_size": 1},
-        "filters": [f"{__name__}:odd_prompts"],
+        "filters": ["toy_filters:odd_prompts"],
         "recipe": recipe,
         "loop": {"rounds": rounds, "prompts_per_round": 8, "output_dir": str(tmp_path / "run"), "save_every": 1,
                  "warmup_passes": 1, "eval_every": 10},

@@ -15,22 +15,6 @@ from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.waves import RoundSampler, check_rationalize
 
 
-def hint_or_odd(prompt, completion, meta):
-    """The model "solves" odd prompts; an even one only with the answer given as a hint."""
-    return bool(meta["hinted"]) or meta["prompt_id"] % 2 == 1
-
-
-def by_sample(prompt, completion, meta):
-    """Accepts by prompt class and sample number, whatever the tiny model writes: prompts 3j take every sample
-    (done after one wave), 3j+1 take samples 1-3 (a second wave that accepts more than needed), 3j+2 none."""
-    s = int(meta["sample_id"].rsplit("-s", 1)[1])
-    return [True, s in (1, 2, 3), False][meta["prompt_id"] % 3]
-
-
-def even(prompt, completion, meta):
-    return meta["prompt_id"] % 2 == 0
-
-
 @pytest.fixture(scope="module")
 def local_ray(shared_ray):
     shared_ray.up()
@@ -43,7 +27,7 @@ def config(out, filters, num_train=8, rounds=2, prompts_per_round=4, **sections)
         "sampling": {"num_samples": 2, "max_new_tokens": 4},
         "trainer": {"learning_rate": 1e-3, "per_device_train_batch_size": 32},
         "resources": {"num_generators": 1, "filter_pool_size": 1},
-        "filters": [f"{__name__}:{filters}"],
+        "filters": [f"toy_filters:{filters}"],
         "eval": {"num_samples": 0},
         "loop": {"rounds": rounds, "prompts_per_round": prompts_per_round, "output_dir": str(out), "save_every": 1,
                  "eval_every": 100, "warmup_passes": 0},
