@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from iterft_ray.ray_internals import FREE_OBJECTS_SOON  # noqa: E402
+from ray_head import live_actors  # noqa: E402
 from iterft_ray.ray_start import QUIET_ACTORS  # noqa: E402
 from iterft_ray.tiny import build_tiny_model  # noqa: E402
 
@@ -135,13 +136,15 @@ class SharedRay:
 
     def _clear(self, wait_s: float = 20.0):
         """Give the module a clean cluster, as a fresh Ray would be: wait for the actors and placement groups
-        that earlier modules let go of to be gone; if any are still held, start a fresh Ray instead."""
-        from ray._private import state
+        that earlier modules let go of to be gone; if any are still held, start a fresh Ray instead.
+
+        Ray Data's singletons (`live_actors`) do not count: they stay for the cluster's life by design, and
+        counting them cost every test after a prompts file a 20 s wait and a new Ray."""
         import ray
 
         deadline = time.monotonic() + wait_s
         while True:
-            alive = [a for a in state.actors().values() if a["State"] != "DEAD"]
+            alive = live_actors()
             pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
             if not alive and not pgs:
                 return
@@ -189,10 +192,11 @@ def _ray_group(items) -> int:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
     """Run the modules that share the session's Ray one after another, so that it starts once rather than
-    once per run of them: after the modules that need no Ray, before those that start their own. The order
-    within a module is kept. Any order works; this one only starts Ray less often."""
+    once per run of them: after the modules that need no Ray, before those that start their own. Within a
+    module, the tests that take the shared Ray down (`ray_down`) run first, the others in their order. Any
+    order works; this one only starts Ray less often."""
     modules = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    group = {name: _ray_group(module_items) for name, module_items in modules.items()}
-    items.sort(key=lambda item: group[item.nodeid.split("::")[0]])
+    order = {name: (_ray_group(module_items), i) for i, (name, module_items) in enumerate(modules.items())}
+    items.sort(key=lambda item: (order[item.nodeid.split("::")[0]], "ray_down" not in item.fixturenames))

@@ -1,4 +1,5 @@
-"""Start and stop a Ray head of one's own for a test: loopback only, token auth on.
+"""Start and stop a Ray head of one's own for a test: loopback only, token auth on; and which actors of a
+cluster are still alive.
 
 `ray stop` would kill every Ray process of this user on the machine, other tests'
 clusters included, so the head runs in its own session and is stopped by killing its
@@ -20,6 +21,20 @@ from pathlib import Path
 import psutil
 
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
+
+
+# Ray Data's own actors: detached, named singletons that every dataset of a cluster shares (its stats and its
+# autoscaling coordinator). The first prompts file read starts them, they hold no CPU, no run owns them, and
+# they live as long as the cluster does.
+RAY_DATA_ACTORS = frozenset({"_StatsActor", "_AutoscalingCoordinatorActor"})
+
+
+def live_actors() -> list[dict]:
+    """The GCS's records of the connected cluster's live actors, Ray Data's singletons left out."""
+    from ray._private import state
+
+    return [a for a in state.actors().values()
+            if a["State"] != "DEAD" and not (a["IsDetached"] and a["ActorClassName"] in RAY_DATA_ACTORS)]
 
 
 def free_port() -> int:

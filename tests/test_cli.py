@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from ray_head import live_actors
 
 from iterft_ray.cli import main
 from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, load_config
@@ -203,9 +204,7 @@ def local_ray(ray_up):
 
 def assert_nothing_left():
     """No live actor and no placement group of the runs that ended."""
-    from ray._private import state
-
-    alive = [a for a in state.actors().values() if a["State"] != "DEAD"]
+    alive = live_actors()
     assert not alive, alive
     pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
     assert not pgs, pgs
