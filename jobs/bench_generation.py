@@ -48,7 +48,7 @@ from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines.hf_sampling import sample_rollouts
 from iterft_ray.data.tasks import get_task
 from iterft_ray.tiny import resolve_model_path
-from iterft_ray.train.trainer import load_model
+from iterft_ray.train.models import load_model
 from iterft_ray.weights.snapshot import publish_weights
 
 TARGET = 0.95

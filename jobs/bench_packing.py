@@ -29,7 +29,8 @@ import torch
 from bench_common import (column, environment, interleave, parser, print_environment, print_table, ratios,
                           verdict, write_json)
 from iterft_ray.tiny import build_tiny_model
-from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.train.models import load_model
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer
 
 MODEL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
              num_key_value_heads=6, max_position_embeddings=512)

@@ -68,7 +68,8 @@ from iterft_ray.engines.hf_sampling import sample_rollouts
 from iterft_ray.data.tasks import get_task
 from iterft_ray.engines.seeding import shard_seed
 from iterft_ray.tiny import resolve_model_path
-from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.train.models import load_model
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer
 
 TARGET = 1.15
 

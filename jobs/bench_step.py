@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from bench_common import (column, environment, interleave, parser, print_environment, print_table, ratios,
                           verdict, write_json)
 from iterft_ray.tiny import build_tiny_model
-from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.train.models import load_model
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer
 
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4)

@@ -40,7 +40,7 @@ import torch
 from iterft_ray.actors.generator import GeneratorActor
 from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.tiny import build_tiny_model
-from iterft_ray.train.trainer import load_model
+from iterft_ray.train.models import load_model
 from iterft_ray.weights.snapshot import publish_weights, snapshot_from_model, weights_checksum
 
 sys.path.insert(0, str(Path(__file__).parent))

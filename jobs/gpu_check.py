@@ -103,7 +103,8 @@ def train_figures(model_path: str, device: str, packing: bool, bf16: bool, seque
     import torch
     from transformers import AutoTokenizer
 
-    from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+    from iterft_ray.train.models import load_model
+    from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer
 
     args = IterativeSFTConfig(
         output_dir=out_dir, report_to="none", disable_tqdm=True, learning_rate=1e-5, bf16=bf16,

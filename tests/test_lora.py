@@ -18,7 +18,8 @@ from iterft_ray.cli import run
 from iterft_ray.config import LoraConfig, ModelConfig, ResourcesConfig, load_config
 from iterft_ray.engines.hf import HFEngine
 from iterft_ray.tiny import resolve_model_path
-from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, load_model
+from iterft_ray.train.models import load_model
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer
 from iterft_ray.weights.snapshot import adapter_parameters, publish_adapter
 
 

@@ -24,7 +24,6 @@ import pyarrow as pa
 import ray
 import torch
 import torch.distributed as dist
-from peft import PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel
 
 from iterft_ray.actors.heap import map_large_blocks
@@ -35,12 +34,15 @@ from iterft_ray.data.rollouts import training_rows
 from iterft_ray.engines import engine_dtype
 from iterft_ray.storage import StoragePath
 from iterft_ray.tiny import model_files
-from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer, empty_model, load_model
+from iterft_ray.train.models import empty_model, load_model
+from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer
 from iterft_ray.weights.broadcast import (
     WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, broadcast_delta, broadcast_weights, open_weight_group_store,
     weight_layout,
 )
-from iterft_ray.weights.snapshot import publish_adapter, publish_shard, publish_weights, weights_checksum
+from iterft_ray.weights.snapshot import (
+    is_peft_model, publish_adapter, publish_shard, publish_weights, weights_checksum,
+)
 
 # The key of the weight version in a checkpoint's saved `extra` state.
 VERSION_KEY = "weight_version"
@@ -195,7 +197,7 @@ class TrainerRank:
         Returns [ref] (wrapped so it stays a reference).
         """
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        if isinstance(model, PeftModel):  # gathered whole from the shards; rank 0 puts it
+        if is_peft_model(model):  # gathered whole from the shards; rank 0 puts it
             return [publish_adapter(model, self.version(), put=self.rank == 0)]
         if self.trainer.sharded:
             return [publish_shard(self.trainer.model, self.version(), self.publish_dtype)]
@@ -280,6 +282,8 @@ def _model_to_train(model: PreTrainedModel, lora: LoraConfig | None, checkpoint:
     """
     if lora is None:
         return model
+    from peft import PeftModel, get_peft_model
+
     if checkpoint is not None:
         return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     torch.manual_seed(seed)

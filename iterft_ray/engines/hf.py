@@ -6,15 +6,14 @@ import copy
 
 import pyarrow as pa
 import torch
-from peft import PeftModel, get_peft_model
 from transformers import AutoTokenizer
 
 from iterft_ray.config import SamplingConfig
 from iterft_ray.data.rollouts import RolloutBatch
 from iterft_ray.engines.hf_sampling import sample_rollouts
-from iterft_ray.train.trainer import load_model
+from iterft_ray.train.models import load_model
 from iterft_ray.weights.delta import WeightDelta, apply_delta
-from iterft_ray.weights.snapshot import WeightSnapshot, is_writable, load_snapshot, weights_checksum
+from iterft_ray.weights.snapshot import WeightSnapshot, is_peft_model, is_writable, load_snapshot, weights_checksum
 
 
 class HFEngine:
@@ -45,7 +44,9 @@ class HFEngine:
         node hold one copy of the weights between them, not N. On a GPU they are copied in
         place into the existing parameters.
         """
-        if snapshot.adapter_config is not None and not isinstance(self.model, PeftModel):
+        if snapshot.adapter_config is not None and not is_peft_model(self.model):
+            from peft import get_peft_model
+
             self.model = get_peft_model(self.model, copy.deepcopy(snapshot.adapter_config)).eval()
         load_snapshot(self.model, snapshot, share=True)
         self._owns_weights = not self.keeps_snapshot or is_writable(snapshot)
@@ -53,7 +54,7 @@ class HFEngine:
     def can_load_delta(self) -> bool:
         """Whether a `WeightDelta` can be written into the replica's weights: on a GPU always, on CPU when
         they are its own memory (a broadcast's buckets), never the node's one shared snapshot."""
-        return self._owns_weights and not isinstance(self.model, PeftModel)
+        return self._owns_weights and not is_peft_model(self.model)
 
     def load_delta(self, delta: WeightDelta) -> None:
         """Write the changed elements of the next version into the replica's weights, in place (on a GPU, the

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
@@ -41,7 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.sharding import rank, world_size
-from iterft_ray.weights.snapshot import full_adapter_state
+from iterft_ray.weights.snapshot import full_adapter_state, is_peft_model
 
 TENSORS, META, OPTIMIZER = "training_state.safetensors", "training_state.json", "optimizer"
 WEIGHTS = "model.safetensors"
@@ -98,7 +97,7 @@ def _write_checkpoint(trainer, directory: Path, extra: dict[str, Any] | None) ->
 def _write_model(trainer, directory: Path) -> None:
     """The model (or LoRA adapter) as Hugging Face files; collective when sharded, rank 0 writes."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(model, PeftModel):  # the base never changes: the adapter alone, gathered whole (small)
+    if is_peft_model(model):  # the base never changes: the adapter alone, gathered whole (small)
         state = full_adapter_state(model)
         if rank() == 0:
             model.save_pretrained(directory, state_dict={k: v.detach().cpu() for k, v in state.items()},

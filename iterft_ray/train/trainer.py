@@ -35,9 +35,6 @@ from accelerate.utils.memory import clear_device_cache
 from peft import PeftModel, get_peft_model
 from transformers.integrations.liger import apply_liger_kernel
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     EvalPrediction,
     PreTrainedModel,
@@ -51,6 +48,7 @@ from transformers import (
 
 from iterft_ray.train.batching import IGNORE_INDEX, TRUNCATION_MODES, Example, PaddingCollator, plan_micro_batches
 from iterft_ray.train.inputs import step_examples
+from iterft_ray.train.models import load_model
 from iterft_ray.train.packing import PackingCollator, check_packed_attention
 from iterft_ray.train.refused_args import REFUSED_ARGS, refused_arg
 from iterft_ray.train.sharding import all_reduce_max, all_reduce_sum, shard_model, world_size
@@ -92,23 +90,6 @@ def _check_truncation(max_length: int | None, truncation_mode: str) -> None:
         raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
 
 
-def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
-    """Load a causal or seq2seq LM with the Auto class its config calls for."""
-    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    return _auto_class(config).from_pretrained(name_or_path, config=config, **kwargs)
-
-
-def empty_model(name_or_path: str, **kwargs) -> PreTrainedModel:
-    """The model `load_model` would load, built on the meta device: shapes and dtypes, no storage.
-
-    A sharded rank other than 0 starts from it, so it never holds the whole model: `shard_model`
-    gives it storage for its own shards and fills them from rank 0.
-    """
-    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    with torch.device("meta"):
-        return _auto_class(config).from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
-
-
 def _sparse_lookup_gradient_if_tied(model: torch.nn.Module) -> None:
     """Where the input embedding is the LM head's weight and trains, have its lookup's gradient come back sparse.
 
@@ -122,10 +103,6 @@ def _sparse_lookup_gradient_if_tied(model: torch.nn.Module) -> None:
     if (isinstance(embedding, torch.nn.Embedding) and head is not None and head.weight is embedding.weight
             and embedding.weight.requires_grad):
         embedding.sparse = True
-
-
-def _auto_class(config) -> type:
-    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
 class IterativeSFTTrainer(Trainer):

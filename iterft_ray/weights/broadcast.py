@@ -22,11 +22,10 @@ import psutil
 import ray
 import torch
 import torch.distributed as dist
-from peft import PeftModel
 
 from iterft_ray.weights.delta import WeightDelta, index_dtype
 from iterft_ray.weights.snapshot import (
-    WeightSnapshot, _reading_shared_arrays, _stored_entries, _to_array, adapter_parameters,
+    WeightSnapshot, _reading_shared_arrays, _stored_entries, _to_array, adapter_parameters, is_peft_model,
 )
 
 # A broadcast moves a version in buckets of about this size: large enough that each collective's
@@ -64,7 +63,7 @@ def _entry_bytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 def _published_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The entries a version of `model` publishes: a PEFT model's adapter only, else its state_dict."""
-    return adapter_parameters(model) if isinstance(model, PeftModel) else model.state_dict()
+    return adapter_parameters(model) if is_peft_model(model) else model.state_dict()
 
 
 def weight_layout(model: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES,
@@ -82,7 +81,7 @@ def weight_layout(model: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES,
             sizes.append(0)
         buckets[-1].append((i, sizes[-1]))
         sizes[-1] += -(-nbytes // _ALIGN) * _ALIGN
-    adapter_config = model.peft_config[model.active_adapter] if isinstance(model, PeftModel) else None
+    adapter_config = model.peft_config[model.active_adapter] if is_peft_model(model) else None
     return WeightLayout(entries, buckets, sizes, aliases, adapter_config)
 
 

@@ -246,6 +246,13 @@ def _put(obj: Any) -> ray.ObjectRef:
     return ray.put(obj)
 
 
+def is_peft_model(model: Any) -> bool:
+    """Whether `model` is a peft `PeftModel`, without importing peft: none exists before peft is imported, and a
+    generator that serves no adapter then never imports it (with transformers' `Trainer`, 0.7 s of CPU)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters of a PEFT model (its adapter's weights), by state_dict name.
 
