@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray import IterativeSFTConfig, IterativeSFTTrainer
+from iterft_ray.cli import main
 from iterft_ray.train import checkpoint
 from iterft_ray.train.checkpoint import load_training_state, save_training_state
 from iterft_ray.run.loop import IterativeLoop
@@ -155,14 +156,16 @@ def _metrics(run_dir):
             for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_killed_driver_resumes_to_the_same_weights_and_metrics(tmp_path):
-    """CPU, fixed seed, one trainer process: bit-for-bit equal, not just close."""
+def test_killed_driver_resumes_to_the_same_weights_and_metrics(local_ray, tmp_path, capsys):
+    """CPU, fixed seed, one trainer process: bit-for-bit equal, not just close. The killed run is a driver of its
+    own with the local Ray it started; the run it is compared with, and its resume, run here on the session's Ray
+    (`iterft run` in this process), so the exact resume holds whatever Ray the run dir is resumed on."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "iterft_ray", "run"]
 
     straight = tmp_path / "straight"
     (tmp_path / "straight.yaml").write_text(yaml.safe_dump(tiny_config(straight, rounds=4)))
-    subprocess.run([*cmd, str(tmp_path / "straight.yaml")], env=env, check=True, capture_output=True, timeout=600)
+    assert main(["run", str(tmp_path / "straight.yaml")]) == 0
 
     broken = tmp_path / "broken"
     config = tmp_path / "broken.yaml"
@@ -176,9 +179,9 @@ def test_killed_driver_resumes_to_the_same_weights_and_metrics(tmp_path):
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
     assert not (broken / "checkpoints" / "round-0004").exists()
-    resumed = subprocess.run([*cmd, str(config), "--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from" in resumed.stdout
+    capsys.readouterr()
+    assert main(["run", str(config), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
 
     a = load_file(str(straight / "checkpoints" / "round-0004" / "model.safetensors"))
     b = load_file(str(broken / "checkpoints" / "round-0004" / "model.safetensors"))
@@ -190,9 +193,10 @@ def test_killed_driver_resumes_to_the_same_weights_and_metrics(tmp_path):
         assert x.equals(y), r
 
 
-def test_async_run_killed_three_times_at_random_moments_resumes_exactly(tmp_path):
+def test_async_run_killed_three_times_at_random_moments_resumes_exactly(local_ray, tmp_path):
     """Async mode (2 generators, staleness 1, a prompts file): the rollouts in flight at a checkpoint are saved
-    with it, so a run whose driver is SIGKILLed three times and resumed ends bit-identical to one that was not."""
+    with it, so a run whose driver is SIGKILLed three times and resumed ends bit-identical to one that was not.
+    The killed drivers start a local Ray each; the run compared with and the last resume run in this process."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)}) + "\n"
                                for i in range(250)))
@@ -208,7 +212,7 @@ def test_async_run_killed_three_times_at_random_moments_resumes_exactly(tmp_path
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "iterft_ray", "run"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run([*cmd, config(straight)], env=env, check=True, capture_output=True, timeout=600)
+    assert main(["run", config(straight)]) == 0
 
     rng, seen, broken_config = random.Random(0), None, config(broken)
     for kill in range(3):
@@ -223,8 +227,7 @@ def test_async_run_killed_three_times_at_random_moments_resumes_exactly(tmp_path
         driver.wait()
         seen = latest_checkpoint(broken).name
     assert seen != "round-0010"  # the last kill came before the end
-    resumed = subprocess.run([*cmd, broken_config, "--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert main(["run", broken_config, "--resume"]) == 0
 
     a = load_file(str(straight / "checkpoints" / "round-0010" / "model.safetensors"))
     b = load_file(str(broken / "checkpoints" / "round-0010" / "model.safetensors"))
