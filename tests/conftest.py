@@ -70,6 +70,9 @@ class SharedRay:
     """
 
     NUM_CPUS = 8
+    # Ray keeps up to NUM_CPUS idle task workers (and starts them with the first driver); each idle one costs
+    # ~0.4 s of CPU a minute, and this Ray lives as long as the suite. Two are kept for the runs' writer tasks.
+    IDLE_WORKERS = {"num_workers_soft_limit": 2, "prestart_worker_first_driver": False}
 
     def __init__(self):
         self.running = False
@@ -112,7 +115,8 @@ class SharedRay:
         ray_constants.ENABLE_RAY_CLUSTER = False
         reset_auth_token_state()
         try:
-            ray.init(address="local", num_cpus=self.NUM_CPUS, include_dashboard=False, _system_config=FREE_OBJECTS_SOON,
+            ray.init(address="local", num_cpus=self.NUM_CPUS, include_dashboard=False,
+                     _system_config={**FREE_OBJECTS_SOON, **self.IDLE_WORKERS},
                      runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), **QUIET_ACTORS}})
         except BaseException:
             self._restore()
