@@ -36,7 +36,10 @@ install: $(VENV)/.installed
 # fixtures and the session's shared Ray stay within one process). Two keep two cores busy.
 TEST_WORKERS ?= 2
 
+# The package is byte-compiled first: where PYTHONDONTWRITEBYTECODE is set, each of the few hundred processes
+# the suite starts (drivers, actors, filter processes) would otherwise compile it from source again.
 test: install
+	$(VENV)/bin/python -m compileall -q iterft_ray
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: install

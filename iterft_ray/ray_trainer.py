@@ -26,6 +26,7 @@ from iterft_ray.actors.placement import (actor_options, actor_requests, check_cl
 from iterft_ray.actors.reward_pool import RewardModelPool, reward_models_of
 from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.actors.trainer_group import TrainerGroup
+from iterft_ray.actors.warm import end_idle_actors
 from iterft_ray.config import ModelConfig, ResourcesConfig, SamplingConfig, check_lora_serving
 from iterft_ray.data.prompts import prompt_table
 from iterft_ray.data.rollouts import ScoredRollouts
@@ -80,6 +81,7 @@ class RayIterativeSFTTrainer:
             self.filter_pool = FilterPool(filters, self.resources.filter_pool_size, filter_timeout_s,
                                           self._restartable("filter actor"), rewards=self.reward_pool.client())
             self.trainer = self._new_trainer(checkpoint, start)
+            end_idle_actors()  # warm actors this trainer did not take (`keep_actors_warm`) would hold resources
             self._wait_started(start)
             self.weight_sync = WeightSync(self.trainer, self.generators, self.resources, self.actor_roster)
             self.eos_token: str | None = self.trainer.call(TrainerRank.eos_token, on="rank0")[0]
@@ -234,8 +236,8 @@ class RayIterativeSFTTrainer:
     def shutdown(self) -> None:
         """Stop every actor this trainer started (those that did start, when it failed while starting)."""
         self.generators.shutdown()
-        for a in self.filter_pool.actors if self.filter_pool is not None else []:
-            ray.kill(a)
+        if self.filter_pool is not None:
+            self.filter_pool.shutdown()
         if self.reward_pool is not None:
             self.reward_pool.shutdown()
         if self.trainer is not None:

@@ -13,10 +13,11 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from iterft_ray.actors.warm import keep_actors_warm  # noqa: E402
 from iterft_ray.ray_internals import FREE_OBJECTS_SOON  # noqa: E402
-from ray_head import live_actors  # noqa: E402
 from iterft_ray.ray_start import QUIET_ACTORS  # noqa: E402
 from iterft_ray.tiny import build_tiny_model  # noqa: E402
+from ray_head import live_actors, live_placement_groups  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -143,14 +144,11 @@ class SharedRay:
         that earlier modules let go of to be gone; if any are still held, start a fresh Ray instead.
 
         Ray Data's singletons (`live_actors`) do not count: they stay for the cluster's life by design, and
-        counting them cost every test after a prompts file a 20 s wait and a new Ray."""
-        import ray
-
+        counting them cost every test after a prompts file a 20 s wait and a new Ray; nor do the actors a
+        module keeps warm (`warm_actors`)."""
         deadline = time.monotonic() + wait_s
         while True:
-            alive = live_actors()
-            pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
-            if not alive and not pgs:
+            if not live_actors() and not live_placement_groups():
                 return
             if time.monotonic() > deadline:
                 break
@@ -165,6 +163,15 @@ def shared_ray():
     shared = SharedRay()
     yield shared
     shared.down()
+
+
+@pytest.fixture(scope="module")
+def warm_actors():
+    """The module's trainers reuse the actors of its earlier ones (`keep_actors_warm`): each new actor is a
+    process importing torch and transformers, seconds of CPU. For modules whose tests need no fresh process
+    (one that checks a process's own peak memory, or that nothing is left after a run, does)."""
+    with keep_actors_warm() as warm:
+        yield warm
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from iterft_ray.actors.warm import warm_actors
+
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
@@ -30,11 +32,25 @@ RAY_DATA_ACTORS = frozenset({"_StatsActor", "_AutoscalingCoordinatorActor"})
 
 
 def live_actors() -> list[dict]:
-    """The GCS's records of the connected cluster's live actors, Ray Data's singletons left out."""
+    """The GCS's records of the connected cluster's live actors, Ray Data's singletons and the actors kept warm
+    (`keep_actors_warm`) left out."""
     from ray._private import state
 
+    warm = warm_actors()
+    kept = warm.held()[0] if warm is not None else set()
     return [a for a in state.actors().values()
-            if a["State"] != "DEAD" and not (a["IsDetached"] and a["ActorClassName"] in RAY_DATA_ACTORS)]
+            if a["State"] != "DEAD" and a["ActorID"] not in kept
+            and not (a["IsDetached"] and a["ActorClassName"] in RAY_DATA_ACTORS)]
+
+
+def live_placement_groups() -> list[dict]:
+    """The connected cluster's placement groups not removed, those of trainers kept warm left out."""
+    import ray
+
+    warm = warm_actors()
+    kept = warm.held()[1] if warm is not None else set()
+    return [p for p in ray.util.placement_group_table().values()
+            if p["state"] != "REMOVED" and p["placement_group_id"] not in kept]
 
 
 def free_port() -> int:

@@ -20,6 +20,9 @@ from iterft_ray.data.prompts import read_prompt_file
 from iterft_ray.engines.hf_sampling import stop_token_ids
 from iterft_ray.tiny import IM_END, build_tiny_model
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 SYSTEM = "Answer with the sum only."
 
 

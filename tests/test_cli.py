@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from ray_head import live_actors
+from ray_head import live_actors, live_placement_groups
 
 from iterft_ray.cli import main
 from iterft_ray.config import CHANGEABLE_ON_RESUME, RunConfig, load_config
@@ -206,7 +206,7 @@ def assert_nothing_left():
     """No live actor and no placement group of the runs that ended."""
     alive = live_actors()
     assert not alive, alive
-    pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
+    pgs = live_placement_groups()
     assert not pgs, pgs
 
 

@@ -17,6 +17,9 @@ from iterft_ray.tiny import build_tiny_model
 from iterft_ray.weights.delta import apply_delta, weight_delta
 from iterft_ray.weights.snapshot import _from_array, owned_copy, snapshot_from_model, weights_checksum
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 TEXTS = ["12+30=42", "7+5=12", "3+4=7", "10+11=21"]
 TRAINER_ARGS = {"learning_rate": 1e-5, "per_device_train_batch_size": 4, "optim": "adamw_torch"}
 

@@ -16,6 +16,9 @@ from iterft_ray.run.evaluation import eval_metrics, pass_at_k
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.records import plotted_metrics
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 
 def test_pass_at_k_is_the_chance_that_k_of_n_samples_hold_a_pass():
     for n, c in [(5, 0), (5, 1), (5, 3), (6, 6), (4, 2)]:

@@ -27,6 +27,9 @@ from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.run_dir import latest_checkpoint
 from iterft_ray.weights.snapshot import weights_checksum
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 TIMING = {"generate_time", "filter_time", "train_time", "sync_time", "round_time"}
 
 

@@ -22,6 +22,9 @@ from iterft_ray.train.models import load_model
 from iterft_ray.train.trainer import IterativeSFTConfig, IterativeSFTTrainer
 from iterft_ray.weights.snapshot import adapter_parameters, publish_adapter
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 
 def _config(**sections):
     data = {"model": {"name_or_path": "tiny-llama", "lora": {"r": 4}}}

@@ -12,6 +12,9 @@ from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 from iterft_ray.weights.sync import publish_from
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 TASK = {"task": "addition", "task_options": {"num_train": 64, "num_heldout": 8, "num_warmup": 8}}
 
 

@@ -11,6 +11,9 @@ from iterft_ray.presets import PRESETS
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.training_set import deduplicated
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray(shared_ray):

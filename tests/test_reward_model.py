@@ -16,6 +16,9 @@ from iterft_ray.config import ResourcesConfig, load_config
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.tiny import build_tiny_reward_model
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 TASK = {"task": "addition", "task_options": {"num_train": 32, "num_heldout": 4, "num_warmup": 4}}
 
 

@@ -15,6 +15,9 @@ from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.config import ResourcesConfig, load_config
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -26,6 +26,9 @@ from iterft_ray.run.run_dir import latest_checkpoint
 from iterft_ray.storage import StoragePath
 from ray_head import free_port
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 WEED = str(Path(sys.executable).with_name("weed"))
 BUCKET = "runs"
 ACCESS_KEY, SECRET_KEY = "iterft-test", "iterft-test-secret"

@@ -22,6 +22,9 @@ from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.tiny import build_tiny_model
 from test_faults import _assert_each_prompt_sampled_exactly, _run_round_while
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 STOP_PROMPT = "7+5="
 
 

@@ -14,6 +14,9 @@ from iterft_ray.engines.hf import HFEngine
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.waves import RoundSampler, check_rationalize
 
+# The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
 
 @pytest.fixture(scope="module")
 def local_ray(shared_ray):

@@ -9,6 +9,7 @@ import cloudpickle
 import ray
 
 from iterft_ray.actors.reward_pool import RewardModelClient
+from iterft_ray.actors.warm import take_or_start, warm_actors
 from iterft_ray.data.rollouts import RolloutBatch, summarize
 from iterft_ray.verify.scoring import RolloutScorer
 
@@ -31,6 +32,14 @@ class FilterActor:
         self.processes = processes
         # The last override (the driver's held-out check each round) keeps its processes too.
         self._override: tuple[bytes, RolloutScorer] | None = None
+
+    def release(self) -> bool:
+        """Be as new, for the next pool asking for a filter actor of this spec (`keep_actors_warm`): the
+        configured filters' processes stay, an override's close."""
+        if self._override is not None:
+            self._override[1].close()
+            self._override = None
+        return True
 
     @ray.method(num_returns=2)
     def score(self, rollouts: RolloutBatch, filters: list | None = None) -> tuple[RolloutBatch, dict[str, Any]]:
@@ -66,12 +75,25 @@ class FilterPool:
         rewards: RewardModelClient | None = None,
     ):
         RolloutScorer(filters, timeout_s, processes)  # fail here, in the driver, on a bad spec; starts nothing
-        self.actors = [
-            FilterActor.options(**(actor_options or {})).remote(filters, timeout_s, processes, rewards)
-            for _ in range(size)
-        ]
+        # Filter actors that call reward-model actors hold their handles: those are never kept warm.
+        self._spec = (("filter actor", actor_options, filters, timeout_s, processes)
+                      if rewards is None or not rewards.actors else None)
+
+        def start() -> ray.actor.ActorHandle:
+            return FilterActor.options(**(actor_options or {})).remote(filters, timeout_s, processes, rewards)
+
+        self.actors = [take_or_start("filter actor", self._spec, start) for _ in range(size)]
         self._next = itertools.cycle(range(size))
 
     def score(self, rollouts: ray.ObjectRef, filters: list | None = None) -> tuple[ray.ObjectRef, ray.ObjectRef]:
         """Queue one rollout batch; returns (scored batch ref, summary ref)."""
         return self.actors[next(self._next)].score.remote(rollouts, filters)
+
+    def shutdown(self) -> None:
+        """End the filter actors, or within `keep_actors_warm()` keep them for the next pool of the same spec."""
+        warm = warm_actors() if self._spec is not None else None
+        for a in self.actors:
+            if warm is not None:
+                warm.keep(self._spec, a, [a], lambda a=a: ray.kill(a))
+            else:
+                ray.kill(a)

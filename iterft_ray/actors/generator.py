@@ -30,6 +30,7 @@ class GeneratorActor:
     (`engine.can_load_delta()`); a generator new, restarted or behind loads the whole version."""
 
     def __init__(self, model: ModelConfig, generator_id: int, sampling: SamplingConfig):
+        self._args = (model, generator_id, sampling)
         self.generator_id = generator_id
         self.engine = create_engine(model, sampling)
         self.version = -1  # the weights on disk; the first snapshot always loads
@@ -126,6 +127,16 @@ class GeneratorActor:
         else:
             self.received, self.received_bytes = receive_delta(self.weight_group, self.weight_layout, base_version,
                                                                version)
+
+    def release(self) -> bool:
+        """Be as new, for the next pool asking for a generator of this spec (`keep_actors_warm`): the engine
+        rebuilt from the model's files, no version held. A member of a weight group is not reused (False)."""
+        if self.weight_group is not None:
+            return False
+        self.engine = None  # the old replica goes before the new one loads
+        type(self).__init__(self, *self._args)
+        return_freed_memory()
+        return True
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from iterft_ray.actors.warm import take_or_start
 from iterft_ray.verify.filters import resolve_filter
 from iterft_ray.verify.reward_model import RewardModel, RewardScorer
 
@@ -56,8 +57,11 @@ class RewardModelPool:
     """`size` RewardModelActors for each distinct reward model of `filters`' specs (none when there is none)."""
 
     def __init__(self, models: list[RewardModel], size: int, actor_options: dict[str, Any] | None = None):
-        self.by_model = {spec: [RewardModelActor.options(**(actor_options or {})).remote(spec) for _ in range(size)]
-                         for spec in dict.fromkeys(models)}
+        # Never kept warm; idle warm actors end first, to free their resources (`take_or_start`).
+        options = actor_options or {}
+        self.by_model = {spec: [take_or_start("reward model", None,
+                                              lambda: RewardModelActor.options(**options).remote(spec))
+                                for _ in range(size)] for spec in dict.fromkeys(models)}
 
     @property
     def actors(self) -> list[ray.actor.ActorHandle]:

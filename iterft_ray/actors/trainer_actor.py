@@ -59,6 +59,7 @@ class TrainerRank:
         self.rank, self.world_size = rank, world_size
         self.trainer: IterativeSFTTrainer | None = None
         self.weight_version = 0
+        self._weight_store: dist.TCPStore | None = None  # rank 0's, once it opens a weight group
 
     def placement(self) -> tuple[str, list[int]]:
         """(node id, GPU ids) of this rank, for the group to work out local ranks and devices."""
@@ -247,6 +248,16 @@ class TrainerRank:
         if torch.cuda.is_available():
             out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return out
+
+    def release(self) -> bool:
+        """Be as new, for the next group asking for a rank of this spec (`keep_actors_warm`): no trainer, version
+        0. Only a rank of one, never in a weight group: a process group of several ranks is not formed twice."""
+        if self.world_size > 1 or self._weight_store is not None:
+            return False
+        self.trainer = None  # the model and optimizer go now, not when the next setup replaces them
+        type(self).__init__(self, self.rank, self.world_size)
+        gc.collect()
+        return True
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -20,6 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from iterft_ray.actors.trainer_actor import TrainerActor, TrainerRank
+from iterft_ray.actors.warm import take_or_start, warm_actors
 from iterft_ray.config import ModelConfig, ResourcesConfig
 from iterft_ray.storage import StoragePath
 from iterft_ray.weights.snapshot import assemble_snapshot, weights_checksum
@@ -65,11 +66,15 @@ class TrainerGroup:
         bundle = {"CPU": res.trainer_cpus, "GPU": res.trainer_gpus, "trainer": 1 if res.custom_resources else 0}
         bundle = {k: v for k, v in bundle.items() if v}
         self.model = model
-        self.placement_group = placement_group([bundle] * res.trainer_ranks, strategy="PACK")
-        self.ranks: list = []
+        # One rank can be a warm one (`keep_actors_warm`), with its placement group; several always start anew.
+        self._spec = ("trainer rank", bundle) if res.trainer_ranks == 1 else None
+        self.placement_group, self.ranks = take_or_start(
+            "trainer rank", self._spec, lambda: (placement_group([bundle] * res.trainer_ranks, strategy="PACK"), []),
+            end_all_idle=True)
         try:
-            ray.get(self.placement_group.ready(), timeout=placement_timeout_s)
-            self._create_ranks(res)
+            if not self.ranks:
+                ray.get(self.placement_group.ready(), timeout=placement_timeout_s)
+                self._create_ranks(res)
             envs = self._rank_environments(len(self.ranks))
             self.restored: dict[str, Any] = self.call(TrainerRank.setup, model, trainer_args, checkpoint=checkpoint,
                                                       per_rank={"env": envs})[0]
@@ -166,7 +171,15 @@ class TrainerGroup:
         return self.call(TrainerRank.peak_memory)
 
     def shutdown(self) -> None:
-        """Stop every rank (dead or stuck ones included) and free the placement group."""
+        """Stop every rank (dead or stuck ones included) and free the placement group; within
+        `keep_actors_warm()`, a rank of one that releases cleanly is kept, with its group, for the next."""
+        warm = warm_actors()
+        if warm is not None and self._spec is not None and self.ranks:
+            warm.keep(self._spec, (self.placement_group, self.ranks), self.ranks, self._end, self.placement_group)
+        else:
+            self._end()
+
+    def _end(self) -> None:
         try:
             ray.get([r.shutdown.remote() for r in self.ranks], timeout=5)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError):
