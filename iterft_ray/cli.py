@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -20,6 +22,30 @@ class UserError(Exception):
 class RunFailed(Exception):
     """A run stopped for a reason the user must see (a broken filter, an actor that keeps dying, a round past
     its timeout, actors the cluster cannot hold): one line, exit status 1."""
+
+
+class CtrlC:
+    """Ctrl-C that is not lost, while installed (`with CtrlC() as ctrl_c`). Python raises KeyboardInterrupt
+    wherever the main thread is; where that is code Python cannot pass an exception on from (a destructor, a
+    callback from Ray's C++ core: "Exception ignored in ..."), it is dropped and a run would go on. Remembered
+    here (`pressed`), it stops the loop before its next round instead."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def config_data(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
@@ -88,11 +114,12 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
         raise UserError(str(e)) from e
     stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError, PromptDataError)
     try:
-        loop = IterativeLoop(run_config, start=start)
-        try:
-            stats = loop.run()
-        finally:
-            loop.shutdown()
+        with CtrlC() as ctrl_c:
+            loop = IterativeLoop(run_config, start=start)
+            try:
+                stats = loop.run(stop=lambda: ctrl_c.pressed)
+            finally:
+                loop.shutdown()
     except stopped as e:
         raise RunFailed(str(e)) from e
     finally:

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from iterft_ray.cli import CtrlC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +77,19 @@ def test_ctrl_c_is_one_line_and_exit_130_and_a_streamed_run_is_quiet(tmp_path):
     assert console.rstrip().splitlines()[-1] == "interrupted; resume with --resume", console
     assert _library_lines(console) == [], console
     assert (tmp_path / "run" / "checkpoints" / "round-0001").exists()  # what --resume continues from
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped KeyboardInterrupt
+def test_a_ctrl_c_that_python_drops_is_still_seen():
+    """Python drops a KeyboardInterrupt raised while a destructor runs (so does a callback from Ray's C++ core);
+    the command line remembers the Ctrl-C (`CtrlC`) and its loop stops before the next round."""
+    class Dropping:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs in here, and its KeyboardInterrupt goes nowhere
+            sum(range(1000))
+
+    before = signal.getsignal(signal.SIGINT)
+    with CtrlC() as ctrl_c:
+        Dropping()
+        assert ctrl_c.pressed
+    assert signal.getsignal(signal.SIGINT) is before  # the handler it replaced is back

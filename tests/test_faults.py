@@ -133,6 +133,9 @@ def test_dead_trainer_is_restored_from_checkpoint_not_fresh(local_ray, tmp_path)
         loop.round()
         loop.round()  # checkpoint after round 2
         saved = load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+        with pytest.raises(KeyboardInterrupt):  # a Ctrl-C the command line remembered (cli.CtrlC): no round runs
+            loop.run(stop=lambda: True)
+        assert loop.round_index == 2
         at_checkpoint = loop.rl.trainer.checksum()
         ray.kill(loop.rl.trainer.ranks[0])
         stats = loop.run()  # round 3 finds the trainer dead, restores round 2's checkpoint, runs round 3

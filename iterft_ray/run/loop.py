@@ -12,7 +12,7 @@ import math
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import ray
@@ -177,14 +177,18 @@ class IterativeLoop:
             self.write_final_model()
         return stats
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
         """Run the remaining rounds (the first of a fresh run after the warm-up); returns their statistics.
 
         If the trainer dies, it is restored from the newest checkpoint and the rounds
         after it are run again; with no checkpoint yet the run stops and says so.
+        `stop` is asked before each round: True stops the run there as Ctrl-C does (KeyboardInterrupt), for
+        the command line's Ctrl-C that Python dropped where it landed (`cli.CtrlC`).
         """
         stats: dict[int, dict[str, Any]] = {}
         while self.round_index < self.config.loop.rounds:
+            if stop is not None and stop():
+                raise KeyboardInterrupt
             try:
                 s = self.round()
                 stats[s["round"]] = s
