@@ -254,9 +254,8 @@ class TrainerRank:
         0. Only a rank of one, never in a weight group: a process group of several ranks is not formed twice."""
         if self.world_size > 1 or self._weight_store is not None:
             return False
-        self.trainer = None  # the model and optimizer go now, not when the next setup replaces them
         type(self).__init__(self, self.rank, self.world_size)
-        gc.collect()
+        gc.collect()  # the model and optimizer go now, not when the next setup replaces them
         return True
 
     def shutdown(self) -> None:

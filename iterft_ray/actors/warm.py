@@ -8,8 +8,9 @@ a generator rebuilds its engine from the files, a trainer rank drops its trainer
 kept only if that worked and Ray never restarted it (a restarted actor has used up restarts a new one would
 have). It is taken only by a pool asking for an actor of the same spec: the same constructor arguments and
 Ray options, so a restart of a reused actor by Ray builds what the pool asked for. Idle actors hold their
-resources, so before any new actor starts every idle one ends (`take_or_start`): a trainer of another shape,
-or a second one beside the first, is never left waiting for CPUs that idle actors hold.
+resources, so they end before a new actor of their kind starts, before a trainer's ranks wait for their
+placement group, and once a trainer has taken what it can use (`take_or_start`, `end_idle_actors`): a trainer
+of another shape, or a second one beside the first, is never left waiting for CPUs that idle actors hold.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class _Kept:
     actor_ids: set[str]
     placement_group_id: str | None
     end: Callable[[], None]
-    job: str  # the driver's Ray job: actors of an earlier connection died with it
+    job: str | None  # the driver's Ray job: actors of an earlier connection died with it
 
 
 class WarmActors:
