@@ -3,6 +3,7 @@ a run directory is one run (refused, resumed, complete, overwritten), broken fil
 
 import json
 import os
+import platform
 import shutil
 import tempfile
 import uuid
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 import yaml
 from ray_head import live_actors, live_placement_groups
 
@@ -218,8 +220,14 @@ def test_a_run_directory_is_one_run(local_ray, tmp_path, capsys):
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(out))
     assert main(["run", config]) == 0
-    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    record = json.loads((out / "run.json").read_text())
+    run_id = record["run_id"]
     assert metric_rounds(out) == [0, 1]
+    # The start's machine: the figures of a run repeat only on the same kind (torch's kernels by CPU).
+    [started] = record["starts"]
+    assert started["packages"]["torch"] == torch.__version__ and started["packages"]["ray"] == ray.__version__
+    assert started["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert started["cpu"] and started["python"] == platform.python_version() and started["accelerators"] == []
     capsys.readouterr()
     assert_nothing_left()
 
@@ -245,7 +253,8 @@ def test_a_run_directory_is_one_run(local_ray, tmp_path, capsys):
     # A longer resume continues the same run.
     assert main(["run", config, "--resume", "--set", "loop.rounds=2"]) == 0
     assert metric_rounds(out) == [0, 1, 2]
-    assert json.loads((out / "run.json").read_text())["run_id"] == run_id
+    record = json.loads((out / "run.json").read_text())
+    assert record["run_id"] == run_id and record["starts"][0] == started and len(record["starts"]) == 2
     checkpoint = json.loads((out / "checkpoints" / "round-0002" / "training_state.json").read_text())
     assert checkpoint["extra"]["run_id"] == run_id
     capsys.readouterr()
@@ -260,7 +269,8 @@ def test_a_run_directory_is_one_run(local_ray, tmp_path, capsys):
     assert main(["run", config, "--overwrite"]) == 0
     assert metric_rounds(out) == [0, 1]
     assert not (out / "rounds" / "0002").exists() and not (out / "checkpoints" / "round-0002").exists()
-    assert json.loads((out / "run.json").read_text())["run_id"] != run_id
+    record = json.loads((out / "run.json").read_text())
+    assert record["run_id"] != run_id and len(record["starts"]) == 1
     assert (out / "notes.txt").read_text() == "mine"
     assert len(list((out / "tensorboard").iterdir())) == 1  # one run's events, not three on top of each other
     assert_nothing_left()

@@ -25,6 +25,7 @@ from iterft_ray.data.chat import load_chat_tokenizer
 from iterft_ray.data.prompts import PromptSource, load_prompts
 from iterft_ray.data.tasks import Task
 from iterft_ray.ray_internals import inside_ray_job
+from iterft_ray.run.environment import describe_environment
 from iterft_ray.run.evaluation import load_eval_prompts
 from iterft_ray.data.warmup import load_warmup_file
 from iterft_ray.storage import StoragePath
@@ -89,14 +90,20 @@ class RunStart:
         return self.checkpoint is not None and self.rounds_done >= self.rounds
 
     def prepare_directory(self, config: RunConfig) -> None:
-        """The only writes of a start: delete the old run (--overwrite), record the run and its config."""
+        """The only writes of a start: delete the old run (--overwrite), record the run and its config.
+
+        run.json gains this start's machine (`describe_environment`); a resume keeps the earlier starts'."""
         if self.overwrite or self.unfinished:
             for name in RUN_FILES:
                 (self.out / name).delete()
         if self.unfinished:
             print(f"{self.out}: replacing a run that stopped before its first checkpoint{self.unfinished}", flush=True)
         self.out.mkdir()
-        (self.out / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id}) + "\n")
+        record = self.out / RUN_RECORD
+        resumed = self.checkpoint is not None and record.exists()
+        starts = json.loads(record.read_text()).get("starts", []) if resumed else []
+        record.write_text(json.dumps({"run_id": self.run_id, "starts": [*starts, describe_environment()]}, indent=2)
+                          + "\n")
         save_config(config, self.out / "config.yaml")
 
 
