@@ -9,7 +9,7 @@ import cloudpickle
 import ray
 
 from iterft_ray.actors.reward_pool import RewardModelClient
-from iterft_ray.actors.warm import take_or_start, warm_actors
+from iterft_ray.actors.warm import keep_or_end, take_or_start
 from iterft_ray.data.rollouts import RolloutBatch, summarize
 from iterft_ray.verify.scoring import RolloutScorer
 
@@ -91,9 +91,5 @@ class FilterPool:
 
     def shutdown(self) -> None:
         """End the filter actors, or within `keep_actors_warm()` keep them for the next pool of the same spec."""
-        warm = warm_actors() if self._spec is not None else None
         for a in self.actors:
-            if warm is not None:
-                warm.keep(self._spec, a, [a], lambda a=a: ray.kill(a))
-            else:
-                ray.kill(a)
+            keep_or_end(self._spec, a)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import ray
 
 from iterft_ray.actors.generator import GeneratorActor
-from iterft_ray.actors.warm import take_or_start, warm_actors
+from iterft_ray.actors.warm import keep_or_end, take_or_start
 from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines.seeding import shard_seed
 
@@ -46,9 +46,8 @@ class GeneratorPool:
         changed = count != len(self.actors)
         while len(self.actors) < count:
             index = len(self.actors)
-            spec = self._spec(index) if self._can_stay_warm() else None
-            self.actors.append(take_or_start("generator", spec, lambda: GeneratorActor.options(**self.options).remote(
-                self.model, index, self.sampling)))
+            self.actors.append(take_or_start("generator", self._spec(index), lambda: GeneratorActor.options(
+                **self.options).remote(self.model, index, self.sampling)))
         for gone in self.actors[count:]:
             ray.kill(gone)
         del self.actors[count:]
@@ -71,18 +70,13 @@ class GeneratorPool:
 
     def shutdown(self) -> None:
         """End the generators, or within `keep_actors_warm()` keep them for the next pool of the same spec."""
-        warm = warm_actors()
         for index, g in enumerate(self.actors):
-            if warm is not None and self._can_stay_warm():
-                warm.keep(self._spec(index), g, [g], lambda g=g: ray.kill(g))
-            else:
-                ray.kill(g)
+            keep_or_end(self._spec(index), g)
 
-    def _spec(self, index: int) -> tuple:
-        """What a warm generator must have been made with to be taken (`warm.py`)."""
+    def _spec(self, index: int) -> tuple | None:
+        """What a warm generator must have been made with to be taken (`warm.py`); None where none is kept: the hf
+        engine without an adapter rebuilds as new in its process, while vLLM's engine and its caches, and an
+        adapter added to a replica, are not taken apart again."""
+        if self.sampling.engine != "hf" or self.model.lora is not None:
+            return None
         return ("generator", self.options, self.model, index, self.sampling)
-
-    def _can_stay_warm(self) -> bool:
-        """The hf engine without an adapter rebuilds as new in its process; vLLM's engine and its caches, and
-        an adapter added to a replica, are not taken apart again."""
-        return self.sampling.engine == "hf" and self.model.lora is None

@@ -53,17 +53,15 @@ class WarmActors:
         return None
 
     def keep(self, spec: tuple, item: Any, handles: list[ray.actor.ActorHandle], end: Callable[[], None],
-             placement_group: PlacementGroup | None = None) -> bool:
+             placement_group: PlacementGroup | None = None) -> None:
         """Keep `item` (the actors `handles`, in `placement_group` if they have one) under `spec` if every actor
-        releases cleanly; `end` stops it when it is not kept, or when the warm actors close. Returns whether it
-        was kept."""
+        releases cleanly; `end` stops it when it is not kept, or when the warm actors close."""
         if not _released(handles):
             end()
-            return False
+            return
         group = placement_group.id.hex() if placement_group is not None else None
         self._idle.setdefault(_key(spec), (spec[0], []))[1].append(_Kept(item, {actor_id(h) for h in handles}, group,
                                                                           end, _job()))
-        return True
 
     def held(self) -> tuple[set[str], set[str]]:
         """The hex ids of the actors and of the placement groups kept idle: not a finished run's leftovers."""
@@ -100,6 +98,15 @@ def take_or_start(kind: str, spec: tuple | None, start: Callable[[], Any], *, en
         return kept
     warm.close(None if end_all_idle else kind)
     return start()
+
+
+def keep_or_end(spec: tuple | None, actor: ray.actor.ActorHandle) -> None:
+    """The other half of `take_or_start`: within `keep_actors_warm()`, keep a pool's `actor` under `spec` (None:
+    never) for the next pool of that spec; else end it."""
+    if _warm is not None and spec is not None:
+        _warm.keep(spec, actor, [actor], lambda: ray.kill(actor))
+    else:
+        ray.kill(actor)
 
 
 def end_idle_actors() -> None:
