@@ -65,19 +65,25 @@ TRAINER_BOUNDS: dict[str, tuple[Bound, ...]] = {
 }
 
 
-def bounded(default: Any, *bounds: Bound) -> Any:
-    """A dataclass field with `default` whose given value `build` checks against `bounds`."""
-    return field(default=default, metadata={"bounds": bounds})
+def bounded(default: Any, *bounds: Bound, help: str | None = None) -> Any:
+    """A dataclass field with `default` whose given value `build` checks against `bounds`; `help` says what it is
+    (TRL's `metadata={"help": ...}`), for the generated reference."""
+    return field(default=default, metadata={"bounds": bounds, **({"help": help} if help else {})})
 
 
-def positive(default: Any) -> Any:
+def positive(default: Any, help: str | None = None) -> Any:
     """A field for a count, size, rate or timeout: a given value must be > 0."""
-    return bounded(default, POSITIVE)
+    return bounded(default, POSITIVE, help=help)
 
 
-def non_negative(default: Any) -> Any:
+def non_negative(default: Any, help: str | None = None) -> Any:
     """A field where 0 means none (GPUs, retries, warm-up passes): a given value must be >= 0."""
-    return bounded(default, NON_NEGATIVE)
+    return bounded(default, NON_NEGATIVE, help=help)
+
+
+def helped(default: Any, help: str) -> Any:
+    """A field with `default` and its help, no bounds."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -251,6 +257,10 @@ class ResourcesConfig:
     # torch.distributed group with the generators: Gloo on CPU, NCCL when all have GPUs), or "auto":
     # broadcast when a generator is on another node than the trainer, and the trainer is one rank.
     weight_transport: str = "auto"
+    num_env_workers: int = positive(1, help="Environment actors (`env:` runs only): each hosts one environment "
+                                    "instance per process, one process per trajectory in flight.")
+    env_cpus: float = non_negative(0, help="CPUs each environment actor asks Ray for; 0 so the small configs fit "
+                                   "two cores (its processes mostly wait on the engine).")
     # "auto": a new weight version travels as what changed since the version before (a `WeightDelta`: the
     # changed elements' indices and values in the engines' dtype) to a generator that holds exactly that
     # version in memory of its own: every generator of the broadcast, and on the object store a generator
@@ -380,6 +390,34 @@ class CurriculumConfig:
     bring_back: bool = True
 
 
+TRAIN_TURNS = ("all", "last")
+
+
+@dataclass
+class EnvConfig:
+    """A multi-turn environment (`iterft_ray.envs`): each prompt becomes a trajectory of assistant turns and
+    environment observations, accepted when the environment's reward reaches `min_score`."""
+
+    name: str = field(metadata={"help": "A built-in environment (calculator, retry, python_tool), an import string "
+                                        "`package.module:Class`, or `skyrl_gym:<id>` from SkyRL-gym's registry."})
+    config: dict[str, Any] = field(default_factory=dict,
+                                   metadata={"help": "Passed to the environment as its `env_config`."})
+    max_turns: int = positive(4, help="Assistant turns per trajectory at most; also the environment's `max_turns` "
+                                      "extra where the prompt row gives none.")
+    turn_timeout_s: float = positive(30.0, help="Seconds an environment's `init`, `step` or `close` may take; past "
+                                                "it its process is killed and the trajectory ends with `env_error`.")
+    min_score: float = helped(1.0, "A trajectory is accepted when its `env_reward` (the sum of its step rewards) is "
+                                   "at least this, it has no `env_error` and is not `truncated`.")
+    train_turns: str = helped("all", "`all`: every assistant turn is trained; `last`: only the final one.")
+    groups: int = positive(4, help="The trajectories of a generator call advance in this many groups, in a fixed "
+                                   "order: while one group's environments step, the engine samples another's turns. "
+                                   "1: turn-synchronous.")
+
+    def __post_init__(self):
+        if self.train_turns not in TRAIN_TURNS:
+            raise ValueError(f"env.train_turns: expected 'all' or 'last', got {self.train_turns!r}")
+
+
 @dataclass
 class RunConfig:
     """Everything one iterative fine-tuning run needs."""
@@ -397,6 +435,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    # A multi-turn environment (None: single-turn rounds).
+    env: EnvConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -530,6 +570,8 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         config.data.task = None  # the default task gives way to a prompts file or a dataset
     if config.data.task is None and config.data.prompts_file is None and config.data.dataset is None:
         raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
+    if config.env is not None:
+        _check_env(config, data)
     _check_warmup_file(config)
     config.trainer = _check_trainer_args(config.trainer)
     _check_packing(config)
@@ -543,23 +585,48 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     return config
 
 
+def _check_env(config: RunConfig, data: dict[str, Any]) -> None:
+    """`env:` needs a chat template and a causal model, and no hinted pass; its name must resolve to an
+    environment. With `env:` the filters default to none (the environment's reward decides)."""
+    from iterft_ray.envs.protocol import resolve_env
+
+    if not config.data.chat_template:
+        raise ValueError("env: a multi-turn environment renders its turns with the chat template; "
+                         "set data.chat_template: true")
+    if config.recipe.rationalize:
+        raise ValueError("recipe.rationalize: STaR's hinted pass is for single-turn prompts; with env: set "
+                         "recipe.rationalize: false (or algorithm: rft)")
+    if _is_seq2seq(config.model.name_or_path):
+        raise ValueError(f"env: trajectories are sampled turn by turn from a causal LM; {config.model.name_or_path} "
+                         "is a seq2seq model")
+    try:
+        resolve_env(config.env.name)
+    except Exception as e:  # a user's environment module may raise anything while importing
+        raise ValueError(f"env.name: {e}") from None
+    if "filters" not in data:
+        config.filters = []
+
+
+def _is_seq2seq(name: str) -> bool | None:
+    """Whether model `name` is seq2seq, where its config is at hand (a built-in tiny model, a local directory)."""
+    import json
+
+    from iterft_ray.tiny import TINY_CONFIGS
+
+    if name in TINY_CONFIGS:
+        return TINY_CONFIGS[name]["model_type"] == "t5"
+    if (Path(name).expanduser() / "config.json").is_file():
+        return bool(json.loads((Path(name).expanduser() / "config.json").read_text()).get("is_encoder_decoder"))
+    return None
+
+
 def _check_packing(config: RunConfig) -> None:
     """`trainer.packing` is for causal LMs: with a seq2seq model it is refused here when the model's config
     is at hand (a built-in tiny model, a local directory), else by the trainer once it has loaded the model."""
     if not config.trainer.get("packing"):
         return
-    import json
-
-    from iterft_ray.tiny import TINY_CONFIGS
-
     name = config.model.name_or_path
-    if name in TINY_CONFIGS:
-        seq2seq = TINY_CONFIGS[name]["model_type"] == "t5"
-    elif (Path(name).expanduser() / "config.json").is_file():
-        seq2seq = bool(json.loads((Path(name).expanduser() / "config.json").read_text()).get("is_encoder_decoder"))
-    else:
-        return
-    if seq2seq:
+    if _is_seq2seq(name):
         raise ValueError(f"trainer.packing: only for causal LMs; {name} is a seq2seq model, which keeps padding "
                          "(set packing: false)")
 

@@ -15,7 +15,7 @@ from iterft_ray.config import ResourcesConfig
 from iterft_ray.ray_internals import FREE_OBJECTS_SOON, dialed_address, inside_ray_job, listen_on_loopback_only
 
 
-def init_ray(resources: ResourcesConfig, address: str | None = None, reward_models: int = 0) -> None:
+def init_ray(resources: ResourcesConfig, address: str | None = None, reward_models: int = 0, env: bool = False) -> None:
     """Connect to Ray, or start a local one that can hold every actor of `resources` (and of the
     `reward_models` distinct reward models the filters name).
 
@@ -29,7 +29,7 @@ def init_ray(resources: ResourcesConfig, address: str | None = None, reward_mode
         check_listening(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
         ray.init(address=address, runtime_env=_runtime_env(cluster=True), logging_level=logging.WARNING)
         return
-    demand = total_request(actor_requests(resources, reward_models)).get("CPU", 0)
+    demand = total_request(actor_requests(resources, reward_models, env)).get("CPU", 0)
     listen_on_loopback_only()
     # Token auth on loopback is this project's own default setup, not news for the user at every start.
     token_note = logging.getLogger("ray._private.authentication.authentication_token_setup")

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from iterft_ray.actors.env_pool import EnvPool
 from iterft_ray.actors.failures import ActorRoster, Deadline, roster_of, round_timeout
 from iterft_ray.actors.filter_pool import FilterPool
 from iterft_ray.actors.generator_pool import GeneratorPool
@@ -27,9 +28,10 @@ from iterft_ray.actors.reward_pool import RewardModelPool, reward_models_of
 from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.actors.trainer_group import TrainerGroup
 from iterft_ray.actors.warm import end_idle_actors
-from iterft_ray.config import ModelConfig, ResourcesConfig, SamplingConfig, check_lora_serving
+from iterft_ray.config import EnvConfig, ModelConfig, ResourcesConfig, SamplingConfig, check_lora_serving
 from iterft_ray.data.prompts import prompt_table
 from iterft_ray.data.rollouts import ScoredRollouts
+from iterft_ray.envs.runner import EnvRun
 from iterft_ray.ray_start import init_ray
 from iterft_ray.storage import StoragePath
 from iterft_ray.weights.sync import WeightSync
@@ -40,7 +42,8 @@ class RayIterativeSFTTrainer:
 
     The pieces: `trainer` (TrainerGroup), `generators` (GeneratorPool), `filter_pool` (FilterPool),
     `reward_pool` (RewardModelPool: actors for the reward models `filters` name; the filter actors
-    call them), and `weight_sync` (WeightSync: the current weight version and how it reaches the generators).
+    call them), `env_pool` (EnvPool: where an `env`'s environments run; None without one), and
+    `weight_sync` (WeightSync: the current weight version and how it reaches the generators).
     """
 
     def __init__(
@@ -53,21 +56,29 @@ class RayIterativeSFTTrainer:
         filters: list | None = None,
         filter_timeout_s: float = 10.0,
         checkpoint: StoragePath | str | None = None,
+        env: EnvConfig | None = None,
+        system_prompt: str | None = None,
     ):
-        """`model`: a path, hub name or tiny name, or a whole `ModelConfig` (tokenizer, LoRA, ...)."""
+        """`model`: a path, hub name or tiny name, or a whole `ModelConfig` (tokenizer, LoRA, ...).
+
+        `env`: generators sample trajectories in this multi-turn environment (`iterft_ray.envs`), their prompts
+        as chat messages after `system_prompt`; its environments run in `resources.num_env_workers` actors."""
         self.model = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=model)
         self.resources = resources or ResourcesConfig()
         self.sampling = sampling or SamplingConfig()
         check_lora_serving(self.model.lora, self.sampling)
         filters = filters if filters is not None else []
         reward_models = reward_models_of(filters)  # a bad spec fails here, before Ray starts
-        init_ray(self.resources, reward_models=len(reward_models))
-        self._requests = {q.role: q for q in actor_requests(self.resources, len(reward_models))}
+        init_ray(self.resources, reward_models=len(reward_models), env=env is not None)
+        self._requests = {q.role: q for q in actor_requests(self.resources, len(reward_models), env is not None)}
         check_cluster_fits(list(self._requests.values()))
         self._trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
         # Generators and filters are asked for first: creating the trainer waits for its
         # placement group, and on an autoscaling cluster their nodes can start meanwhile.
-        self.generators = GeneratorPool(self.model, self.sampling, self._restartable("generator"))
+        self.env_pool = EnvPool(env, self.resources.num_env_workers, self._restartable("env actor")) if env else None
+        env_run = None if env is None else EnvRun(env, self.env_pool.actors, self._trainer_args.get("max_length"),
+                                                  system_prompt)
+        self.generators = GeneratorPool(self.model, self.sampling, self._restartable("generator"), env_run)
         self.filter_pool: FilterPool | None = None
         self.reward_pool: RewardModelPool | None = None
         self.trainer: TrainerGroup | None = None
@@ -79,7 +90,8 @@ class RayIterativeSFTTrainer:
             self.reward_pool = RewardModelPool(reward_models, self.resources.num_reward_models,
                                                self._restartable("reward model"))
             self.filter_pool = FilterPool(filters, self.resources.filter_pool_size, filter_timeout_s,
-                                          self._restartable("filter actor"), rewards=self.reward_pool.client())
+                                          self._restartable("filter actor"), rewards=self.reward_pool.client(),
+                                          min_env_score=env.min_score if env else 1.0)
             self.trainer = self._new_trainer(checkpoint, start)
             end_idle_actors()  # warm actors this trainer did not take (`keep_actors_warm`) would hold resources
             self._wait_started(start)
@@ -117,8 +129,10 @@ class RayIterativeSFTTrainer:
         actors = [(f"generator {i}", g, generator) for i, g in enumerate(self.generators.actors)]
         pool = self.filter_pool.actors if self.filter_pool is not None else []
         rewards = self.reward_pool.actors if self.reward_pool is not None else []
+        envs = self.env_pool.actors if self.env_pool is not None else []
         return (actors + [(f"filter actor {i}", a, filter_actor) for i, a in enumerate(pool)]
-                + [(f"reward model {i}", a, self._requests["reward model"].bundle) for i, a in enumerate(rewards)])
+                + [(f"reward model {i}", a, self._requests["reward model"].bundle) for i, a in enumerate(rewards)]
+                + [(f"env actor {i}", a, self._requests["env actor"].bundle) for i, a in enumerate(envs)])
 
     def _wait_started(self, start: Deadline) -> None:
         """Every generator, filter actor and reward-model actor placed and constructed, by the `start` deadline."""
@@ -138,6 +152,7 @@ class RayIterativeSFTTrainer:
         return roster_of({"generator": self.generators.actors,
                           "filter actor": self.filter_pool.actors if self.filter_pool is not None else [],
                           "reward model": self.reward_pool.actors if self.reward_pool is not None else [],
+                          "env actor": self.env_pool.actors if self.env_pool is not None else [],
                           "trainer rank": self.trainer.ranks if self.trainer is not None else []}, self.resources)
 
     def restore_trainer(self, checkpoint: StoragePath | str) -> dict[str, Any]:
@@ -190,7 +205,8 @@ class RayIterativeSFTTrainer:
         return ScoredRollouts([p[0] for p in pairs], [p[1] for p in pairs])
 
     def step(self, rollouts: ScoredRollouts | list[ray.ObjectRef] | None = None, deadline: Deadline | None = None,
-             *, restart_from: StoragePath | str | None = None, epochs: int = 1, **kwargs: Any) -> dict:
+             *, restart_from: StoragePath | str | None = None, epochs: int = 1, train_turns: str = "all",
+             **kwargs: Any) -> dict:
         """Train: on the accepted rows of scored rollouts, or with `IterativeSFTTrainer.step`'s arguments.
 
         Training on rollouts stops at `deadline` with `RoundTimeoutError` naming the ranks still
@@ -200,7 +216,7 @@ class RayIterativeSFTTrainer:
         if rollouts is not None:
             if kwargs:
                 raise ValueError("rollouts: give rollouts or step() arguments, not both")
-            refs = self.step_async(rollouts, restart_from=restart_from, epochs=epochs)
+            refs = self.step_async(rollouts, restart_from=restart_from, epochs=epochs, train_turns=train_turns)
             try:
                 return self.trainer.gather(refs, None if deadline is None else deadline.remaining())[0]
             except ray.exceptions.GetTimeoutError:
@@ -209,11 +225,13 @@ class RayIterativeSFTTrainer:
         return self.trainer.step(**kwargs)
 
     def step_async(self, rollouts: ScoredRollouts | list[ray.ObjectRef], *,
-                   restart_from: StoragePath | str | None = None, epochs: int = 1) -> list[ray.ObjectRef]:
+                   restart_from: StoragePath | str | None = None, epochs: int = 1,
+                   train_turns: str = "all") -> list[ray.ObjectRef]:
         """Start training on scored rollouts, passed by reference to every rank; returns one reference
         per rank (`trainer.gather(refs)[0]` is the statistics, and raises any rank's failure)."""
         tables = rollouts.tables if isinstance(rollouts, ScoredRollouts) else list(rollouts)
-        return self.trainer.call_async(TrainerRank.step_rollouts, *tables, restart_from=restart_from, epochs=epochs)
+        return self.trainer.call_async(TrainerRank.step_rollouts, *tables, restart_from=restart_from, epochs=epochs,
+                                       train_turns=train_turns)
 
     def sync_weights(self, version: int | None = None, deadline: Deadline | None = None) -> int:
         """Publish the trainer's weights once and have every generator load them (by `deadline`); returns the
@@ -240,5 +258,7 @@ class RayIterativeSFTTrainer:
             self.filter_pool.shutdown()
         if self.reward_pool is not None:
             self.reward_pool.shutdown()
+        if self.env_pool is not None:
+            self.env_pool.shutdown()
         if self.trainer is not None:
             self.trainer.shutdown()

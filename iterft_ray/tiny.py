@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -63,8 +63,20 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def build_tokenizer(seq2seq: bool = False, chat_template: bool = False) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with no merges: every byte is one token, so any text encodes.
+# What `build_tokenizer(merges=True)` learns its merges from: chat turns, arithmetic, tool calls. A fixed text, so
+# the same merges every time.
+MERGES_CORPUS = [
+    "<|im_start|>user\nWhat is 12+34?<|im_end|>\n<|im_start|>assistant\n<calc>12+34</calc><|im_end|>\n",
+    "<|im_start|>tool\n<result>46</result><|im_end|>\n<|im_start|>assistant\n46<|im_end|>\n",
+    "the answer is 1234567890, wrong, try again; left: 3 2 1 0. def f(x): return x * 2\n",
+] * 20
+
+
+def build_tokenizer(seq2seq: bool = False, chat_template: bool = False, merges: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer, with no merges unless `merges`: every byte is one token, so any text encodes.
+
+    `merges=True` learns BPE merges from `MERGES_CORPUS` (a vocabulary of 512), so a text's tokens are not its
+    bytes, and decoding sampled ids and encoding the text again can give other ids, as with real tokenizers.
 
     Causal models get a BOS in front (Llama's convention); seq2seq models get an EOS at
     the end (T5's convention). Pad is its own token. `chat_template=True` adds
@@ -77,6 +89,9 @@ def build_tokenizer(seq2seq: bool = False, chat_template: bool = False) -> PreTr
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    if merges:
+        tok.train_from_iterator(MERGES_CORPUS, trainers.BpeTrainer(
+            vocab_size=512, special_tokens=specials, initial_alphabet=byte_alphabet, show_progress=False))
     if seq2seq:
         tok.post_processor = processors.TemplateProcessing(
             single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
@@ -100,13 +115,15 @@ def build_tokenizer(seq2seq: bool = False, chat_template: bool = False) -> PreTr
 
 
 def build_tiny_model(
-    name: str, out_dir: str | os.PathLike, seed: int = 0, chat_template: bool = False, **overrides
+    name: str, out_dir: str | os.PathLike, seed: int = 0, chat_template: bool = False, merges: bool = False,
+    **overrides
 ) -> Path:
     """Build tiny model `name` (a key of TINY_CONFIGS) with its tokenizer and save both to `out_dir`.
 
     `overrides` replace config values, e.g. `hidden_size=128, num_hidden_layers=3`.
     `chat_template=True` (causal models) gives the tokenizer `CHAT_TEMPLATE` and the model
-    two stop tokens, `<|im_end|>` and `</s>`, as an instruct model's generation config has.
+    two stop tokens, `<|im_end|>` and `</s>`, as an instruct model's generation config has;
+    `merges=True`, a tokenizer with BPE merges (`build_tokenizer`).
     Returns the directory, ready for `from_pretrained`.
     """
     if name not in TINY_CONFIGS:
@@ -114,7 +131,7 @@ def build_tiny_model(
     seq2seq = name == "tiny-t5"
     if chat_template and seq2seq:
         raise ValueError("chat_template: only for causal tiny models, not tiny-t5")
-    tokenizer = build_tokenizer(seq2seq=seq2seq, chat_template=chat_template)
+    tokenizer = build_tokenizer(seq2seq=seq2seq, chat_template=chat_template, merges=merges)
     settings = dict(TINY_CONFIGS[name])
     model_type = settings.pop("model_type")
     settings.update(

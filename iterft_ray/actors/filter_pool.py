@@ -24,9 +24,11 @@ class FilterActor:
     `rewards` (`iterft_ray.actors.reward_pool`), never loaded here.
     """
 
-    def __init__(self, filters: list, timeout_s: float, processes: int, rewards: RewardModelClient | None = None):
+    def __init__(self, filters: list, timeout_s: float, processes: int, rewards: RewardModelClient | None = None,
+                 min_env_score: float = 1.0):
         self.rewards = rewards or RewardModelClient({})
-        self.scorer = RolloutScorer(filters, timeout_s, processes, self.rewards)
+        self.min_env_score = min_env_score
+        self.scorer = RolloutScorer(filters, timeout_s, processes, self.rewards, min_env_score)
         self.scorer.start()  # the filters' modules load while the other actors start
         self.timeout_s = timeout_s
         self.processes = processes
@@ -54,7 +56,8 @@ class FilterActor:
         if self._override is None or self._override[0] != key:
             if self._override is not None:
                 self._override[1].close()
-            self._override = (key, RolloutScorer(filters, self.timeout_s, self.processes, self.rewards))
+            self._override = (key, RolloutScorer(filters, self.timeout_s, self.processes, self.rewards,
+                                                 self.min_env_score))
         return self._override[1]
 
 
@@ -62,7 +65,7 @@ class FilterPool:
     """A fixed pool of FilterActors fed round-robin; Ray queues batches at busy actors.
 
     `processes` is the number of rows each actor scores at once; `rewards`, the reward-model actors
-    every filter actor sends its reward-model rows to.
+    every filter actor sends its reward-model rows to; `min_env_score`, `env.min_score` (trajectories).
     """
 
     def __init__(
@@ -73,14 +76,16 @@ class FilterPool:
         actor_options: dict | None = None,
         processes: int = 4,
         rewards: RewardModelClient | None = None,
+        min_env_score: float = 1.0,
     ):
         RolloutScorer(filters, timeout_s, processes)  # fail here, in the driver, on a bad spec; starts nothing
         # Filter actors that call reward-model actors hold their handles: those are never kept warm.
-        self._spec = (("filter actor", actor_options, filters, timeout_s, processes)
+        self._spec = (("filter actor", actor_options, filters, timeout_s, processes, min_env_score)
                       if rewards is None or not rewards.actors else None)
 
         def start() -> ray.actor.ActorHandle:
-            return FilterActor.options(**(actor_options or {})).remote(filters, timeout_s, processes, rewards)
+            return FilterActor.options(**(actor_options or {})).remote(filters, timeout_s, processes, rewards,
+                                                                       min_env_score)
 
         self.actors = [take_or_start("filter actor", self._spec, start) for _ in range(size)]
         self._next = itertools.cycle(range(size))

@@ -11,6 +11,7 @@ import ray
 from iterft_ray.actors.heap import return_freed_memory
 from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines import create_engine
+from iterft_ray.envs.runner import EnvRun, run_trajectories
 from iterft_ray.weights.broadcast import (
     WEIGHT_GROUP_TIMEOUT, WeightGroup, WeightLayout, receive_delta, receive_weights,
 )
@@ -54,14 +55,21 @@ class GeneratorActor:
         sampling: SamplingConfig,
         seed: int,
         round_index: int,
+        env: EnvRun | None = None,
     ) -> pa.Table:
-        """Sample a prompt shard with snapshot `version` (at least).
+        """Sample a prompt shard with snapshot `version` (at least): completions, or with `env` trajectories.
 
         `weights` is the snapshot reference wrapped in a list, so Ray does not fetch
         it unless this replica is behind.
         """
         self.sync(weights, version)
-        return self.engine.sample(prompts, sampling, seed, self.version, self.generator_id, round_index)
+        if env is None:
+            return self.engine.sample(prompts, sampling, seed, self.version, self.generator_id, round_index)
+        rollouts = run_trajectories(self.engine, prompts, env, sampling, seed, self.version, self.generator_id,
+                                    round_index)
+        if hasattr(self.engine, "sleep"):  # vLLM's sleep mode: the trainer trains next
+            self.engine.sleep()
+        return rollouts
 
     def sync(self, weights: list[ray.ObjectRef], version: int, delta: list[ray.ObjectRef] | None = None,
              base_version: int | None = None) -> int:

@@ -11,6 +11,7 @@ from iterft_ray.actors.generator import GeneratorActor
 from iterft_ray.actors.warm import keep_or_end, take_or_start
 from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines.seeding import shard_seed
+from iterft_ray.envs.runner import EnvRun
 
 
 def split(table: pa.Table, parts: int) -> list[pa.Table]:
@@ -25,10 +26,11 @@ def split(table: pa.Table, parts: int) -> list[pa.Table]:
 
 
 class GeneratorPool:
-    """Generator actors of one model and engine; `options` are each actor's Ray options (resources, restarts)."""
+    """Generator actors of one model and engine; `options` are each actor's Ray options (resources, restarts).
+    With `env`, every call samples trajectories in that environment (`iterft_ray.envs.runner`)."""
 
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig, options: dict[str, Any]):
-        self.model, self.sampling, self.options = model, sampling, options
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, options: dict[str, Any], env: EnvRun | None = None):
+        self.model, self.sampling, self.options, self.env = model, sampling, options, env
         self.actors: list[ray.actor.ActorHandle] = []
 
     def __len__(self) -> int:
@@ -60,7 +62,7 @@ class GeneratorPool:
         shards = split(prompts, len(self.actors))
         return [
             g.generate.remote(ray.put(shard), [weights], version, sampling, shard_seed(seed, round_index, i),
-                              round_index)
+                              round_index, self.env)
             for i, (g, shard) in enumerate(zip(self.actors, shards))
             if shard.num_rows
         ]
@@ -77,6 +79,6 @@ class GeneratorPool:
         """What a warm generator must have been made with to be taken (`warm.py`); None where none is kept: the hf
         engine without an adapter rebuilds as new in its process, while vLLM's engine and its caches, and an
         adapter added to a replica, are not taken apart again."""
-        if self.sampling.engine != "hf" or self.model.lora is not None:
+        if self.sampling.engine != "hf" or self.model.lora is not None or self.env is not None:
             return None
         return ("generator", self.options, self.model, index, self.sampling)

@@ -34,10 +34,10 @@ class ActorRequest:
     bundle: dict[str, float]
 
 
-def actor_requests(resources: ResourcesConfig, reward_models: int = 0) -> list[ActorRequest]:
-    """What the whole run asks Ray for: trainer ranks, generators, filter actors, and `resources.num_reward_models`
-    reward-model actors for each of the filters' `reward_models` distinct reward models (the one place it is
-    spelt out)."""
+def actor_requests(resources: ResourcesConfig, reward_models: int = 0, env: bool = False) -> list[ActorRequest]:
+    """What the whole run asks Ray for: trainer ranks, generators, filter actors, `resources.num_reward_models`
+    reward-model actors for each of the filters' `reward_models` distinct reward models, and with `env`
+    (an `env:` section) `resources.num_env_workers` environment actors (the one place it is spelt out)."""
     r = resources
 
     def bundle(cpus: float, gpus: float, custom: str | None) -> dict[str, float]:
@@ -50,6 +50,7 @@ def actor_requests(resources: ResourcesConfig, reward_models: int = 0) -> list[A
         ActorRequest("filter actor", r.filter_pool_size, bundle(r.filter_cpus, 0, "filter")),
         ActorRequest("reward model", r.num_reward_models * reward_models,
                      bundle(r.reward_model_cpus, r.reward_model_gpus, None)),
+        ActorRequest("env actor", r.num_env_workers if env else 0, bundle(r.env_cpus, 0, "env")),
     ]
 
 
@@ -107,12 +108,12 @@ def _too_big(requests: list[ActorRequest], asked: dict[str, float], there: str) 
     rewards = ", num_reward_models" if any(q.role == "reward model" and q.count for q in requests) else ""
     return (f"resources: the run asks for {parts}: {format_resources(asked)} in all, but {there}, so not every "
             f"actor could ever start; lower the counts or per-actor resources (resources.trainer_ranks, "
-            f"num_generators, filter_pool_size{rewards}, *_cpus, *_gpus) or give the cluster more")
+            f"num_generators, filter_pool_size{rewards}, num_env_workers, *_cpus, *_gpus) or give the cluster more")
 
 
 def _keys_of(role: str) -> str:
     key = {"trainer rank": "trainer", "generator": "generator", "filter actor": "filter",
-           "reward model": "reward_model"}[role]
+           "reward model": "reward_model", "env actor": "env"}[role]
     return f"lower resources.{key}_cpus / resources.{key}_gpus or add a bigger node"
 
 

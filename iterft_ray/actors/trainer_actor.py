@@ -27,8 +27,9 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedModel
 
 from iterft_ray.actors.heap import map_large_blocks
-from iterft_ray.train.batching import IGNORE_INDEX, examples_from_tensors
+from iterft_ray.train.batching import examples_from_tensors
 from iterft_ray.train.checkpoint import load_training_state, save_checkpoint
+from iterft_ray.train.labels import rollout_labels
 from iterft_ray.config import LoraConfig, ModelConfig
 from iterft_ray.data.rollouts import training_rows
 from iterft_ray.engines import engine_dtype
@@ -144,8 +145,9 @@ class TrainerRank:
         return self._train(examples[self.rank :: self.world_size])
 
     def step_rollouts(self, *rollouts: pa.Table, restart_from: StoragePath | str | None = None,
-                      epochs: int = 1) -> dict:
-        """Train `epochs` passes on the accepted rows of scored rollout batches: the sampled tokens, prompt masked.
+                      epochs: int = 1, train_turns: str = "all") -> dict:
+        """Train `epochs` passes on the accepted rows of scored rollout batches: the sampled tokens, prompt masked
+        (and, in trajectories, observations; `train_turns: last` keeps only the final turn: `rollout_labels`).
 
         With `restart_from` (recipe.train_from: base) the trainer first restarts from the weights saved there;
         a round with nothing to train on keeps the weights it has (and its version), restarting nothing.
@@ -155,16 +157,12 @@ class TrainerRank:
         rows = [] if table is None or table.num_rows == 0 else training_rows(table)
         if rows and restart_from is not None:  # every rank sees all rows, so all restart or none
             self.restart_from(restart_from)
-        mine = rows[self.rank :: self.world_size]
         is_encoder_decoder = self.trainer.is_encoder_decoder
         input_ids, labels = [], []
-        for prompt, completion in mine:
-            if is_encoder_decoder:
-                input_ids.append(torch.tensor(prompt))
-                labels.append(torch.tensor(completion))
-            else:
-                input_ids.append(torch.tensor(prompt + completion))
-                labels.append(torch.tensor([IGNORE_INDEX] * len(prompt) + completion))
+        for row in rows[self.rank :: self.world_size]:
+            ids, targets = rollout_labels(*row, train_turns=train_turns, is_encoder_decoder=is_encoder_decoder)
+            input_ids.append(torch.tensor(ids))
+            labels.append(torch.tensor(targets))
         examples = examples_from_tensors(
             input_ids, None, labels, is_encoder_decoder, self.trainer.max_length, self.trainer.truncation_mode
         )

@@ -40,7 +40,7 @@ def with_chat_template(prompts: pa.Table, tokenizer, system_prompt: str | None =
     texts = prompts.column("prompt").to_pylist()
     given = prompts.column("messages").to_pylist() if "messages" in prompts.column_names else [None] * len(texts)
     conversations = [messages or conversation(text, system_prompt) for text, messages in zip(texts, given)]
-    ids = [_template_ids(tokenizer, c, add_generation_prompt=True) for c in conversations]
+    ids = [template_ids(tokenizer, c, add_generation_prompt=True) for c in conversations]
     if "prompt_ids" in prompts.column_names:
         prompts = prompts.drop_columns(["prompt_ids"])
     return prompts.append_column("prompt_ids", pa.array(ids, pa.list_(pa.int32())))
@@ -51,8 +51,8 @@ def chat_example_ids(tokenizer, prompt: str, completion: str, system_prompt: str
     makes them, labels -100) and the assistant's turn as the template closes it (its end-of-turn token
     included, so the model learns to stop where sampling stops)."""
     messages = conversation(prompt, system_prompt)
-    prompt_ids = _template_ids(tokenizer, messages, add_generation_prompt=True)
-    full = _template_ids(tokenizer, [*messages, {"role": "assistant", "content": completion}])
+    prompt_ids = template_ids(tokenizer, messages, add_generation_prompt=True)
+    full = template_ids(tokenizer, [*messages, {"role": "assistant", "content": completion}])
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         completion_ids = full[len(prompt_ids):]
     else:  # a template that renders past turns differently (e.g. drops reasoning): the text and EOS
@@ -60,7 +60,7 @@ def chat_example_ids(tokenizer, prompt: str, completion: str, system_prompt: str
     return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
 
 
-def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     # transformers 5 returns a BatchEncoding here; it tokenizes the rendered text with add_special_tokens=False.
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                         return_dict=True)

@@ -16,6 +16,7 @@ engine without Ray.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,17 +31,37 @@ RolloutBatch = pa.Table
 
 # `completion_ids` are the sampled tokens, the stop token included when the model stopped
 # (`finished`); `logprob_sum` is their log-probability under the distribution sampled from.
+# `completion_mask` is 1 exactly where the model sampled the token: all ones for a single-turn sample; for a
+# trajectory, 0 on the template's tokens between turns and on the environment's observations.
 SAMPLE_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("completion", pa.string()),
     ("prompt_ids", pa.list_(pa.int32())),
     ("completion_ids", pa.list_(pa.int32())),
+    ("completion_mask", pa.list_(pa.int8())),
     ("finished", pa.bool_()),
     ("logprob_sum", pa.float64()),
     ("weight_version", pa.int64()),
     ("generator_id", pa.int32()),
     ("sampling_seed", pa.int64()),
     ("hinted", pa.bool_()),
+])
+
+# A trajectory's columns (`env:` runs; `iterft_ray.envs.runner`), after SAMPLE_SCHEMA's. There `completion` is
+# the final assistant message, `finished` means the environment said done, and `completion_ids` is everything
+# after the prompt: sampled turns, template tokens and observations. `truncated`: the context budget ran out
+# first; `messages`: the conversation (JSON); `env_reward`: the sum of `step_rewards`; `env_metrics`: the
+# environment's `get_metrics()` (JSON); `env_error`: why the environment ended it (raised, timed out, died);
+# `env_seconds`: the time its environment calls took.
+ENV_SCHEMA = pa.schema([
+    ("turns", pa.int32()),
+    ("truncated", pa.bool_()),
+    ("messages", pa.string()),
+    ("step_rewards", pa.list_(pa.float64())),
+    ("env_reward", pa.float64()),
+    ("env_metrics", pa.string()),
+    ("env_error", pa.string()),
+    ("env_seconds", pa.float64()),
 ])
 
 # Columns a prompt table may carry for one sampling call, read by `rollout_table` and not kept in the batch:
@@ -62,7 +83,7 @@ FILTER_INPUT_COLUMNS = ("prompt_id", "prompt", "completion")
 def rollout_table(
     prompts: pa.Table,
     tokenizer: PreTrainedTokenizerBase,
-    prompt_ids_all: list[list[int]],
+    prompt_ids_all: list[list[int]] | None,
     samples: dict[str, list],
     weight_version: int,
     generator_id: int,
@@ -71,6 +92,9 @@ def rollout_table(
 ) -> RolloutBatch:
     """The rollout batch from per-sample lists (`prompt_index`, `sample`, `completion_ids`,
     `finished`, `logprob_sum`): the prompt rows repeated per sample, plus `SAMPLE_SCHEMA`.
+
+    A trajectory's lists (`iterft_ray.envs.runner`) also give `prompt_ids` (its prompt as its environment's
+    `init` returned it; `prompt_ids_all` is then None), `completion`, `completion_mask` and `ENV_SCHEMA`'s.
 
     `seed` is the shard's sampling seed (`iterft_ray.engines.seeding.shard_seed`), kept with each row.
     A prompt table's `CALL_COLUMNS` number the samples on and swap a hinted prompt for its plain one.
@@ -89,9 +113,10 @@ def rollout_table(
     prompt_id_column = rows.column("prompt_id").to_pylist()
     values = {
         "sample_id": [f"r{round_index}-p{pid}-s{f + s}" for pid, f, s in zip(prompt_id_column, first, samples["sample"])],
-        "completion": tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-        "prompt_ids": [prompt_ids_all[i] for i in samples["prompt_index"]],
+        "completion": samples.get("completion") or tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        "prompt_ids": samples.get("prompt_ids") or [prompt_ids_all[i] for i in samples["prompt_index"]],
         "completion_ids": completion_ids,
+        "completion_mask": samples.get("completion_mask") or [[1] * len(ids) for ids in completion_ids],
         "finished": samples["finished"],
         "logprob_sum": samples["logprob_sum"],
         "weight_version": [weight_version] * len(index),
@@ -101,6 +126,9 @@ def rollout_table(
     }
     for column in SAMPLE_SCHEMA:
         rows = rows.append_column(column, pa.array(values[column.name], column.type))
+    if "env_reward" in samples:
+        for column in ENV_SCHEMA:
+            rows = rows.append_column(column, pa.array(samples[column.name], column.type))
     return rows
 
 
@@ -121,13 +149,19 @@ def with_scores(table: RolloutBatch, rows: list[tuple[float, bool, str | None, s
     return table
 
 
-def training_rows(table: RolloutBatch) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, completion_ids) of each row with a non-empty completion: what the trainer trains on.
+def training_rows(table: RolloutBatch) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt_ids, completion_ids, completion_mask) of each row with a non-empty completion: what the trainer
+    trains on (`iterft_ray.train.labels` makes the labels). A row from before masks (a ledger written by an
+    earlier version) gets all ones.
 
     Pass the accepted rows only; an empty completion has no token to learn from.
     """
     nonempty = table.filter(pc.greater(pc.list_value_length(table["completion_ids"]), 0))
-    return list(zip(nonempty["prompt_ids"].to_pylist(), nonempty["completion_ids"].to_pylist()))
+    completions = nonempty["completion_ids"].to_pylist()
+    masks = (nonempty["completion_mask"].to_pylist() if "completion_mask" in nonempty.column_names
+             else [None] * len(completions))
+    return [(prompt, completion, mask if mask is not None else [1] * len(completion))
+            for prompt, completion, mask in zip(nonempty["prompt_ids"].to_pylist(), completions, masks)]
 
 
 def summarize(scored: RolloutBatch) -> dict[str, Any]:
@@ -151,6 +185,29 @@ def summarize(scored: RolloutBatch) -> dict[str, Any]:
         "first_error": errors[0].as_py() if len(errors) else None,
         "weight_versions": {int(v["values"]): int(v["counts"]) for v in versions},
         "prompts": per_prompt,
+        **({"env": summarize_trajectories(scored)} if "env_reward" in scored.column_names else {}),
+    }
+
+
+def summarize_trajectories(table: RolloutBatch) -> dict[str, Any]:
+    """Sums over a batch's trajectories: environment errors (and the first), turns, truncated ones, observation
+    tokens (mask 0), environment seconds, and each numeric `env_metrics` key's (sum, count)."""
+    errors = pc.drop_null(table["env_error"])
+    metrics: dict[str, list[float]] = {}
+    for text in table["env_metrics"].to_pylist():
+        for key, value in json.loads(text or "{}").items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                total = metrics.setdefault(key, [0.0, 0])
+                total[0] += value
+                total[1] += 1
+    return {
+        "errors": len(errors),
+        "first_error": errors[0].as_py() if len(errors) else None,
+        "turns": int(pc.sum(table["turns"]).as_py() or 0),
+        "truncated": int(pc.sum(table["truncated"]).as_py() or 0),
+        "observation_tokens": sum(len(m) - sum(m) for m in table["completion_mask"].to_pylist()),
+        "seconds": float(pc.sum(table["env_seconds"]).as_py() or 0.0),
+        "metrics": metrics,
     }
 
 
@@ -181,6 +238,30 @@ def combine_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "filter_errors": sum(p["errors"] for p in parts),
         "first_filter_error": next((p["first_error"] for p in parts if p["first_error"] is not None), None),
         "weight_versions": versions,
+        **({"env": combine_trajectories([p["env"] for p in parts if "env" in p], rows)}
+           if any("env" in p for p in parts) else {}),
+    }
+
+
+def combine_trajectories(parts: list[dict[str, Any]], rows: int) -> dict[str, Any]:
+    """A round's trajectory statistics from `summarize_trajectories`'s sums: `env_errors` (and the first),
+    `turns_mean`, `truncation_rate`, `observation_tokens_mean`, `env_time` (seconds of environment calls, all
+    trajectories together) and `env_metrics/<key>` (the mean of the environments' `get_metrics()` values)."""
+    metrics: dict[str, list[float]] = {}
+    for p in parts:
+        for key, (total, count) in p["metrics"].items():
+            m = metrics.setdefault(key, [0.0, 0])
+            m[0] += total
+            m[1] += count
+    per_row = max(rows, 1)
+    return {
+        "env_errors": sum(p["errors"] for p in parts),
+        "first_env_error": next((p["first_error"] for p in parts if p["first_error"] is not None), None),
+        "turns_mean": sum(p["turns"] for p in parts) / per_row,
+        "truncation_rate": sum(p["truncated"] for p in parts) / per_row,
+        "observation_tokens_mean": sum(p["observation_tokens"] for p in parts) / per_row,
+        "env_time": sum(p["seconds"] for p in parts),
+        **{f"env_metrics/{key}": total / count for key, (total, count) in sorted(metrics.items()) if count},
     }
 
 

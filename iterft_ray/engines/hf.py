@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 
 from iterft_ray.config import SamplingConfig
 from iterft_ray.data.rollouts import RolloutBatch
-from iterft_ray.engines.hf_sampling import sample_rollouts
+from iterft_ray.engines.base import SampledTurn
+from iterft_ray.engines.hf_sampling import generate_token_ids, sample_rollouts, stop_token_ids
 from iterft_ray.train.models import load_model
 from iterft_ray.weights.delta import WeightDelta, apply_delta
 from iterft_ray.weights.snapshot import WeightSnapshot, is_peft_model, is_writable, load_snapshot, weights_checksum
@@ -30,6 +31,9 @@ class HFEngine:
         self.model = load_model(model_path, trust_remote_code=trust_remote_code, **dtype_arg).to(device).eval()
         # On CPU the replica's weights are the arrays of the snapshot it loaded last (`load`).
         self.keeps_snapshot = device == "cpu"
+        self.stops = stop_token_ids(self.model.generation_config, self.tokenizer)
+        config = self.model.config
+        self.max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self._owns_weights = True  # False while they are a read-only snapshot of the object store
 
     def load(self, snapshot: WeightSnapshot) -> None:
@@ -65,6 +69,12 @@ class HFEngine:
                generator_id: int, round_index: int) -> RolloutBatch:
         return sample_rollouts(self.model, self.tokenizer, prompts, config, seed, weight_version, generator_id,
                                round_index)
+
+    def generate_ids(self, prompt_ids: list[list[int]], config: SamplingConfig, seeds: list[int],
+                     max_new_tokens: list[int]) -> list[SampledTurn]:
+        """`Engine.generate_ids`: one `generate` call (in batches of `config.batch_size`), seeded with `seeds[0]`."""
+        return [SampledTurn(ids, done, total) for _, ids, done, total in
+                generate_token_ids(self.model, self.tokenizer, prompt_ids, config, seeds[0], 1, max_new_tokens)]
 
     def checksum(self) -> str:
         return weights_checksum(self.model)

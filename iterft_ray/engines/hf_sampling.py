@@ -81,13 +81,38 @@ def sample_rollouts(
     warpers are given to `generate` as logits processors, ahead of the recorder, so it
     sees the scores the token was drawn from.
     """
+    n = 1 if config.temperature == 0 else config.num_samples
+    prompt_ids_all = prompt_token_ids(tokenizer, prompts)
+    out: dict[str, list] = {k: [] for k in ("prompt_index", "sample", "completion_ids", "finished", "logprob_sum")}
+    for index, tokens, done, total in generate_token_ids(model, tokenizer, prompt_ids_all, config, seed, n):
+        out["prompt_index"].append(index // n)
+        out["sample"].append(index % n)
+        out["completion_ids"].append(tokens)
+        out["finished"].append(done)
+        out["logprob_sum"].append(total)
+    return rollout_table(prompts, tokenizer, prompt_ids_all, out, weight_version, generator_id, round_index, seed)
+
+
+@torch.no_grad()
+def generate_token_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids_all: list[list[int]],
+    config: SamplingConfig,
+    seed: int,
+    n: int = 1,
+    max_new_tokens: list[int] | None = None,
+):
+    """Yield (sequence index, sampled ids, finished, logprob_sum) for `n` samples of each prompt, in order
+    (sequence `i * n + s` is prompt i's sample s), in batches of about `config.batch_size` sequences.
+
+    Each row is cut after its first stop token (`finished`), or at its own `max_new_tokens[i]` when given
+    (a trajectory's context budget; the batch samples up to the largest); `logprob_sum` is over the ids kept.
+    """
     greedy = config.temperature == 0
-    n = 1 if greedy else config.num_samples
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     prompts_per_batch = max(1, config.batch_size // n)
     torch.manual_seed(seed)
-    out: dict[str, list] = {k: [] for k in ("prompt_index", "sample", "completion_ids", "finished", "logprob_sum")}
-    prompt_ids_all = prompt_token_ids(tokenizer, prompts)
     stops = stop_token_ids(model.generation_config, tokenizer)
     stop_tensor = torch.tensor(stops, device=model.device)
     warpers = [] if greedy else [
@@ -97,6 +122,7 @@ def sample_rollouts(
     ]
     for start in range(0, len(prompt_ids_all), prompts_per_batch):
         chunk = prompt_ids_all[start : start + prompts_per_batch]
+        limits = None if max_new_tokens is None else max_new_tokens[start : start + prompts_per_batch]
         batch = tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt", padding_side="left")
         batch = {k: v.to(model.device) for k, v in batch.items()}
         recorder = _SampledLogprobs()
@@ -108,7 +134,7 @@ def sample_rollouts(
             top_p=None if greedy else 1.0,
             top_k=None if greedy else 0,
             logits_processor=[*warpers, recorder],
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=config.max_new_tokens if limits is None else max(limits),
             num_return_sequences=n,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stops,
@@ -117,17 +143,16 @@ def sample_rollouts(
         logprobs = recorder.finish(new_tokens)
         # Cut each row after its first stop token, on the device, then read the batch back once.
         is_stop = torch.isin(new_tokens, stop_tensor)
+        if limits is not None:
+            limit = torch.tensor(limits, device=new_tokens.device).repeat_interleave(n)
+            is_stop &= torch.arange(new_tokens.shape[1], device=new_tokens.device)[None, :] < limit[:, None]
         finished = is_stop.any(dim=1)
         lengths = torch.where(finished, is_stop.int().argmax(dim=1) + 1, new_tokens.shape[1])
+        if limits is not None:
+            lengths = torch.minimum(lengths, limit)
         kept = torch.arange(new_tokens.shape[1], device=new_tokens.device)[None, :] < lengths[:, None]
         sums = torch.where(kept, logprobs, 0.0).sum(dim=1, dtype=torch.float64)
         for row, (tokens, length, done, total) in enumerate(
             zip(new_tokens.tolist(), lengths.tolist(), finished.tolist(), sums.tolist())
         ):
-            out["prompt_index"].append(start + row // n)
-            out["sample"].append(row % n)
-            out["completion_ids"].append(tokens[:length])
-            out["finished"].append(done)
-            out["logprob_sum"].append(total)
-    return rollout_table(prompts, tokenizer, prompt_ids_all, out, weight_version, generator_id, round_index, seed)
-
+            yield start * n + row, tokens[:length], done, total

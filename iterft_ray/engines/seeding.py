@@ -19,3 +19,9 @@ def wave_seed(seed: int, wave: int) -> int:
     keeps `seed`, so a run without waves samples as before; a later wave's seeds differ from the earlier ones'
     (and from the seeds of the next 1000 rollbacks, which move `seed` on by one each)."""
     return seed + wave * 1_000
+
+
+def turn_seed(shard_seed_: int, trajectory: int, turn: int) -> int:
+    """The seed of turn `turn` of the `trajectory`-th trajectory of a shard (multi-turn rounds): its own per
+    (trajectory, turn), so a trajectory run again from its start samples the same turns."""
+    return request_seed(shard_seed_, trajectory * 1_009 + turn)

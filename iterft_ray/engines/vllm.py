@@ -34,6 +34,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from iterft_ray.config import LoraConfig, SamplingConfig, VllmConfig
 from iterft_ray.data.rollouts import RolloutBatch, rollout_table
+from iterft_ray.engines.base import SampledTurn
 from iterft_ray.engines.hf_sampling import prompt_token_ids, stop_token_ids
 from iterft_ray.engines.seeding import request_seed
 from iterft_ray.weights.delta import WeightDelta, apply_delta
@@ -93,6 +94,7 @@ class VLLMEngine:
         # A snapshot of its own (a copy, a broadcast's buckets) stays referenced after its load: the base a
         # delta is applied to. The node's shared one is let go once hashed.
         self.keeps_snapshot = True
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def sleep(self) -> None:
         """With sleep mode: free the GPU for the trainer (level 1: weights to CPU memory, KV cache dropped)."""
@@ -142,6 +144,9 @@ class VLLMEngine:
             weights = [(name, _from_array(snapshot.arrays[src], snapshot.dtypes[src])) for name, src in names.items()]
         self.llm.collective_rpc("load_weights_in_place", args=(weights,))
         del weights
+        # vLLM leaves this to the caller: with prefix caching on, a prompt's KV blocks cached under the old
+        # weights would be reused under the new ones. Within a version, a trajectory's turns reuse its prefix.
+        self.llm.reset_prefix_cache()
         self._snapshot, self._checksum = snapshot, None
         if not is_writable(snapshot):
             # The engine holds its own weights now. Holding the shared snapshot too would keep this version
@@ -163,27 +168,14 @@ class VLLMEngine:
                generator_id: int, round_index: int) -> RolloutBatch:
         """Sample `config.num_samples` completions per prompt row; request i of the shard gets seed
         `seed`-derived and fixed, so a retried shard yields the same rows."""
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import TokensPrompt
 
         greedy = config.temperature == 0
         n = 1 if greedy else config.num_samples
         # Token ids, not text: vLLM samples from exactly these (a chat template's, say) without re-tokenizing.
         prompt_ids_all = prompt_token_ids(self.tokenizer, prompts)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids_all]
-        params = [
-            SamplingParams(
-                n=n,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                top_k=config.top_k,
-                max_tokens=config.max_new_tokens,
-                seed=request_seed(seed, i),
-                stop_token_ids=self.stops,
-                logprobs=0,  # the sampled token's log-prob only
-                detokenize=False,  # completions are decoded once, like the hf engine's
-            )
-            for i in range(len(requests))
-        ]
+        params = [self._params(config, n, request_seed(seed, i), config.max_new_tokens) for i in range(len(requests))]
         self.wake_up()
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._adapter)
         self.sleep()  # the trainer trains next (sync mode); the next load or sample wakes the engine
@@ -198,6 +190,38 @@ class VLLMEngine:
                 samples["logprob_sum"].append(sum(step[t].logprob for step, t in zip(completion.logprobs, tokens)))
         return rollout_table(prompts, self.tokenizer, prompt_ids_all, samples, weight_version, generator_id, round_index,
                              seed)
+
+    def generate_ids(self, prompt_ids: list[list[int]], config: SamplingConfig, seeds: list[int],
+                     max_new_tokens: list[int]) -> list[SampledTurn]:
+        """`Engine.generate_ids`: one request per sequence, each with its own seed and token limit."""
+        from vllm import TokensPrompt
+
+        params = [self._params(config, 1, seed, limit) for seed, limit in zip(seeds, max_new_tokens)]
+        self.wake_up()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=False, lora_request=self._adapter)
+        turns = []
+        for output in outputs:
+            completion = output.outputs[0]
+            tokens = list(completion.token_ids)
+            turns.append(SampledTurn(tokens, completion.finish_reason == "stop",
+                                     sum(step[t].logprob for step, t in zip(completion.logprobs, tokens))))
+        return turns
+
+    def _params(self, config: SamplingConfig, n: int, seed: int, max_tokens: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop_token_ids=self.stops,
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,  # completions are decoded once, like the hf engine's
+        )
 
     def checksum(self) -> str | None:
         """`weights_checksum` of the snapshot last loaded (vLLM fuses and repacks its own parameters,

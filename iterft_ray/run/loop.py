@@ -86,6 +86,8 @@ class IterativeLoop:
             filters=c.filters,
             filter_timeout_s=c.loop.filter_timeout_s,
             checkpoint=start.checkpoint,
+            env=c.env,
+            system_prompt=c.data.system_prompt,
         )
         try:
             start.prepare_directory(c)
@@ -144,12 +146,13 @@ class IterativeLoop:
         generations = self.out / "rounds" / f"{r + 1:04d}" / "generations.parquet"
         written = write_generations(generations, scored.tables)
         ledger = write_accepted(self.out, r + 1, self._ledger_filters, scored.tables)
-        if summary["filter_errors"]:
+        if summary["filter_errors"] or summary.get("env", {}).get("env_errors"):
             summary["first_filter_error"] = _one_line(summary["first_filter_error"])
             self._stop_on_filter_errors(r, summary, generations, written)
         recipe = c.recipe
         train = self.rl.step(training_set(recipe, self.out, r + 1, scored), deadline=deadline, epochs=recipe.epochs,
-                             restart_from=base_weights_dir(self.out) if recipe.train_from == "base" else None)
+                             restart_from=base_weights_dir(self.out) if recipe.train_from == "base" else None,
+                             train_turns=c.env.train_turns if c.env else "all")
         t["trained"] = time.perf_counter()
         if c.loop.async_mode:
             self.rl.publish_weights(train["version"])
@@ -400,13 +403,18 @@ class IterativeLoop:
 
     def _stop_on_filter_errors(self, r: int, summary: dict[str, Any], generations: StoragePath,
                                written: ray.ObjectRef) -> None:
-        """A round whose rows mostly fail in a filter is a broken filter, not a bad model: stop and say so."""
-        errors, rows, limit = summary["filter_errors"], summary["rows"], self.config.loop.max_filter_error_rate
+        """A round whose rows mostly fail in a filter or an environment is a broken filter or environment, not a
+        bad model: stop and say so. Environment errors and filter errors count together."""
+        env = summary.get("env", {})
+        errors = summary["filter_errors"] + env.get("env_errors", 0)
+        rows, limit = summary["rows"], self.config.loop.max_filter_error_rate
         if errors / rows >= limit:
             ray.get(written)  # the file the message points to
+            first = summary["first_filter_error"] or _one_line(env.get("first_env_error"))
+            where = "the filters or environments" if env else "the filters"
             raise FilterErrorsError(
-                f"round {r + 1}: {errors} of {rows} rows failed in the filters ({errors / rows:.0%}, "
-                f"loop.max_filter_error_rate is {limit:g}); first error: {summary['first_filter_error']} "
+                f"round {r + 1}: {errors} of {rows} rows failed in {where} ({errors / rows:.0%}, "
+                f"loop.max_filter_error_rate is {limit:g}); first error: {first} "
                 f"(every row and its error: {generations})"
             )
 
@@ -450,6 +458,7 @@ class IterativeLoop:
             "sync_time": t["synced"] - t["trained"],
             "round_time": time.perf_counter() - t["start"],
             **self._sampling_stats,
+            **_trajectory_stats(summary),
         }
         return stats
 
@@ -457,6 +466,16 @@ class IterativeLoop:
         self.prompts.close()
         self.recorder.close()
         self.rl.shutdown()
+
+
+def _trajectory_stats(summary: dict[str, Any]) -> dict[str, Any]:
+    """A multi-turn round's statistics (`combine_trajectories`), the first environment error on one line."""
+    env = dict(summary.get("env", {}))
+    if env.get("first_env_error") is not None:
+        env["first_env_error"] = _one_line(env["first_env_error"])
+    elif env:
+        del env["first_env_error"]
+    return env
 
 
 def _bar(iterable, desc: str, total: int | None = None):
@@ -509,6 +528,10 @@ def _summary_line(s: dict[str, Any]) -> str:
         line += f" | aside {s['set_aside']}"
     if "rolled_back_to" in s:
         line += f" | rolled back to round {s['rolled_back_to']}"
+    if "turns_mean" in s:
+        line += f" | turns {s['turns_mean']:.2f} env {s['env_time']:.1f}s trunc {s['truncation_rate']:.1%}"
     if s["filter_errors"]:
         line += f" | filter errors {s['filter_errors']}, first: {s['first_filter_error']}"
+    if s.get("env_errors"):
+        line += f" | env errors {s['env_errors']}, first: {s['first_env_error']}"
     return line

@@ -22,7 +22,7 @@ from iterft_ray.run.ledger import ledger_path
 from iterft_ray.storage import StoragePath
 
 # What the trainer reads of a row (`iterft_ray.data.rollouts.training_rows`), and the accepted flag it filters on.
-TRAINING_COLUMNS = ("prompt_id", "completion", "prompt_ids", "completion_ids")
+TRAINING_COLUMNS = ("prompt_id", "completion", "prompt_ids", "completion_ids", "completion_mask")
 
 
 def earlier_rounds(recipe: RecipeConfig, round_number: int) -> list[int]:
@@ -52,12 +52,22 @@ def deduplicated(tables: list[pa.Table]) -> pa.Table:
     parts = [t.filter(t["accepted"]) if "accepted" in t.column_names else t for t in tables if t.num_rows]
     if not parts:
         return pa.table({"accepted": pa.array([], pa.bool_())})
-    rows = pa.concat_tables([t.select(TRAINING_COLUMNS) for t in parts], promote_options="permissive")
-    keys = [f"{p}\x00{c}" for p, c in zip(rows["prompt_id"].to_pylist(), rows["completion"].to_pylist())]
+    # A ledger from before completion masks lacks the column: null there, all ones to `training_rows`.
+    parts = [t.select([c for c in TRAINING_COLUMNS if c in t.column_names]) for t in parts]
+    rows = pa.concat_tables(parts, promote_options="permissive")
+    keys = [f"{p}\x00{c}" for p, c in zip(rows["prompt_id"].to_pylist(), _completion_keys(rows))]
     newest = {key: i for i, key in enumerate(keys)}
     keep = sorted(newest.values())
     rows = rows.take(pa.array(keep, pa.int64()))
     return rows.append_column("accepted", pa.array([True] * rows.num_rows, pa.bool_()))
+
+
+def _completion_keys(rows: pa.Table) -> list[str]:
+    """What makes two rows of a prompt the same sample: the completion's text; for trajectories (whose text is
+    the final answer only) their token ids."""
+    if "completion_mask" in rows.column_names and any(0 in (m or []) for m in rows["completion_mask"].to_pylist()):
+        return [",".join(map(str, ids)) for ids in rows["completion_ids"].to_pylist()]
+    return rows["completion"].to_pylist()
 
 
 @ray.remote(num_cpus=0)

@@ -69,6 +69,7 @@ class RolloutScorer:
         timeout_s: float = 10.0,
         processes: int = 4,
         rewards: RewardScores | None = None,
+        min_env_score: float = 1.0,
     ):
         if not (isinstance(timeout_s, numbers.Real) and timeout_s > 0):
             raise ValueError(f"filter timeout_s: expected a number > 0, got {timeout_s!r}")
@@ -82,6 +83,7 @@ class RolloutScorer:
         self.row_filters = [f for f, sel in zip(resolved, is_selector) if not sel and not isinstance(f, RewardModel)]
         self.selectors = [f for f, sel in zip(resolved, is_selector) if sel]
         self.timeout_s = float(timeout_s)
+        self.min_env_score = min_env_score  # `env.min_score`: trajectories (rows with `env_reward`) below it fail
         self._rewards = rewards
         passed_score = 0.0 if self.reward_models else 1.0
         self._pool = FilterProcesses(self.row_filters, processes, passed_score) if self.row_filters else None
@@ -89,15 +91,19 @@ class RolloutScorer:
     def score(self, table: RolloutBatch) -> RolloutBatch:
         """The batch with `score`, `accepted` and `filter_error` added (see `score_rollouts`)."""
         check_unscored(table)
+        trajectories = "env_reward" in table.column_names
+        passed = 0.0 if self.reward_models or trajectories else 1.0
         if self._pool is None or table.num_rows == 0:
-            rows = [(0.0 if self.reward_models else 1.0, True, None, None)] * table.num_rows
+            rows = [(passed, True, None, None)] * table.num_rows
         else:
             calls = zip(
                 table["prompt"].to_pylist(),
                 table["completion"].to_pylist(),
                 table.drop_columns(["prompt", "completion"]).to_pylist(),
             )
-            rows = self._pool.score_rows(list(calls), self.timeout_s)
+            rows = self._pool.score_rows(list(calls), self.timeout_s, passed)
+        if trajectories:
+            rows = self._gate_trajectories(table, rows)
         if self.reward_models:
             rows = self._add_rewards(table, rows)
         table = with_scores(table, rows)
@@ -106,6 +112,16 @@ class RolloutScorer:
             mask = pc.and_(table["accepted"], selector.select(table))
             table = table.set_column(accepted_index, "accepted", mask)
         return table
+
+    def _gate_trajectories(self, table: RolloutBatch, rows: list[tuple]) -> list[tuple]:
+        """A trajectory's score is its `env_reward` plus what numeric row filters add; it is accepted only without
+        an `env_error`, not `truncated`, with `env_reward >= env.min_score`, and past its row filters' gates."""
+        gated = []
+        columns = zip(table["env_reward"].to_pylist(), table["env_error"].to_pylist(), table["truncated"].to_pylist())
+        for (score, accepted, error, answer), (reward, env_error, truncated) in zip(rows, columns):
+            passed = env_error is None and not truncated and reward >= self.min_env_score
+            gated.append((reward + score, accepted and passed, error, answer))
+        return gated
 
     def _add_rewards(self, table: RolloutBatch, rows: list[tuple]) -> list[tuple]:
         """`rows` with each reward model's reward added to the score of every row still accepted."""

@@ -56,7 +56,7 @@ def math_answer() -> _MathAnswer:
     return _MathAnswer()
 
 
-_CODE_BLOCK = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
+CODE_BLOCK = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class _PythonTests:
 
 def program_of(completion: str) -> str:
     """The Python program in a completion: its last fenced code block, else all of it."""
-    blocks = _CODE_BLOCK.findall(completion)
+    blocks = CODE_BLOCK.findall(completion)
     return blocks[-1] if blocks else completion
 
 

@@ -1,0 +1,121 @@
+"""Benchmark: trajectories per second with environment steps overlapped, against turn-synchronous rounds.
+
+    python jobs/bench_multiturn.py [--json out.json] [--reps 5] [--groups 4] [--engine hf|vllm]
+
+The tool demo's model (`iterft demo tools`: a tiny chat Llama, random weights, built here), 64
+trajectories of up to 4 turns of up to 16 tokens each, and an environment whose `step` sleeps 50 ms
+(`SlowEnv` below: a simulator, a sandbox, a database standing in). The trajectories run through the
+real runner (`iterft_ray.envs.runner.run_trajectories`) in this process with an hf engine, the
+environments in one environment actor, both ways, interleaved repetition by repetition:
+
+  overlapped       - as built: the trajectories advance in `--groups` groups (env.groups); while one
+                     group's environments step, the engine samples another group's turns
+  turn-synchronous - one group (env.groups: 1): each turn is sampled for every live trajectory, then
+                     every environment steps at once, then the next turn
+
+It prints `overlapped / turn-synchronous trajectories/s: R (per-rep a..b)  target >= 1.5 -> PASS|MISS`.
+Both sides sample the same trajectories (the same seeds, the same environment); the sampled token
+count of each side is printed too, so a side that sampled less is seen.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+STEP_SECONDS = 0.05
+TARGET = 1.5
+
+
+class SlowEnv:
+    """Every step takes 50 ms and answers with a short observation; done after the row's max_turns."""
+
+    def __init__(self, env_config, extras):
+        self.max_turns = int(extras["max_turns"])
+        self.turns = 0
+
+    def init(self, prompt):
+        return prompt, {}
+
+    def step(self, action):
+        time.sleep(STEP_SECONDS)
+        self.turns += 1
+        done = self.turns >= self.max_turns
+        return {"observations": [] if done else [{"role": "tool", "content": f"<result>{len(action)}</result>"}],
+                "reward": 1.0 if done else 0.0, "done": done, "metadata": {}}
+
+    def close(self):
+        pass
+
+
+def main() -> None:
+    import dataclasses
+
+    import pyarrow as pa
+    import ray
+    import torch
+
+    from iterft_ray.actors.env_pool import EnvPool
+    from iterft_ray.config import EnvConfig, SamplingConfig, VllmConfig, load_config
+    from iterft_ray.data.chat import with_chat_template
+    from iterft_ray.engines import create_engine
+    from iterft_ray.envs.runner import EnvRun, run_trajectories
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_common import (  # noqa: E402
+        column, environment, init_ray, interleave, parser, print_environment, print_table, verdict, write_json,
+    )
+
+    p = parser(__doc__, reps=5)
+    p.add_argument("--groups", type=int, default=EnvConfig.__dataclass_fields__["groups"].default)
+    p.add_argument("--trajectories", type=int, default=64)
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    args = p.parse_args()
+    init_ray(num_cpus=2)
+    env_info = environment()
+    print_environment(env_info)
+    if True:
+        model = load_config("demo_tools").model  # the tool demo's model, built into the tiny-model cache
+        sampling = SamplingConfig(num_samples=1, temperature=1.0, max_new_tokens=16, engine=args.engine,
+                                  vllm=VllmConfig(max_model_len=512))
+        engine = create_engine(model, sampling)
+        env = EnvConfig(name="bench_multiturn:SlowEnv", max_turns=4, turn_timeout_s=30)
+        pool = EnvPool(env, 1, {"num_cpus": 0})
+        prompts = pa.table({"prompt_id": list(range(args.trajectories)),
+                            "prompt": [f"What is {i}*{i + 7}?" for i in range(args.trajectories)]})
+        prompts = with_chat_template(prompts, engine.tokenizer)
+        counts = {}
+
+        def side(groups: int):
+            run = EnvRun(dataclasses.replace(env, groups=groups), pool.actors, max_length=512)
+
+            def go() -> dict:
+                table = run_trajectories(engine, prompts, run, sampling, seed=0, weight_version=0, generator_id=0,
+                                         round_index=0)
+                sampled = sum(sum(m) for m in table["completion_mask"].to_pylist())
+                turns = sum(table["turns"].to_pylist())
+                counts[groups] = (sampled, turns)
+                return {"trajectories": table.num_rows, "sampled_tokens": sampled, "turns": turns}
+            return go
+
+        torch.set_num_threads(2)
+        results = interleave({"overlapped": side(args.groups), "turn-synchronous": side(1)}, args.reps, args.warmup)
+        rate = {name: [r["trajectories"] / r["s"] for r in rows] for name, rows in results.items()}
+        table = print_table(f"{args.trajectories} trajectories, <= 4 turns of <= 16 tokens, {STEP_SECONDS * 1000:g} ms "
+                            f"steps, {args.engine} engine, groups {args.groups} vs 1",
+                            [(f"{name} trajectories/s", values, "traj/s") for name, values in rate.items()]
+                            + [(f"{name} sampled tokens", column(rows, "sampled_tokens"), "tokens")
+                               for name, rows in results.items()])
+        per_rep = [a / b for a, b in zip(rate["overlapped"], rate["turn-synchronous"])]
+        median = sorted(per_rep)[len(per_rep) // 2]
+        result = verdict("overlapped / turn-synchronous trajectories/s", median, TARGET, at_most=False,
+                         per_rep=per_rep)
+        write_json(args.json, {"environment": env_info, "figures": table, "verdict": result, "groups": args.groups,
+                               "engine": args.engine})
+        pool.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Multi-turn environments (`env:`): trajectories sampled turn by turn, token-exact, with the loss mask.
+
+A run is `iterft run` of a config with an `env:` section, on a tiny chat Llama whose tokenizer has BPE
+merges (`build_tiny_model(merges=True)`): decoding a sampled turn and encoding it again gives other ids,
+so a runner that re-tokenized would fail the log-prob check. The environments named by import string
+are tests/toy_envs.py's; SkyRL-gym's `gsm8k_multi_turn` comes from the skyrl-gym package as it is.
+"""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from iterft_ray.cli import main
+from iterft_ray.config import load_config
+from iterft_ray.envs.calculator import CalculatorEnv, evaluate
+from iterft_ray.envs.protocol import resolve_env
+from iterft_ray.envs.retry import RetryEnv
+from iterft_ray.envs.turns import TurnTemplate
+from iterft_ray.engines.hf_sampling import stop_token_ids
+from iterft_ray.tiny import build_tiny_model
+from iterft_ray.train.labels import last_turn, rollout_labels
+
+pytestmark = pytest.mark.usefixtures("warm_actors")
+
+
+@pytest.fixture(scope="module")
+def chat_path(tmp_path_factory):
+    return str(build_tiny_model("tiny-llama", tmp_path_factory.mktemp("envs") / "llama", chat_template=True,
+                                merges=True, num_attention_heads=2, num_key_value_heads=2))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(chat_path):
+    return AutoTokenizer.from_pretrained(chat_path)
+
+
+def _config(model, out, prompts_file, env, **sections):
+    return {
+        "model": {"name_or_path": model},
+        "data": {"task": None, "prompts_file": str(prompts_file), "chat_template": True},
+        "env": env,
+        "sampling": {"num_samples": 2, "max_new_tokens": 5},
+        "trainer": {"learning_rate": 1e-3, "per_device_train_batch_size": 16, "optim": "adamw_torch",
+                    "max_length": 256},
+        "resources": {"num_generators": 1, "filter_pool_size": 1},
+        "loop": {"rounds": 1, "prompts_per_round": 6, "save_every": 10, "output_dir": str(out)},
+        **sections,
+    }
+
+
+def _write(path, data):
+    path.write_text(data if isinstance(data, str) else "\n".join(json.dumps(r) for r in data))
+    return path
+
+
+def _runs(mask):
+    """(start, end, value) of each run of equal values in a mask."""
+    runs, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            runs.append((start, i, mask[start]))
+            start = i
+    return runs
+
+
+# ------------------------------------------------------------------ no Ray
+
+
+def test_env_names_resolve_or_fail_at_load(chat_path, tmp_path):
+    assert callable(resolve_env("calculator")) and callable(resolve_env("toy_envs:CountdownEnv"))
+    assert callable(resolve_env("skyrl_gym:gsm8k_multi_turn"))
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "1+1", "answer": "2"}])
+    base = _config(chat_path, tmp_path / "run", prompts, {"name": "calculator"})
+    assert load_config(base).filters == []  # with env:, no default filter
+    bad = [
+        ({"env": {"name": "calculater"}}, "env.name: 'calculater' is not a built-in environment"),
+        ({"env": {"name": "no_such_module:Env"}}, "env.name: 'no_such_module:Env': cannot import no_such_module"),
+        ({"env": {"name": "toy_envs:NoStep"}}, "env.name: 'toy_envs:NoStep': NoStep is not an environment class"),
+        ({"env": {"name": "skyrl_gym:nope"}}, "SkyRL-gym has no environment 'nope'"),
+        ({"env": {"name": "calculator", "train_turns": "first"}}, "env.train_turns: expected 'all' or 'last'"),
+        ({"data": {**base["data"], "chat_template": False}}, "set data.chat_template: true"),
+        ({"recipe": {"rationalize": True, "hint_template": "{prompt}"}}, "recipe.rationalize:"),
+        ({"model": {"name_or_path": "tiny-t5"}}, "is a seq2seq model"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError) as e:
+            load_config({**base, **change})
+        assert message in str(e.value) and "\n" not in str(e.value)
+    # The command line says it in one line, exit 2, before any actor starts.
+    config = _write(tmp_path / "bad.yaml", json.dumps({**base, "env": {"name": "calculater"}}))
+    assert main(["run", str(config)]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_calculator_parses_never_evals():
+    assert evaluate("12*(3+4) - 6/4") == evaluate("82.5")
+    for expression in ("__import__('os').system('true')", "2**999999", "x + 1"):
+        with pytest.raises((ValueError, SyntaxError)):
+            evaluate(expression)
+    env = CalculatorEnv({}, {"answer": "1554", "max_turns": 3})
+    out = env.step("I will use it: <calc>37*42</calc>")
+    assert out["observations"] == [{"role": "tool", "content": "<result>1554</result>"}] and not out["done"]
+    out = env.step("1554")
+    assert out["done"] and out["reward"] == 1.0 and env.get_metrics() == {"calls": 1}
+
+
+def test_retry_gives_another_try_with_the_row_checker():
+    env = RetryEnv({"filter": "exact_answer"}, {"answer": "5", "max_turns": 2})
+    env.init([{"role": "user", "content": "2+3="}])
+    wrong = env.step("6")
+    assert wrong["reward"] == 0.0 and not wrong["done"] and wrong["observations"][0]["content"] == "wrong, try again"
+    right = env.step("5")
+    assert right["reward"] == 1.0 and right["done"]
+
+
+def test_observation_ids_are_the_templates_tokens_between_turns(tokenizer):
+    template = TurnTemplate(tokenizer, stop_token_ids(None, tokenizer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    ids = template.observation_ids([{"role": "user", "content": "left: 2"}])
+    assert tokenizer.decode(ids) == "\n<|im_start|>user\nleft: 2<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode([template.end_of_turn]) == "<|im_end|>"
+
+
+def test_labels_mask_observations_and_keep_the_last_turn():
+    prompt, completion = [1, 2], [10, 11, 12, 20, 21, 13, 14, 22]
+    mask = [1, 1, 1, 0, 0, 1, 1, 0]
+    ids, labels = rollout_labels(prompt, completion, mask)
+    assert ids == prompt + completion
+    assert labels == [-100, -100, 10, 11, 12, -100, -100, 13, 14, -100]
+    assert last_turn(mask) == [0, 0, 0, 0, 0, 1, 1, 0]
+    assert rollout_labels(prompt, completion, mask, "last")[1] == [-100] * 7 + [13, 14, -100]
+
+
+# ------------------------------------------------------------------ runs
+
+
+@pytest.fixture(scope="module")
+def countdown_run(chat_path, tmp_path_factory, shared_ray):
+    """`iterft run` with an environment by import string; two rows name a faulty one (`env_class`): one raises in
+    `step`, one hangs past `env.turn_timeout_s`."""
+    shared_ray.up()
+    tmp = tmp_path_factory.mktemp("countdown")
+    rows = [{"prompt": f"Count down from {i}.", "prompt_id": i} for i in range(6)]
+    rows[0]["env_class"] = rows[1]["env_class"] = "toy_envs:FaultyEnv"  # prompt ids 0 (raises) and 1 (hangs)
+    prompts = _write(tmp / "prompts.jsonl", rows)
+    out = tmp / "run"
+    config = _config(chat_path, out, prompts, {"name": "toy_envs:CountdownEnv", "max_turns": 3, "turn_timeout_s": 3,
+                                               "groups": 2})
+    assert main(["run", str(_write(tmp / "config.yaml", json.dumps(config)))]) == 0
+    table = pq.read_table(out / "rounds" / "0001" / "generations.parquet")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return table, metrics[-1]
+
+
+def test_trajectories_mask_observations_and_keep_sampled_ids(countdown_run, tokenizer, chat_path):
+    table, _ = countdown_run
+    rows = [r for r in table.to_pylist() if r["prompt_id"] >= 2]
+    assert len(rows) == 8
+    model = AutoModelForCausalLM.from_pretrained(chat_path).eval()  # the weights that sampled them (version 0)
+    stops = stop_token_ids(model.generation_config, tokenizer)
+    template = TurnTemplate(tokenizer, stops)
+    for row in rows:
+        assert row["turns"] == 3 and row["finished"] and not row["truncated"] and row["env_error"] is None
+        assert row["env_reward"] == 1.0 and row["step_rewards"] == [0.0, 0.0, 1.0] and row["accepted"]
+        messages = json.loads(row["messages"])
+        assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+        assert row["prompt_ids"] == template.prompt_ids(messages[:1])
+        mask, ids = row["completion_mask"], row["completion_ids"]
+        assert len(mask) == len(ids)
+        runs = _runs(mask)
+        sampled = [ids[a:b] for a, b, v in runs if v == 1]
+        between = [ids[a:b] for a, b, v in runs if v == 0]
+        assert len(sampled) == 3 and len(between) == 2
+        for turn, message in zip(sampled, messages[1::2]):
+            assert tokenizer.decode(turn, skip_special_tokens=True) == message["content"]
+        for k, (observed, turn) in enumerate(zip(between, sampled)):
+            cut = [] if turn[-1] in stops else [template.end_of_turn]  # a turn cut by max_new_tokens is closed
+            assert observed == cut + template.observation_ids([{"role": "user", "content": f"left: {2 - k}"}])
+        assert row["completion"] == messages[-1]["content"]
+        # The log-probability of exactly the sampled ids under the sampling weights (temperature 1).
+        full = torch.tensor([row["prompt_ids"] + ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(full).logits[0, :-1].double(), dim=-1)
+        start = len(row["prompt_ids"])
+        total = sum(logprobs[start + i - 1, t].item() for i, (t, m) in enumerate(zip(ids, mask)) if m)
+        assert abs(total - row["logprob_sum"]) < 1e-3
+    # A re-tokenizing runner would not keep these ids: the BPE merges give other ids for some sampled turn.
+    turns = [ids[a:b] for row in rows for a, b, v in _runs(row["completion_mask"]) if v == 1
+             for ids in [row["completion_ids"]]]
+    assert any(tokenizer(tokenizer.decode(t), add_special_tokens=False)["input_ids"] != t for t in turns)
+
+
+def test_environment_errors_end_only_their_trajectories(countdown_run):
+    table, metrics = countdown_run
+    errors = {r["prompt_id"]: r["env_error"] for r in table.to_pylist() if r["prompt_id"] < 2}
+    raised = [r for r in table.to_pylist() if r["prompt_id"] == 0]
+    assert all("RuntimeError: the simulator crashed" in r["env_error"] and not r["accepted"] for r in raised)
+    hung = [r for r in table.to_pylist() if r["prompt_id"] == 1]
+    assert all("CallTimeout" in r["env_error"] and not r["accepted"] for r in hung), errors
+    assert metrics["env_errors"] == 4 and metrics["filter_errors"] == 0
+    assert metrics["accepted"] == 8 and metrics["train_rows"] == 8
+    # Trained on the sampled tokens only: the mask's ones of the accepted rows.
+    accepted = [r for r in table.to_pylist() if r["accepted"]]
+    assert metrics["num_target_tokens"] == sum(sum(r["completion_mask"]) for r in accepted)
+    assert metrics["turns_mean"] > 2 and metrics["truncation_rate"] == 0.0
+    # The environments' get_metrics(), averaged: 3 turns each; the one that raised closed after 0; the hung one's
+    # process was killed, so it has none.
+    reported = [json.loads(r["env_metrics"]) for r in table.to_pylist()]
+    assert sorted(m.get("countdown_turns") for m in reported if m) == [0, 0] + [3] * 8
+    assert metrics["env_metrics/countdown_turns"] == pytest.approx(24 / 10)
+
+
+def test_skyrl_gym_environment_runs_unchanged(chat_path, tmp_path, shared_ray):
+    """SkyRL-gym's gsm8k_multi_turn, by name, on rows as SkyRL's data sets have them (`reward_spec`), trained on
+    the last turn only."""
+    shared_ray.up()
+    rows = [{"prompt": f"Tom has {i} apples and buys 2. How many?", "reward_spec": {"ground_truth": str(i + 2)},
+             "env_class": "gsm8k_multi_turn"} for i in range(4)]
+    prompts = _write(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "run"
+    config = _config(chat_path, out, prompts, {"name": "skyrl_gym:gsm8k_multi_turn", "max_turns": 2, "min_score": 0,
+                                               "train_turns": "last"})
+    config["loop"]["prompts_per_round"] = 4
+    assert main(["run", str(_write(tmp_path / "config.yaml", json.dumps(config)))]) == 0
+    table = pq.read_table(out / "rounds" / "0001" / "generations.parquet").to_pylist()
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(r["env_error"] is None and r["turns"] == 2 for r in table)  # a wrong answer gets a second turn
+    assert all(json.loads(r["messages"])[2]["content"].startswith("Now provide only the final") for r in table)
+    accepted = [r for r in table if r["accepted"]]
+    assert accepted and metrics["train_rows"] == len(accepted)
+    assert metrics["num_target_tokens"] == sum(sum(last_turn(r["completion_mask"])) for r in accepted)
+    assert metrics["env_metrics/steps"] == 2.0
