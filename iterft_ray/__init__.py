@@ -10,6 +10,7 @@ _LAZY = {
     "IterativeLoop": ".run.loop",
     "RayIterativeSFTTrainer": ".ray_trainer",
     "RunConfig": ".config",
+    "TextEnv": ".envs.protocol",
     "keep_actors_warm": ".actors.warm",
     "load_config": ".config",
     # The errors a run stops with, for a driver script to catch.

@@ -115,6 +115,14 @@ class Zygote:
             self.process.wait()
 
 
+def live_zygote(zygote: Zygote | None) -> Zygote:
+    """`zygote` while its process runs; else (none yet, or it was killed) the shared one, the dead one released."""
+    if zygote is not None and zygote.process.poll() is not None:
+        zygote.release()
+        zygote = None
+    return zygote if zygote is not None else Zygote.shared()
+
+
 class CallTimeout(Exception):
     """A call ran past its deadline; its process was killed."""
 

@@ -240,7 +240,7 @@ class ResourcesConfig:
     reward_model_cpus: float = non_negative(1)
     reward_model_gpus: float = non_negative(0)
     # On a cluster made from cluster/*.yaml, actors also ask for the `trainer`,
-    # `generator` and `filter` resources so they land on their node types.
+    # `generator`, `filter` and `env` resources so they land on their node types.
     custom_resources: bool = False
     # A generator or filter actor that dies is restarted at most this many times, and a call
     # it was running retried at most max_task_retries times; past either, the run stops and
@@ -641,9 +641,12 @@ def _check_warmup_file(config: RunConfig) -> None:
         raise ValueError("data.warmup_file: demonstrations to warm up on, but loop.warmup_passes is 0; "
                          "set loop.warmup_passes: 1 or more")
     try:
-        load_warmup_file(config.data.warmup_file)
+        examples = load_warmup_file(config.data.warmup_file)
     except ValueError as e:
         raise ValueError(f"data.warmup_file: {e}") from None
+    if not config.data.chat_template and any("messages" in e for e in examples):
+        raise ValueError("data.warmup_file: conversations ({\"messages\": [...]}) are rendered with the chat "
+                         "template; set data.chat_template: true")
 
 
 def check_lora_serving(lora: LoraConfig | None, sampling: SamplingConfig) -> None:

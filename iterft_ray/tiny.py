@@ -63,6 +63,9 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
+# tiny-llama with a chat template and two stop tokens (`build_tiny_model(chat_template=True)`): for `env:` runs.
+TINY_CONFIGS["tiny-llama-chat"] = dict(TINY_CONFIGS["tiny-llama"], chat_template=True)
+
 # What `build_tokenizer(merges=True)` learns its merges from: chat turns, arithmetic, tool calls. A fixed text, so
 # the same merges every time.
 MERGES_CORPUS = [
@@ -72,7 +75,8 @@ MERGES_CORPUS = [
 ] * 20
 
 
-def build_tokenizer(seq2seq: bool = False, chat_template: bool = False, merges: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(seq2seq: bool = False, chat_template: bool = False,
+                    merges: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer, with no merges unless `merges`: every byte is one token, so any text encodes.
 
     `merges=True` learns BPE merges from `MERGES_CORPUS` (a vocabulary of 512), so a text's tokens are not its
@@ -131,9 +135,10 @@ def build_tiny_model(
     seq2seq = name == "tiny-t5"
     if chat_template and seq2seq:
         raise ValueError("chat_template: only for causal tiny models, not tiny-t5")
-    tokenizer = build_tokenizer(seq2seq=seq2seq, chat_template=chat_template, merges=merges)
     settings = dict(TINY_CONFIGS[name])
     model_type = settings.pop("model_type")
+    chat_template = settings.pop("chat_template", False) or chat_template
+    tokenizer = build_tokenizer(seq2seq=seq2seq, chat_template=chat_template, merges=merges)
     settings.update(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,

@@ -1,6 +1,6 @@
 """Benchmark: trajectories per second with environment steps overlapped, against turn-synchronous rounds.
 
-    python jobs/bench_multiturn.py [--json out.json] [--reps 5] [--groups 4] [--engine hf|vllm]
+    python jobs/bench_multiturn.py [--json out.json] [--reps 5] [--groups 4] [--step-ms 50] [--engine hf|vllm]
 
 The tool demo's model (`iterft demo tools`: a tiny chat Llama, random weights, built here), 64
 trajectories of up to 4 turns of up to 16 tokens each, and an environment whose `step` sleeps 50 ms
@@ -14,8 +14,15 @@ environments in one environment actor, both ways, interleaved repetition by repe
                      every environment steps at once, then the next turn
 
 It prints `overlapped / turn-synchronous trajectories/s: R (per-rep a..b)  target >= 1.5 -> PASS|MISS`.
-Both sides sample the same trajectories (the same seeds, the same environment); the sampled token
-count of each side is printed too, so a side that sampled less is seen.
+Both sides run the same prompts, seeds and environment; the hf engine seeds a sampling call, not a
+sequence, so the two sides' different calls sample different (equally likely) turns: the sampled
+token count of each side is printed, so a side that sampled less is seen.
+
+What overlap can give: a turn costs the turn-synchronous side one sampling call over every live
+trajectory plus one step; the overlapped side `--groups` smaller calls, with the steps hidden behind
+them. So it gains where a step takes about as long as sampling a turn (GPU engines, slow
+environments) and loses where sampling dominates: on 2 CPU cores this model samples a turn of 64
+trajectories in ~0.5 s, ten times a 50 ms step. `--step-ms` moves the step's length.
 """
 
 from __future__ import annotations
@@ -24,22 +31,22 @@ import sys
 import time
 from pathlib import Path
 
-STEP_SECONDS = 0.05
 TARGET = 1.5
 
 
 class SlowEnv:
-    """Every step takes 50 ms and answers with a short observation; done after the row's max_turns."""
+    """Every step takes `env_config["step_seconds"]` and answers with a short observation; done after max_turns."""
 
     def __init__(self, env_config, extras):
         self.max_turns = int(extras["max_turns"])
+        self.step_seconds = float(env_config["step_seconds"])
         self.turns = 0
 
     def init(self, prompt):
         return prompt, {}
 
     def step(self, action):
-        time.sleep(STEP_SECONDS)
+        time.sleep(self.step_seconds)
         self.turns += 1
         done = self.turns >= self.max_turns
         return {"observations": [] if done else [{"role": "tool", "content": f"<result>{len(action)}</result>"}],
@@ -71,49 +78,48 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=EnvConfig.__dataclass_fields__["groups"].default)
     p.add_argument("--trajectories", type=int, default=64)
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    p.add_argument("--step-ms", type=float, default=50.0, help="how long each environment step sleeps")
     args = p.parse_args()
     init_ray(num_cpus=2)
     env_info = environment()
     print_environment(env_info)
-    if True:
-        model = load_config("demo_tools").model  # the tool demo's model, built into the tiny-model cache
-        sampling = SamplingConfig(num_samples=1, temperature=1.0, max_new_tokens=16, engine=args.engine,
-                                  vllm=VllmConfig(max_model_len=512))
-        engine = create_engine(model, sampling)
-        env = EnvConfig(name="bench_multiturn:SlowEnv", max_turns=4, turn_timeout_s=30)
-        pool = EnvPool(env, 1, {"num_cpus": 0})
-        prompts = pa.table({"prompt_id": list(range(args.trajectories)),
-                            "prompt": [f"What is {i}*{i + 7}?" for i in range(args.trajectories)]})
-        prompts = with_chat_template(prompts, engine.tokenizer)
-        counts = {}
+    model = load_config("demo_tools").model  # the tool demo's model, built into the tiny-model cache
+    sampling = SamplingConfig(num_samples=1, temperature=1.0, max_new_tokens=16, engine=args.engine,
+                              vllm=VllmConfig(max_model_len=512))
+    engine = create_engine(model, sampling)
+    env = EnvConfig(name="bench_multiturn:SlowEnv", config={"step_seconds": args.step_ms / 1000}, max_turns=4,
+                    turn_timeout_s=30)
+    pool = EnvPool(env, 1, {"num_cpus": 0})
+    prompts = pa.table({"prompt_id": list(range(args.trajectories)),
+                        "prompt": [f"What is {i}*{i + 7}?" for i in range(args.trajectories)]})
+    prompts = with_chat_template(prompts, engine.tokenizer)
 
-        def side(groups: int):
-            run = EnvRun(dataclasses.replace(env, groups=groups), pool.actors, max_length=512)
+    def side(groups: int):
+        run = EnvRun(dataclasses.replace(env, groups=groups), pool.actors, max_length=512)
 
-            def go() -> dict:
-                table = run_trajectories(engine, prompts, run, sampling, seed=0, weight_version=0, generator_id=0,
-                                         round_index=0)
-                sampled = sum(sum(m) for m in table["completion_mask"].to_pylist())
-                turns = sum(table["turns"].to_pylist())
-                counts[groups] = (sampled, turns)
-                return {"trajectories": table.num_rows, "sampled_tokens": sampled, "turns": turns}
-            return go
+        def go() -> dict:
+            table = run_trajectories(engine, prompts, run, sampling, seed=0, weight_version=0, generator_id=0,
+                                     round_index=0)
+            sampled = sum(sum(m) for m in table["completion_mask"].to_pylist())
+            turns = sum(table["turns"].to_pylist())
+            return {"trajectories": table.num_rows, "sampled_tokens": sampled, "turns": turns}
+        return go
 
-        torch.set_num_threads(2)
-        results = interleave({"overlapped": side(args.groups), "turn-synchronous": side(1)}, args.reps, args.warmup)
-        rate = {name: [r["trajectories"] / r["s"] for r in rows] for name, rows in results.items()}
-        table = print_table(f"{args.trajectories} trajectories, <= 4 turns of <= 16 tokens, {STEP_SECONDS * 1000:g} ms "
-                            f"steps, {args.engine} engine, groups {args.groups} vs 1",
-                            [(f"{name} trajectories/s", values, "traj/s") for name, values in rate.items()]
-                            + [(f"{name} sampled tokens", column(rows, "sampled_tokens"), "tokens")
-                               for name, rows in results.items()])
-        per_rep = [a / b for a, b in zip(rate["overlapped"], rate["turn-synchronous"])]
-        median = sorted(per_rep)[len(per_rep) // 2]
-        result = verdict("overlapped / turn-synchronous trajectories/s", median, TARGET, at_most=False,
-                         per_rep=per_rep)
-        write_json(args.json, {"environment": env_info, "figures": table, "verdict": result, "groups": args.groups,
-                               "engine": args.engine})
-        pool.shutdown()
+    torch.set_num_threads(2)
+    results = interleave({"overlapped": side(args.groups), "turn-synchronous": side(1)}, args.reps, args.warmup)
+    rate = {name: [r["trajectories"] / r["s"] for r in rows] for name, rows in results.items()}
+    table = print_table(f"{args.trajectories} trajectories, <= 4 turns of <= 16 tokens, {args.step_ms:g} ms "
+                        f"steps, {args.engine} engine, groups {args.groups} vs 1",
+                        [(f"{name} trajectories/s", values, "traj/s") for name, values in rate.items()]
+                        + [(f"{name} sampled tokens", column(rows, "sampled_tokens"), "tokens")
+                           for name, rows in results.items()])
+    per_rep = [a / b for a, b in zip(rate["overlapped"], rate["turn-synchronous"])]
+    median = sorted(per_rep)[len(per_rep) // 2]
+    result = verdict("overlapped / turn-synchronous trajectories/s", median, TARGET, at_most=False,
+                     per_rep=per_rep)
+    write_json(args.json, {"environment": env_info, "figures": table, "verdict": result, "groups": args.groups,
+                           "engine": args.engine, "step_ms": args.step_ms})
+    pool.shutdown()
     ray.shutdown()
 
 

@@ -1,8 +1,8 @@
 """The cluster configs in cluster/: Ray's own validation, KubeRay's CRD schemas, the
 custom resources the actors ask for, and a live autoscaling run of cluster/local.yaml.
 
-Actors request 1 unit of `trainer`, `generator` or `filter` per actor, so every worker
-node type must offer exactly one of them and the head none.
+Actors request 1 unit of `trainer`, `generator`, `filter` or `env` per actor, so every
+worker node type must offer exactly one of them and the head none.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 # The v1 openAPIV3Schema of KubeRay's CRDs (descriptions removed), from shared/kuberay-crds.
 CRD_SCHEMAS = Path(__file__).parent / "data" / "kuberay"
-ROLES = ("trainer", "generator", "filter")
+ROLES = ("trainer", "generator", "filter", "env")
 
 YAMLS = sorted(p for p in CLUSTER.rglob("*.y*ml"))
 # The C loader when PyYAML has it: the CRD files are ~20k lines each.
@@ -100,14 +100,16 @@ def test_autoscaler_node_types_offer_the_actor_resources(path):
             gpus = workers[name]["resources"].get("GPU", 0)
             assert gpus >= 1, f"{name} nodes need GPUs"
             assert workers[name]["resources"][name] <= gpus, "one GPU per rank/generator"
-        assert workers["filter"]["resources"].get("GPU", 0) == 0
+        for name in ("filter", "env"):
+            assert workers[name]["resources"].get("GPU", 0) == 0, f"{name} nodes are CPU only"
 
 
 def test_aws_installs_the_synced_repo_and_keeps_token_auth():
     config = prepare_config(copy.deepcopy(DOCS[CLUSTER / "aws.yaml"]))
     assert config["file_mounts"]["~/iterft_ray"] == "."
     setup = config["head_setup_commands"] + config["worker_setup_commands"]
-    setup += config["available_node_types"]["filter"]["worker_setup_commands"]
+    for name in ("filter", "env"):
+        setup += config["available_node_types"][name]["worker_setup_commands"]
     assert all("pip install" in c and "-e ~/iterft_ray" in c for c in setup), setup
     assert "download.pytorch.org/whl/cpu" not in " ".join(config["worker_setup_commands"])
     assert "~/.ray/auth_token" in config["file_mounts"]
@@ -189,7 +191,8 @@ def test_kuberay_groups_offer_the_actor_resources(path):
         assert 0 <= t["min_workers"] <= t["max_workers"] and t["max_workers"] >= 1
     for name in ("trainer", "generator"):
         assert 1 <= workers[name]["resources"][name] <= workers[name]["resources"]["GPU"]
-    assert "GPU" not in workers["filter"]["resources"]
+    for name in ("filter", "env"):
+        assert "GPU" not in workers[name]["resources"]
 
 
 def test_rayjob_runs_the_iterative_sft_entrypoint():

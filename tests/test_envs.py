@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterft_ray.cli import main
 from iterft_ray.config import load_config
+from iterft_ray.data.warmup import load_warmup_file
 from iterft_ray.envs.calculator import CalculatorEnv, evaluate
 from iterft_ray.envs.protocol import resolve_env
 from iterft_ray.envs.retry import RetryEnv
@@ -117,7 +118,8 @@ def test_retry_gives_another_try_with_the_row_checker():
 
 
 def test_observation_ids_are_the_templates_tokens_between_turns(tokenizer):
-    template = TurnTemplate(tokenizer, stop_token_ids(None, tokenizer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    stops = stop_token_ids(None, tokenizer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    template = TurnTemplate(tokenizer, stops)
     ids = template.observation_ids([{"role": "user", "content": "left: 2"}])
     assert tokenizer.decode(ids) == "\n<|im_start|>user\nleft: 2<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode([template.end_of_turn]) == "<|im_end|>"
@@ -131,6 +133,33 @@ def test_labels_mask_observations_and_keep_the_last_turn():
     assert labels == [-100, -100, 10, 11, 12, -100, -100, 13, 14, -100]
     assert last_turn(mask) == [0, 0, 0, 0, 0, 1, 1, 0]
     assert rollout_labels(prompt, completion, mask, "last")[1] == [-100] * 7 + [13, 14, -100]
+
+
+def test_a_warm_up_conversation_trains_the_assistant_turns_only(tokenizer, chat_path, tmp_path):
+    """`{"messages": [...]}` demonstrations (TRL's conversational format): each assistant turn up to its end-of-turn
+    token is a target; the user's and the tool's messages and the template's tokens between turns are not."""
+    messages = [{"role": "user", "content": "47*82="}, {"role": "assistant", "content": "<calc>47*82</calc>"},
+                {"role": "tool", "content": "<result>3854</result>"}, {"role": "assistant", "content": "3854"}]
+    template = TurnTemplate(tokenizer, tokenizer.all_special_ids)
+    ids, labels = template.conversation_ids(messages)
+    assert tokenizer.decode(ids) + "\n" == tokenizer.apply_chat_template(messages, tokenize=False)
+    targets = [token for token, label in zip(ids, labels) if label != -100]
+    assert tokenizer.decode(targets) == "<calc>47*82</calc><|im_end|>3854<|im_end|>"
+    # Built as a trajectory is: the prompt's ids, then the turn, then the template's ids after it.
+    turn = tokenizer("<calc>47*82</calc>", add_special_tokens=False)["input_ids"] + [template.end_of_turn]
+    start = template.prompt_ids(messages[:1])
+    assert ids[: len(start) + len(turn)] == start + turn
+    between = template.observation_ids(messages[2:3])
+    assert ids[len(start) + len(turn):][: len(between)] == between
+    lines = _write(tmp_path / "demos.jsonl", [{"messages": messages}, {"prompt": "1+1=", "completion": "2"}])
+    assert load_warmup_file(lines)[0] == {"messages": messages}
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "1+1", "answer": "2"}])
+    config = _config(chat_path, tmp_path / "run", prompts, {"name": "calculator"})
+    config["data"].update(warmup_file=str(lines), chat_template=False)
+    config["loop"]["warmup_passes"] = 1
+    del config["env"]
+    with pytest.raises(ValueError, match="data.warmup_file: conversations .* set data.chat_template: true"):
+        load_config(config)
 
 
 # ------------------------------------------------------------------ runs
@@ -232,3 +261,49 @@ def test_skyrl_gym_environment_runs_unchanged(chat_path, tmp_path, shared_ray):
     assert accepted and metrics["train_rows"] == len(accepted)
     assert metrics["num_target_tokens"] == sum(sum(last_turn(r["completion_mask"])) for r in accepted)
     assert metrics["env_metrics/steps"] == 2.0
+
+
+def test_async_run_with_an_environment_killed_and_resumed_ends_with_the_same_weights(chat_path, tmp_path, shared_ray):
+    """A deterministic environment, async mode (staleness 1): a driver SIGKILLed after its first checkpoint and
+    resumed ends with the weights, metrics and trajectories of the run that was not killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from iterft_ray.run.run_dir import latest_checkpoint
+
+    shared_ray.up()
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": f"Count down from {i}.", "prompt_id": i}
+                                                  for i in range(12)])
+
+    def config(run_dir):
+        c = _config(chat_path, run_dir, prompts, {"name": "toy_envs:CountdownEnv", "max_turns": 2, "groups": 2})
+        c["loop"].update(rounds=3, prompts_per_round=4, save_every=1, async_mode=True, max_staleness=1)
+        return str(_write(tmp_path / f"{run_dir.name}.yaml", json.dumps(c)))
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert main(["run", config(straight)]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    driver = subprocess.Popen([sys.executable, "-m", "iterft_ray", "run", config(broken)], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while latest_checkpoint(broken) is None:
+        assert driver.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    assert latest_checkpoint(broken).name != "round-0003"
+    assert main(["run", config(broken), "--resume"]) == 0
+
+    a = load_file(str(straight / "checkpoints" / "round-0003" / "model.safetensors"))
+    b = load_file(str(broken / "checkpoints" / "round-0003" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for r in range(1, 4):
+        x = pq.read_table(straight / "rounds" / f"{r:04d}" / "generations.parquet").drop_columns(["env_seconds"])
+        y = pq.read_table(broken / "rounds" / f"{r:04d}" / "generations.parquet").drop_columns(["env_seconds"])
+        assert x.equals(y), r

@@ -29,7 +29,8 @@ class GeneratorPool:
     """Generator actors of one model and engine; `options` are each actor's Ray options (resources, restarts).
     With `env`, every call samples trajectories in that environment (`iterft_ray.envs.runner`)."""
 
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig, options: dict[str, Any], env: EnvRun | None = None):
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, options: dict[str, Any],
+                 env: EnvRun | None = None):
         self.model, self.sampling, self.options, self.env = model, sampling, options, env
         self.actors: list[ray.actor.ActorHandle] = []
 

@@ -245,8 +245,9 @@ def combine_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def combine_trajectories(parts: list[dict[str, Any]], rows: int) -> dict[str, Any]:
     """A round's trajectory statistics from `summarize_trajectories`'s sums: `env_errors` (and the first),
-    `turns_mean`, `truncation_rate`, `observation_tokens_mean`, `env_time` (seconds of environment calls, all
-    trajectories together) and `env_metrics/<key>` (the mean of the environments' `get_metrics()` values)."""
+    `turns_mean`, `truncation_rate`, `observation_tokens_mean`, `env_time_mean` (a trajectory's seconds in its
+    environment's calls, queueing in its actor included) and `env_metrics/<key>` (the mean of the environments'
+    `get_metrics()` values)."""
     metrics: dict[str, list[float]] = {}
     for p in parts:
         for key, (total, count) in p["metrics"].items():
@@ -260,7 +261,7 @@ def combine_trajectories(parts: list[dict[str, Any]], rows: int) -> dict[str, An
         "turns_mean": sum(p["turns"] for p in parts) / per_row,
         "truncation_rate": sum(p["truncated"] for p in parts) / per_row,
         "observation_tokens_mean": sum(p["observation_tokens"] for p in parts) / per_row,
-        "env_time": sum(p["seconds"] for p in parts),
+        "env_time_mean": sum(p["seconds"] for p in parts) / per_row,
         **{f"env_metrics/{key}": total / count for key, (total, count) in sorted(metrics.items()) if count},
     }
 

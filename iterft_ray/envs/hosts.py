@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from iterft_ray.call_processes import CallProcess, CallProcessDied, CallTimeout, Zygote
+from iterft_ray.call_processes import CallProcess, CallProcessDied, CallTimeout, Zygote, live_zygote
 from iterft_ray.envs.protocol import EnvFactory, Messages, checked_init, checked_step, resolve_env
 
 
@@ -121,11 +121,7 @@ class EnvProcesses:
         return Reply(ok, value if ok else f"{op}: {value}", time.perf_counter() - start)
 
     def _fork(self) -> CallProcess:
-        if self._zygote is not None and self._zygote.process.poll() is not None:
-            self._zygote.release()
-            self._zygote = None
-        if self._zygote is None:
-            self._zygote = Zygote.shared()
+        self._zygote = live_zygote(self._zygote)
         return self._zygote.fork(self._payload)
 
     def close_all(self) -> None:

@@ -88,33 +88,39 @@ class Trajectory:
 
 def run_trajectories(engine: Engine, prompts: pa.Table, run: EnvRun, sampling: SamplingConfig, seed: int,
                      weight_version: int, generator_id: int, round_index: int) -> RolloutBatch:
-    """Run `sampling.num_samples` trajectories per prompt row (one when greedy); returns their rollout batch."""
+    """Run `sampling.num_samples` trajectories per prompt row (one when greedy), `sampling.batch_size` at a time;
+    returns their rollout batch."""
     env = run.config
     template = TurnTemplate(engine.tokenizer, engine.stops)
     budget = min([b for b in (engine.max_model_len, run.max_length) if b] or [1 << 30])
     n = 1 if sampling.temperature == 0 else sampling.num_samples
     rows = prompts.to_pylist()
     call = uuid.uuid4().hex[:12]
-    trajectories = []
-    for p, row in enumerate(rows):
-        for s in range(n):
-            index = p * n + s
-            t = Trajectory(index, f"{call}-{index}", run.actors[(generator_id + index) % len(run.actors)],
-                           row.get("messages") or conversation(row["prompt"], run.system_prompt))
+
+    def new(index: int, row: dict) -> Trajectory:  # each keeps one environment actor for all its turns
+        return Trajectory(index, f"{call}-{index}", run.actors[(generator_id + index) % len(run.actors)],
+                          row.get("messages") or conversation(row["prompt"], run.system_prompt))
+
+    trajectories = [new(p * n + s, row) for p, row in enumerate(rows) for s in range(n)]
+    # At most `sampling.batch_size` trajectories in flight: each holds an environment process while it runs.
+    for start in range(0, len(trajectories), sampling.batch_size):
+        chunk = trajectories[start:start + sampling.batch_size]
+        for t in chunk:
+            row = rows[t.index // n]
             extras = {k: v for k, v in row.items() if k not in _NOT_EXTRAS}
             extras.setdefault("max_turns", env.max_turns)
             t.pending = t.actor.open.remote(t.key, _env_name(row.get("env_class"), env.name), extras, t.messages)
-            trajectories.append(t)
-    groups = _groups(trajectories, env.groups)
-    while any(t.state is not State.DONE for t in trajectories):
-        for group in groups:
-            live = [t for t in group if t.state is not State.DONE]
-            if not live:
-                continue
-            replies = ray.get([t.pending for t in live])
-            for t, reply in zip(live, replies):
-                _take_reply(t, reply, template, env, budget)
-            _sample_turns([t for t in live if t.state is State.SAMPLE], engine, sampling, seed, budget)
+        groups = _groups(chunk, env.groups)
+        while any(t.state is not State.DONE for t in chunk):
+            for group in groups:
+                live = [t for t in group if t.state is not State.DONE]
+                if not live:
+                    continue
+                replies = ray.get([t.pending for t in live])
+                for t, reply in zip(live, replies):
+                    _take_reply(t, reply, template, env, budget)
+                _sample_turns([t for t in live if t.state is State.SAMPLE], engine, sampling, seed, budget)
+        ray.wait([t.closing for t in chunk], num_returns=len(chunk), fetch_local=False)
     metrics = ray.get([t.closing for t in trajectories])
     return _trajectory_table(prompts, trajectories, metrics, n, engine.tokenizer, weight_version, generator_id,
                              round_index, seed)

@@ -17,7 +17,12 @@ _BASE: Messages = [{"role": "user", "content": "1"}, {"role": "assistant", "cont
 
 
 class TurnTemplate:
-    """A tokenizer's chat template, seen from a trajectory: `prompt_ids`, `end_of_turn`, `observation_ids`."""
+    """A tokenizer's chat template, seen from a trajectory: `prompt_ids`, `end_of_turn`, `observation_ids`, and a
+    demonstration's ids built the same way (`conversation_ids`).
+
+    `stops`: the tokens that end a sampled turn (the engine's); any special tokens will do where none sample
+    (a warm-up), as templates end a turn with one.
+    """
 
     def __init__(self, tokenizer, stops: list[int]):
         self.tokenizer = tokenizer
@@ -41,3 +46,28 @@ class TurnTemplate:
             raise ValueError("the chat template renders earlier turns differently once observations follow; "
                              "observation tokens cannot be appended to a trajectory")
         return self._after_turn + full[len(self._base_ids):]
+
+    def conversation_ids(self, messages: Messages) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of a demonstration (TRL's `{"messages": [...]}`), built as the runner builds a
+        trajectory: the prompt up to the first assistant message, then each assistant message's text tokenized
+        with the end-of-turn token after it (labels: those ids), then the messages up to the next assistant one
+        as observations (labels -100). So a warm-up shows the model exactly the ids it will sample from, not a
+        rendering of the whole text, whose tokens at turn boundaries can differ."""
+        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+        if not first:
+            raise ValueError("a conversation needs a first message that is not the assistant's and an assistant "
+                             "message after it")
+        ids = self.prompt_ids(messages[:first])
+        labels = [-100] * len(ids)
+        i = first
+        while i < len(messages):
+            turn = self.tokenizer(messages[i]["content"], add_special_tokens=False)["input_ids"] + [self.end_of_turn]
+            ids, labels = ids + turn, labels + turn
+            following = i + 1
+            while following < len(messages) and messages[following]["role"] != "assistant":
+                following += 1
+            if following < len(messages):  # observations, then the next assistant turn
+                between = self.observation_ids(messages[i + 1:following])
+                ids, labels = ids + between, labels + [-100] * len(between)
+            i = following
+        return ids, labels

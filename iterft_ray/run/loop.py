@@ -23,10 +23,12 @@ from iterft_ray.actors.failures import Deadline, wait_for
 from iterft_ray.config import RunConfig, load_config
 from iterft_ray.data.prompt_stream import open_prompts
 from iterft_ray.data.chat import chat_example_ids, with_chat_template
+from iterft_ray.data.warmup import is_conversation
 from iterft_ray.data.prompts import PromptDataError
 from iterft_ray.data.curriculum import PassRecord
 from iterft_ray.data.rollouts import ScoredRollouts
 from iterft_ray.engines.seeding import wave_seed
+from iterft_ray.envs.turns import TurnTemplate
 from iterft_ray.ray_trainer import RayIterativeSFTTrainer
 from iterft_ray.run.evaluation import Evaluation, eval_path, evaluation_filters, held_out_rule
 from iterft_ray.run.in_flight import delete_in_flight, load_in_flight, save_in_flight
@@ -237,8 +239,10 @@ class IterativeLoop:
         if not passes or not examples:
             return None
         if self.chat_tokenizer is not None:  # the prompts as sampling sees them: the same template's tokens
-            pairs = [chat_example_ids(self.chat_tokenizer, e["prompt"], e["completion"], self.config.data.system_prompt)
-                     for e in examples]
+            system = self.config.data.system_prompt
+            turns = TurnTemplate(self.chat_tokenizer, self.chat_tokenizer.all_special_ids)
+            pairs = [turns.conversation_ids(e["messages"]) if is_conversation(e) else
+                     chat_example_ids(self.chat_tokenizer, e["prompt"], e["completion"], system) for e in examples]
             batch = {"input_ids": [torch.tensor(ids) for ids, _ in pairs],
                      "labels": [torch.tensor(labels) for _, labels in pairs]}
         else:
@@ -529,7 +533,8 @@ def _summary_line(s: dict[str, Any]) -> str:
     if "rolled_back_to" in s:
         line += f" | rolled back to round {s['rolled_back_to']}"
     if "turns_mean" in s:
-        line += f" | turns {s['turns_mean']:.2f} env {s['env_time']:.1f}s trunc {s['truncation_rate']:.1%}"
+        line += (f" | turns {s['turns_mean']:.2f} env {s['env_time_mean'] * 1000:.0f}ms/trajectory "
+                 f"truncated {s['truncation_rate']:.1%}")
     if s["filter_errors"]:
         line += f" | filter errors {s['filter_errors']}, first: {s['first_filter_error']}"
     if s.get("env_errors"):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from iterft_ray.call_processes import START_LIMIT_S, CallProcess, Zygote
+from iterft_ray.call_processes import START_LIMIT_S, CallProcess, Zygote, live_zygote
 from iterft_ray.verify.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ class FilterProcesses:
     """Worker processes that run row-filter calls, one row each at a time, under a timeout.
 
     A call past its timeout is stopped by killing its process (`iterft_ray.call_processes`), and the
-    killed worker is replaced before the next row. The workers are forked from a zygote (`iterft_ray.call_processes.Zygote`) that loaded
-    the filters, so neither the first nor a replacement imports the filters' modules again.
+    killed worker is replaced before the next row. The workers are forked from a zygote that loaded the
+    filters, so neither the first nor a replacement imports the filters' modules again.
     """
 
     def __init__(self, row_filters: list[RowFilter], size: int, passed_score: float = 1.0):
@@ -151,11 +151,7 @@ class FilterProcesses:
             self._workers.append(self._new_worker())
 
     def _new_worker(self) -> CallProcess:
-        if self._zygote is not None and self._zygote.process.poll() is not None:  # it was killed: a new one
-            self._zygote.release()
-            self._zygote = None
-        if self._zygote is None:
-            self._zygote = Zygote.shared()
+        self._zygote = live_zygote(self._zygote)
         return self._zygote.fork(self._payload)
 
     def close(self) -> None:

@@ -117,10 +117,12 @@ class RolloutScorer:
         """A trajectory's score is its `env_reward` plus what numeric row filters add; it is accepted only without
         an `env_error`, not `truncated`, with `env_reward >= env.min_score`, and past its row filters' gates."""
         gated = []
-        columns = zip(table["env_reward"].to_pylist(), table["env_error"].to_pylist(), table["truncated"].to_pylist())
-        for (score, accepted, error, answer), (reward, env_error, truncated) in zip(rows, columns):
+        columns = zip(table["env_reward"].to_pylist(), table["env_error"].to_pylist(), table["truncated"].to_pylist(),
+                      table["completion"].to_pylist())
+        for (score, accepted, error, answer), (reward, env_error, truncated, final) in zip(rows, columns):
             passed = env_error is None and not truncated and reward >= self.min_env_score
-            gated.append((reward + score, accepted and passed, error, answer))
+            # The final assistant message is the answer given (maj@n votes on it) where no filter read one.
+            gated.append((reward + score, accepted and passed, error, answer if answer is not None else final.strip()))
         return gated
 
     def _add_rewards(self, table: RolloutBatch, rows: list[tuple]) -> list[tuple]:

@@ -10,9 +10,9 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-from iterft_ray.data.tasks import addition
+from iterft_ray.data.tasks import addition, multiplication
 
-_TASKS = {"addition": addition}
+_TASKS = {"addition": addition, "multiplication": multiplication}
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Task:
     """A verifiable task: train and held-out prompts with answers, warm-up examples, a checker.
 
     Prompt rows are `{"prompt_id", "prompt", "answer"}` with ids unique across both splits;
-    warm-up examples are `{"prompt", "completion"}`. No held-out problem appears in the
+    warm-up examples are `{"prompt", "completion"}`, or `{"messages": [...]}` conversations (a tool's protocol). No held-out problem appears in the
     train prompts or the warm-up examples, so held-out accuracy measures generalisation.
     `check` is a module-level function, so it pickles by reference to Ray actors.
     """
