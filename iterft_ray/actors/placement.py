@@ -106,9 +106,10 @@ def _too_big(requests: list[ActorRequest], asked: dict[str, float], there: str) 
     parts = ", ".join(f"{q.count} {q.role}{'s' * (q.count != 1)} x {format_resources(q.bundle)}"
                       for q in requests if q.count)
     rewards = ", num_reward_models" if any(q.role == "reward model" and q.count for q in requests) else ""
+    rewards += ", num_env_workers" if any(q.role == "env actor" and q.count for q in requests) else ""
     return (f"resources: the run asks for {parts}: {format_resources(asked)} in all, but {there}, so not every "
             f"actor could ever start; lower the counts or per-actor resources (resources.trainer_ranks, "
-            f"num_generators, filter_pool_size{rewards}, num_env_workers, *_cpus, *_gpus) or give the cluster more")
+            f"num_generators, filter_pool_size{rewards}, *_cpus, *_gpus) or give the cluster more")
 
 
 def _keys_of(role: str) -> str:

@@ -78,7 +78,7 @@ def evaluate(target: EvalTarget) -> dict[str, Any]:
         rl = RayIterativeSFTTrainer(
             c.model, {"output_dir": scratch, "report_to": "none", "seed": c.loop.seed, **c.trainer},
             resources=c.resources, sampling=c.sampling, filters=c.filters, filter_timeout_s=c.loop.filter_timeout_s,
-            checkpoint=target.checkpoint,
+            checkpoint=target.checkpoint, env=c.env, system_prompt=c.data.system_prompt,
         )
         try:
             evaluation = Evaluation(prompts, evaluation_filters(c), c.eval.num_samples, c.loop.seed)
