@@ -307,3 +307,36 @@ def test_async_run_with_an_environment_killed_and_resumed_ends_with_the_same_wei
         x = pq.read_table(straight / "rounds" / f"{r:04d}" / "generations.parquet").drop_columns(["env_seconds"])
         y = pq.read_table(broken / "rounds" / f"{r:04d}" / "generations.parquet").drop_columns(["env_seconds"])
         assert x.equals(y), r
+
+
+def test_vllm_engine_samples_trajectories_token_exact(tmp_path, shared_ray):
+    """The same runner on the vllm engine (one request per trajectory turn, each with its own seed, the
+    conversation's prefix cached within a version): the mask and the sampled ids' log-probability hold."""
+    shared_ray.up()
+    path = str(build_tiny_model("tiny-llama", tmp_path / "llama", chat_template=True, merges=True,
+                                num_attention_heads=2, num_key_value_heads=2))  # head_dim 32 for vLLM's CPU attention
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": f"Count down from {i}.", "prompt_id": i} for i in range(3)])
+    out = tmp_path / "run"
+    config = _config(path, out, prompts, {"name": "toy_envs:CountdownEnv", "max_turns": 2})
+    config["sampling"].update(engine="vllm", vllm={"max_model_len": 256})
+    config["loop"]["prompts_per_round"] = 3
+    assert main(["run", str(_write(tmp_path / "config.yaml", json.dumps(config)))]) == 0
+    rows = pq.read_table(out / "rounds" / "0001" / "generations.parquet").to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = TurnTemplate(tokenizer, stop_token_ids(model.generation_config, tokenizer))
+    assert len(rows) == 6
+    for row in rows:
+        assert row["turns"] == 2 and row["finished"] and row["accepted"]
+        runs = _runs(row["completion_mask"])
+        assert [v for _, _, v in runs] == [1, 0, 1]
+        between, observation = (row["completion_ids"][runs[1][0]:runs[1][1]],
+                                template.observation_ids([{"role": "user", "content": "left: 1"}]))
+        assert between[-len(observation):] == observation  # after the end-of-turn token of a cut turn, if any
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+        start = len(row["prompt_ids"])
+        sampled = [(i, t) for i, (t, m) in enumerate(zip(row["completion_ids"], row["completion_mask"])) if m]
+        total = sum(logprobs[start + i - 1, t].item() for i, t in sampled)
+        assert abs(total - row["logprob_sum"]) / len(sampled) < 2e-3
