@@ -340,3 +340,37 @@ def test_vllm_engine_samples_trajectories_token_exact(tmp_path, shared_ray):
         sampled = [(i, t) for i, (t, m) in enumerate(zip(row["completion_ids"], row["completion_mask"])) if m]
         total = sum(logprobs[start + i - 1, t].item() for i, t in sampled)
         assert abs(total - row["logprob_sum"]) / len(sampled) < 2e-3
+
+
+def test_trajectories_whose_environment_actor_died_run_again_from_their_start(chat_path, tmp_path, shared_ray):
+    """The environment actor is killed mid-round (Ray restarts it): its trajectories run again from their start on
+    the restarted actor, and the round ends with every trajectory whole, none with an env_error."""
+    import threading
+    import time
+
+    import ray
+
+    from iterft_ray.run.loop import IterativeLoop
+
+    shared_ray.up()
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": f"Count down from {i}.", "prompt_id": i} for i in range(4)])
+    config = _config(chat_path, tmp_path / "run", prompts, {"name": "toy_envs:CountdownEnv", "max_turns": 3,
+                                                            "config": {"step_seconds": 0.5}})
+    config["loop"]["prompts_per_round"] = 4
+    loop = IterativeLoop(config)
+    try:
+        actor = loop.rl.env_pool.actors[0]
+        pid = ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(stats=loop.round()))
+        thread.start()
+        time.sleep(2.0)  # mid-trajectory: each of the 3 steps takes 0.5 s
+        ray.kill(actor, no_restart=False)
+        thread.join(timeout=300)
+        assert not thread.is_alive() and result["stats"]["env_errors"] == 0
+        assert ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid())) != pid  # restarted
+    finally:
+        loop.shutdown()
+    rows = pq.read_table(tmp_path / "run" / "rounds" / "0001" / "generations.parquet").to_pylist()
+    assert len(rows) == 8 and all(r["env_error"] is None and r["turns"] == 3 and r["accepted"] for r in rows)
+    assert all(r["step_rewards"] == [0.0, 0.0, 1.0] for r in rows)

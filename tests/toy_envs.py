@@ -14,12 +14,14 @@ class CountdownEnv:
     def __init__(self, env_config, extras):
         self.max_turns = int(extras["max_turns"])
         self.reward = float(env_config.get("reward", 1.0))
+        self.step_seconds = float(env_config.get("step_seconds", 0.0))  # a slow simulator, where a test needs one
         self.turns = 0
 
     def init(self, prompt):
         return prompt, {}
 
     def step(self, action):
+        time.sleep(self.step_seconds)
         self.turns += 1
         done = self.turns >= self.max_turns
         observations = [] if done else [{"role": "user", "content": f"left: {self.max_turns - self.turns}"}]

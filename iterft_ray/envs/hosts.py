@@ -21,11 +21,13 @@ from iterft_ray.envs.protocol import EnvFactory, Messages, checked_init, checked
 
 
 class Reply(NamedTuple):
-    """An environment call's outcome: `ok`, its value (or the error's text), and the seconds it took."""
+    """An environment call's outcome: `ok`, its value (or the error's text), and the seconds it took. `lost`: the
+    trajectory's environment is gone with no fault of its own (its actor restarted), so it may run again."""
 
     ok: bool
     value: Any
     seconds: float
+    lost: bool = False
 
 
 class EnvHost:
@@ -111,7 +113,7 @@ class EnvProcesses:
         start = time.perf_counter()
         process = self._open.get(key)
         if process is None:
-            return Reply(False, f"{op}: no environment is open for this trajectory (its actor restarted)", 0.0)
+            return Reply(False, f"{op}: no environment is open for this trajectory (its actor restarted)", 0.0, True)
         try:
             ok, value = process.call(0, (op, *args), self.timeout_s)
         except (CallTimeout, CallProcessDied) as e:

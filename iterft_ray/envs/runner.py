@@ -37,6 +37,8 @@ from iterft_ray.envs.hosts import Reply
 from iterft_ray.envs.protocol import BUILTIN_ENVS, SKYRL_PREFIX
 from iterft_ray.envs.turns import TurnTemplate
 
+# How often a trajectory runs again from its start after its environment actor died, before it ends with `env_error`.
+MAX_TRAJECTORY_RESTARTS = 3
 # Prompt-table columns that are not the environment's extras.
 _NOT_EXTRAS = ("prompt", "prompt_ids", "messages", "env_class", *CALL_COLUMNS)
 
@@ -80,6 +82,8 @@ class Trajectory:
     env_seconds: float = 0.0
     last_action: str = ""
     closing: Any = None
+    opening: tuple = ()  # (env name, extras, prompt messages): what `open` is called with, again after a restart
+    restarts: int = 0
 
     @property
     def length(self) -> int:
@@ -109,21 +113,46 @@ def run_trajectories(engine: Engine, prompts: pa.Table, run: EnvRun, sampling: S
             row = rows[t.index // n]
             extras = {k: v for k, v in row.items() if k not in _NOT_EXTRAS}
             extras.setdefault("max_turns", env.max_turns)
-            t.pending = t.actor.open.remote(t.key, _env_name(row.get("env_class"), env.name), extras, t.messages)
+            t.opening = (_env_name(row.get("env_class"), env.name), extras, t.messages)
+            _open(t)
         groups = _groups(chunk, env.groups)
         while any(t.state is not State.DONE for t in chunk):
             for group in groups:
                 live = [t for t in group if t.state is not State.DONE]
                 if not live:
                     continue
-                replies = ray.get([t.pending for t in live])
-                for t, reply in zip(live, replies):
-                    _take_reply(t, reply, template, env, budget)
+                for t in live:
+                    reply = _reply(t.pending)
+                    if reply.lost and t.restarts < MAX_TRAJECTORY_RESTARTS:
+                        _restart(t)  # its environment actor died: the trajectory runs again from its start
+                    else:
+                        _take_reply(t, reply, template, env, budget)
                 _sample_turns([t for t in live if t.state is State.SAMPLE], engine, sampling, seed, budget)
         ray.wait([t.closing for t in chunk], num_returns=len(chunk), fetch_local=False)
-    metrics = ray.get([t.closing for t in trajectories])
+    metrics = [_reply(t.closing, closing=True) for t in trajectories]
     return _trajectory_table(prompts, trajectories, metrics, n, engine.tokenizer, weight_version, generator_id,
                              round_index, seed)
+
+
+def _open(t: Trajectory) -> None:
+    name, extras, messages = t.opening
+    t.pending = t.actor.open.remote(t.key, name, extras, messages)
+
+
+def _reply(ref: Any, closing: bool = False) -> Reply:
+    """An environment call's reply; an actor that died under it is a lost environment (its metrics, when closing)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError:
+        return Reply(True, {}, 0.0) if closing else Reply(False, "the environment actor died", 0.0, True)
+
+
+def _restart(t: Trajectory) -> None:
+    """Run `t` again from its start on its (restarted) environment actor: with its own seeds per turn, a
+    deterministic environment and the vllm engine it samples the same turns."""
+    fresh = Trajectory(t.index, t.key, t.actor, t.opening[2], opening=t.opening, restarts=t.restarts + 1)
+    t.__dict__.update(fresh.__dict__)
+    _open(t)
 
 
 def _env_name(env_class: str | None, default: str) -> str:
