@@ -140,11 +140,14 @@ def _open(t: Trajectory) -> None:
 
 
 def _reply(ref: Any, closing: bool = False) -> Reply:
-    """An environment call's reply; an actor that died under it is a lost environment (its metrics, when closing)."""
+    """An environment call's reply; an actor that died under it (or restarted: Ray retries the call there) is a
+    lost environment. A close that finds its environment lost is no error: the trajectory was done, only its
+    metrics are gone."""
     try:
-        return ray.get(ref)
+        reply = ray.get(ref)
     except ray.exceptions.RayActorError:
-        return Reply(True, {}, 0.0) if closing else Reply(False, "the environment actor died", 0.0, True)
+        reply = Reply(False, "the environment actor died", 0.0, True)
+    return Reply(True, {}, reply.seconds) if closing and reply.lost else reply
 
 
 def _restart(t: Trajectory) -> None:
