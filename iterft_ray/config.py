@@ -184,6 +184,9 @@ class VllmConfig:
     # The longest sequence (prompt + completion) the engine serves; unset, the model's `max_position_embeddings`.
     # A shorter one lets a smaller KV cache hold a sequence (Qwen2.5-0.5B: 12 KiB a token, 384 MiB for 32,768).
     max_model_len: int | None = positive(None)
+    enable_prefix_caching: bool = helped(True, "vLLM's automatic prefix caching: KV blocks computed once are reused by "
+                                         "later requests with the same prefix (a trajectory's next turn, a prompt's "
+                                         "other samples); reset after every weight load.")
 
 
 @dataclass

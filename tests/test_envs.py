@@ -234,11 +234,13 @@ def test_environment_errors_end_only_their_trajectories(countdown_run):
     accepted = [r for r in table.to_pylist() if r["accepted"]]
     assert metrics["num_target_tokens"] == sum(sum(r["completion_mask"]) for r in accepted)
     assert metrics["turns_mean"] > 2 and metrics["truncation_rate"] == 0.0
-    # The environments' get_metrics(), averaged: 3 turns each; the one that raised closed after 0; the hung one's
-    # process was killed, so it has none.
+    # The environments' get_metrics(): 3 turns each; the one that raised closed after 0; the hung one's process was
+    # killed, so it has none.
     reported = [json.loads(r["env_metrics"]) for r in table.to_pylist()]
     assert sorted(m.get("countdown_turns") for m in reported if m) == [0, 0] + [3] * 8
-    assert metrics["env_metrics/countdown_turns"] == pytest.approx(24 / 10)
+    # Two environments ran (the rows' env_class): each one's metrics apart, under its name.
+    assert metrics["env_metrics/toy_envs:CountdownEnv/countdown_turns"] == 3.0
+    assert metrics["env_metrics/toy_envs:FaultyEnv/countdown_turns"] == 0.0
 
 
 def test_skyrl_gym_environment_runs_unchanged(chat_path, tmp_path, shared_ray):
@@ -260,7 +262,9 @@ def test_skyrl_gym_environment_runs_unchanged(chat_path, tmp_path, shared_ray):
     accepted = [r for r in table if r["accepted"]]
     assert accepted and metrics["train_rows"] == len(accepted)
     assert metrics["num_target_tokens"] == sum(sum(last_turn(r["completion_mask"])) for r in accepted)
-    assert metrics["env_metrics/steps"] == 2.0
+    # Aggregated by the class's own aggregate_metrics (SkyRL-gym's gsm8k_multi_turn names it avg_steps).
+    assert metrics["env_metrics/avg_steps"] == 2.0 and "env_metrics/steps" not in metrics
+    assert {r["env_name"] for r in table} == {"skyrl_gym:gsm8k_multi_turn"}
 
 
 def test_async_run_with_an_environment_killed_and_resumed_ends_with_the_same_weights(chat_path, tmp_path, shared_ray):

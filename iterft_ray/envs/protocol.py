@@ -97,6 +97,25 @@ def resolve_env(name: str) -> EnvFactory:
         raise ValueError(f"expected an environment name, got {name!r}")
     if name.startswith(SKYRL_PREFIX):
         return _skyrl_factory(name[len(SKYRL_PREFIX):])
+    cls = _env_class(name)
+    return lambda env_config, extras: cls(env_config, extras)
+
+
+def aggregate_metrics(name: str, metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """A round's number for each metric of environment `name`'s trajectories: its class's own static
+    `aggregate_metrics` (SkyRL-gym's, as `skyrl_gym.metrics.aggregate_for_environment` calls it), the mean of
+    each number where the class has none. Only numbers are kept: trackers log them."""
+    if name.startswith(SKYRL_PREFIX):
+        from skyrl_gym.metrics import aggregate_for_environment
+
+        out = aggregate_for_environment(name[len(SKYRL_PREFIX):], metrics)
+    else:
+        aggregate = getattr(_env_class(name), "aggregate_metrics", None)
+        out = aggregate(metrics) if callable(aggregate) else mean_metrics(metrics)
+    return {k: float(v) for k, v in (out or {}).items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+def _env_class(name: str) -> type:
     target = BUILTIN_ENVS.get(name, name)
     if ":" not in target:
         raise ValueError(f"{name!r} is not a built-in environment {sorted(BUILTIN_ENVS)}, an import string "
@@ -111,7 +130,7 @@ def resolve_env(name: str) -> EnvFactory:
         raise ValueError(f"{name!r}: module {module_name} has no {attribute!r}")
     if not callable(cls) or not callable(getattr(cls, "step", None)):
         raise ValueError(f"{name!r}: {attribute} is not an environment class (it has no step method)")
-    return lambda env_config, extras: cls(env_config, extras)
+    return cls
 
 
 def _skyrl_factory(env_id: str) -> EnvFactory:

@@ -260,5 +260,6 @@ def _trajectory_table(prompts: pa.Table, trajectories: list[Trajectory], closed:
         "env_metrics": [json.dumps(c.value if c.ok else {}) for c in closed],
         "env_error": [t.error if t.error is not None or c.ok else str(c.value) for t, c in zip(trajectories, closed)],
         "env_seconds": [t.env_seconds + c.seconds for t, c in zip(trajectories, closed)],
+        "env_name": [t.opening[0] for t in trajectories],
     }
     return rollout_table(prompts, tokenizer, None, samples, weight_version, generator_id, round_index, seed)
