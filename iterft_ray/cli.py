@@ -90,9 +90,17 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     complete. Bad input raises UserError before Ray starts; a local Ray started here is
     stopped on the way out, however the run ends.
     """
+    from iterft_ray.config import load_config
+
+    try:
+        # Before torch, transformers and Ray are imported (seconds): a mistake in the config's own keys, types
+        # and bounds is answered at once; the checks that need transformers (trainer.*) follow within.
+        run_config = load_config(config_data(config, overrides))
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
+
     import ray
 
-    from iterft_ray.config import load_config
     from iterft_ray.run.loop import FilterErrorsError, IterativeLoop
     from iterft_ray.run.run_dir import check_start
     from iterft_ray.actors.failures import ActorFailedError, RoundTimeoutError
@@ -102,7 +110,6 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     from iterft_ray.ray_start import RayAddressError, init_ray
 
     try:
-        run_config = load_config(config_data(config, overrides))
         start = check_start(run_config, resume, overwrite)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e

@@ -36,8 +36,10 @@ def init_ray(resources: ResourcesConfig, address: str | None = None, reward_mode
     level = token_note.level
     token_note.setLevel(logging.ERROR)
     try:
+        # No dashboard: its processes cost a run 2-3 s of start-up on 2 cores (`jobs/bench_startup.py`); a head
+        # started with `ray start --head` has one, and `--address` runs there.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)), runtime_env=_runtime_env(cluster=False),
-                 logging_level=logging.WARNING, _system_config=FREE_OBJECTS_SOON)
+                 logging_level=logging.WARNING, _system_config=FREE_OBJECTS_SOON, include_dashboard=False)
     finally:
         token_note.setLevel(level)
 

@@ -5,6 +5,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -112,6 +114,21 @@ def test_bad_input_is_one_line_exit_2_and_nothing_started_or_written(settings, m
     assert not out.exists()
 
 
+TYPO_CHECK = """
+import sys
+from iterft_ray.cli import main
+code = main(["run", "tiny", "--set", "lop.rounds=1"])
+print(code, sorted(m for m in ("torch", "transformers", "ray") if m in sys.modules))
+"""
+
+
+def test_a_typo_in_the_configs_own_sections_is_answered_before_torch_transformers_or_ray_load(tmp_path):
+    """In a fresh process: the one-line error, exit 2, and none of the heavy modules imported (seconds each)."""
+    out = subprocess.run([sys.executable, "-c", TYPO_CHECK], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.stdout.split("\n")[-2] == "2 []", out.stdout + out.stderr
+    assert out.stderr.startswith("iterft: error: lop: unknown key"), out.stderr
+
+
 def test_missing_config_and_missing_run_to_plot_are_one_line(tmp_path, capsys, no_ray):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert error_line(capsys).startswith("config: ")
@@ -199,9 +216,10 @@ def test_plot_has_whole_rounds_the_run_name_and_filter_errors(tmp_path, capsys, 
 
 
 @pytest.fixture
-def local_ray(ray_up):
+def local_ray(ray_up, warm_actors):
     """The session's Ray (tests/conftest.py): filter actors import this module's filters by import string,
-    as with `ray job submit --working-dir`."""
+    as with `ray job submit --working-dir`. A run's actors serve the module's next run of the same shape
+    (`warm_actors`); `assert_nothing_left` counts the actors a run left behind, not those kept warm."""
 
 
 def assert_nothing_left():
@@ -361,9 +379,6 @@ def test_a_run_with_no_checkpoint_is_replaced_by_a_plain_rerun(tmp_path, capsys,
 
 def test_address_where_nothing_listens_is_one_line_not_a_hang(tmp_path, no_ray):
     """`ray.init` retries an unreachable GCS for minutes; the CLI dials the address first (timeout: no hang)."""
-    import subprocess
-    import sys
-
     from ray_head import free_port
 
     address = f"127.0.0.1:{free_port()}"

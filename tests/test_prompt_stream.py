@@ -23,8 +23,8 @@ from iterft_ray.data.prompts import PromptDataError, PromptFile, read_prompt_fil
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray(shared_ray):
-    shared_ray.up()  # the session's Ray (tests/conftest.py)
+def local_ray(shared_ray, warm_actors):
+    shared_ray.up()  # the session's Ray (tests/conftest.py); a run's actors serve the next (`warm_actors`)
 
 
 def addition_rows(n, start=0):
