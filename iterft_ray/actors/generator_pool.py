@@ -11,18 +11,8 @@ from iterft_ray.actors.generator import GeneratorActor
 from iterft_ray.actors.warm import keep_or_end, take_or_start
 from iterft_ray.config import ModelConfig, SamplingConfig
 from iterft_ray.engines.seeding import shard_seed
+from iterft_ray.data.slices import split
 from iterft_ray.envs.runner import EnvRun
-
-
-def split(table: pa.Table, parts: int) -> list[pa.Table]:
-    """Cut a table into `parts` contiguous slices of near-equal size (prompts stay whole)."""
-    size, extra = divmod(table.num_rows, parts)
-    out, start = [], 0
-    for i in range(parts):
-        n = size + (1 if i < extra else 0)
-        out.append(table.slice(start, n))
-        start += n
-    return out
 
 
 class GeneratorPool:

@@ -31,6 +31,7 @@ import ray
 from iterft_ray.config import EnvConfig, SamplingConfig
 from iterft_ray.data.chat import conversation
 from iterft_ray.data.rollouts import CALL_COLUMNS, RolloutBatch, rollout_table
+from iterft_ray.data.slices import split
 from iterft_ray.engines.base import Engine
 from iterft_ray.engines.seeding import turn_seed
 from iterft_ray.envs.hosts import Reply
@@ -115,7 +116,7 @@ def run_trajectories(engine: Engine, prompts: pa.Table, run: EnvRun, sampling: S
             extras.setdefault("max_turns", env.max_turns)
             t.opening = (_env_name(row.get("env_class"), env.name), extras, t.messages)
             _open(t)
-        groups = _groups(chunk, env.groups)
+        groups = [g for g in split(chunk, env.groups) if g]
         while any(t.state is not State.DONE for t in chunk):
             for group in groups:
                 live = [t for t in group if t.state is not State.DONE]
@@ -165,18 +166,6 @@ def _env_name(env_class: str | None, default: str) -> str:
     if ":" in env_class or env_class in BUILTIN_ENVS or not default.startswith(SKYRL_PREFIX):
         return env_class
     return SKYRL_PREFIX + env_class
-
-
-def _groups(trajectories: list[Trajectory], count: int) -> list[list[Trajectory]]:
-    """Contiguous groups of near-equal size, in trajectory order."""
-    size, extra = divmod(len(trajectories), count)
-    groups, start = [], 0
-    for i in range(count):
-        end = start + size + (i < extra)
-        if end > start:
-            groups.append(trajectories[start:end])
-        start = end
-    return groups
 
 
 def _take_reply(t: Trajectory, reply: Reply, template: TurnTemplate, env: EnvConfig, budget: int) -> None:
