@@ -11,6 +11,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -323,7 +324,15 @@ def test_filter_errors_are_on_the_summary_line_and_a_round_of_errors_stops_the_r
 
     config = write_config(tmp_path / "all.yaml", tiny_config(tmp_path / "all"))
     assert main(["run", config, "--set", "filters=[test_cli:raising_filter]"]) == 1
-    message = run_error(capsys)
+    printed = capsys.readouterr()
+    [message] = [x.removeprefix("iterft: error: ") for x in printed.err.splitlines() if x.startswith("iterft: error: ")]
+    # The evaluation before round 1 graded with the same failing filter, every row: its 0% says why.
+    rows = pq.read_table(tmp_path / "all" / "eval" / "0000.parquet").num_rows
+    before = next(x for x in printed.out.splitlines() if x.startswith("evaluation before round 1"))
+    assert before.startswith("evaluation before round 1: greedy 0.0%")
+    assert before.endswith(f"(filter errors {rows}, first: raising_filter: RuntimeError: verifier is down)"), before
+    record = json.loads((tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["eval_filter_errors"] == rows and record["eval_first_filter_error"].startswith("raising_filter")
     assert message.startswith("round 1: 16 of 16 rows failed in the filters (100%, loop.max_filter_error_rate is 1); "
                               "first error: raising_filter: RuntimeError: verifier is down")
     assert str(tmp_path / "all" / "rounds" / "0001" / "generations.parquet") in message

@@ -37,7 +37,9 @@ def test_eval_metrics_greedy_pass_at_k_and_majority_vote():
     ]
     table = pa.table({name: [r[i] for r in rows] for i, name in
                       enumerate(["prompt_id", "eval_mode", "accepted", "final_answer", "score"])})
+    table = table.append_column("filter_error", pa.array([None] * len(rows), pa.string()))
     metrics = eval_metrics(table, 3)
+    assert metrics["eval_filter_errors"] == 0 and "eval_first_filter_error" not in metrics
     assert metrics["eval_greedy"] == 0.5
     assert math.isclose(metrics["eval_pass@1"], (2 / 3 + 1 / 3) / 2)
     assert metrics["eval_pass@3"] == 1.0
@@ -45,6 +47,9 @@ def test_eval_metrics_greedy_pass_at_k_and_majority_vote():
     assert math.isclose(metrics["eval_score_mean"], 3 / 6)
     no_answers = table.set_column(3, "final_answer", pa.nulls(len(rows), pa.string()))
     assert "eval_maj@3" not in eval_metrics(no_answers, 3)  # a vote needs answers a filter read
+    failed = table.set_column(5, "filter_error", pa.array([None, "checker: timed out"] + [None] * 6, pa.string()))
+    assert eval_metrics(failed, 3)["eval_filter_errors"] == 1
+    assert eval_metrics(failed, 3)["eval_first_filter_error"] == "checker: timed out"
 
 
 def _write_jsonl(path: Path, first_id: int, count: int) -> Path:

@@ -9,7 +9,8 @@ scored rows to a few numbers in a task beside the driver (the rows never reach t
   least one of k samples is accepted, from the n drawn, averaged over prompts;
 - `eval_maj@n`: the share of prompts whose most frequent `final_answer` (the answer a filter's
   `Verdict` read) is an accepted one; only when the filters read answers;
-- `eval_score_mean`: the mean score of the sampled answers (of the greedy ones when n is 0).
+- `eval_score_mean`: the mean score of the sampled answers (of the greedy ones when n is 0);
+- `eval_filter_errors`: rows whose filter failed (not accepted), and `eval_first_filter_error` when any.
 
 The rows themselves go to `eval/NNNN.parquet` (NNNN: the round evaluated after), with an
 `eval_mode` column ("greedy" / "sampled"). Evaluation prompts only ever reach the generators
@@ -47,7 +48,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def eval_metrics(table: pa.Table, num_samples: int) -> dict[str, float]:
+def eval_metrics(table: pa.Table, num_samples: int) -> dict[str, Any]:
     """The evaluation's metrics (see the module docstring) from its scored rows with their `eval_mode`."""
     greedy = table.filter(pc.equal(table["eval_mode"], "greedy"))
     sampled = table.filter(pc.equal(table["eval_mode"], "sampled"))
@@ -62,6 +63,11 @@ def eval_metrics(table: pa.Table, num_samples: int) -> dict[str, float]:
         metrics[f"eval_maj@{num_samples}"] = _mean([_majority_accepted(rows) for rows in by_prompt.values()])
     scores = (sampled if num_samples else greedy)["score"].to_pylist()
     metrics["eval_score_mean"] = _mean(scores)
+    # A row whose filter failed counts as not accepted; say how many, as rounds do, so 0% is not taken for a score.
+    errors = pc.drop_null(table["filter_error"])
+    metrics["eval_filter_errors"] = len(errors)
+    if len(errors):
+        metrics["eval_first_filter_error"] = errors[0].as_py()
     return metrics
 
 

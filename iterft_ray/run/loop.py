@@ -511,6 +511,8 @@ def _evaluation_line(s: dict[str, Any]) -> str:
     if ks:
         parts.append(f"pass@{max(ks)} {s[f'eval_pass@{max(ks)}']:.1%}")
     parts += [f"{key.removeprefix('eval_')} {value:.1%}" for key, value in s.items() if key.startswith("eval_maj@")]
+    if s.get("eval_filter_errors"):
+        parts.append(f"(filter errors {s['eval_filter_errors']}, first: {_one_line(s['eval_first_filter_error'])})")
     return " ".join(parts)
 
 
