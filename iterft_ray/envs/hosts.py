@@ -119,7 +119,11 @@ class EnvProcesses:
         except (CallTimeout, CallProcessDied) as e:
             with self._lock:
                 self._open.pop(key, None)
-            return Reply(False, f"{op}: {type(e).__name__}: {e}", time.perf_counter() - start)
+            # A process that died is, most often, its actor going down: Ray kills a worker's children first, so this
+            # thread can still answer. Lost, then: the trajectory runs again, and one whose environment itself
+            # crashes fails once its restarts are spent.
+            return Reply(False, f"{op}: {type(e).__name__}: {e}", time.perf_counter() - start,
+                         lost=isinstance(e, CallProcessDied))
         return Reply(ok, value if ok else f"{op}: {value}", time.perf_counter() - start)
 
     def _fork(self) -> CallProcess:
