@@ -1,8 +1,10 @@
-"""`iterft run CONFIG | demo | eval RUN_DIR | plot RUN_DIR`: the command line (also `python -m iterft_ray`)."""
+"""`iterft run CONFIG | check CONFIG | config show CONFIG | demo | eval RUN_DIR | plot RUN_DIR`: the command line
+(also `python -m iterft_ray`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -105,7 +107,6 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     from iterft_ray.run.run_dir import check_start
     from iterft_ray.actors.failures import ActorFailedError, RoundTimeoutError
     from iterft_ray.actors.placement import PlacementError
-    from iterft_ray.actors.reward_pool import reward_models_of
     from iterft_ray.data.prompts import PromptDataError
     from iterft_ray.ray_start import RayAddressError, init_ray
 
@@ -117,10 +118,12 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
         print(f"run {start.out} is complete: {start.rounds_done} of {run_config.loop.rounds} rounds done "
               f"(checkpoint {start.checkpoint}); raise loop.rounds to train on", flush=True)
         return None
-    print(f"{'resuming' if start.checkpoint else 'starting'} run {start.run_id[:8]} in {start.out}", flush=True)
     started_ray = not ray.is_initialized()
+    if started_ray and address is None and not os.environ.get("RAY_ADDRESS"):
+        check_fits_here(run_config)
+    print(f"{'resuming' if start.checkpoint else 'starting'} run {start.run_id[:8]} in {start.out}", flush=True)
     try:
-        init_ray(run_config.resources, address, len(reward_models_of(run_config.filters)))
+        init_ray(address)
     except RayAddressError as e:
         raise UserError(str(e)) from e
     stopped = (FilterErrorsError, ActorFailedError, PlacementError, RoundTimeoutError, PromptDataError)
@@ -138,6 +141,48 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
             ray.shutdown()
     print(f"run written to {loop.out}", flush=True)
     return loop, stats
+
+
+def check_fits_here(config: Any) -> None:
+    """Refuse, before a local Ray starts, a run this machine could never hold (`placement.check_machine_fits`)."""
+    from iterft_ray.actors.placement import PlacementError, check_machine_fits, run_requests
+
+    try:
+        check_machine_fits(run_requests(config.model, config.sampling, config.resources, config.filters,
+                                        config.env is not None))
+    except PlacementError as e:
+        raise UserError(str(e)) from e
+
+
+def check(config: str, overrides: list[str], address: str | None) -> None:
+    """`iterft check`: everything `iterft run` checks before it starts anything (keys, types, bounds, trainer
+    arguments, filters, prompts, model, output directory; on the local machine, whether the actors fit), with
+    nothing written or started."""
+    from iterft_ray.config import load_config
+    from iterft_ray.run.run_dir import check_start
+
+    try:
+        run_config = load_config(config_data(config, overrides))
+        start = check_start(run_config)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    if local:
+        check_fits_here(run_config)
+    where = "fits this machine" if local else "fit on the cluster not checked (it is checked when the run starts)"
+    print(f"{config}: ok; {start.rounds} rounds into {start.out}{' (its run files will be replaced)' * bool(start.unfinished)}; "
+          f"{where}")
+
+
+def show_config(config: str, overrides: list[str]) -> None:
+    """`iterft config show`: the config as a run would use it, every default and the preset's keys filled in."""
+    from iterft_ray.config import load_config
+
+    try:
+        run_config = load_config(config_data(config, overrides))
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
+    print(yaml.safe_dump(run_config.to_dict(), sort_keys=False), end="")
 
 
 def evaluate(run_dir: str, checkpoint: str | None, output: str | None, overrides: list[str],
@@ -162,7 +207,7 @@ def evaluate(run_dir: str, checkpoint: str | None, output: str | None, overrides
         raise UserError(str(e)) from e
     print(f"evaluating {target.checkpoint or 'the base model'} on {target.rows}", flush=True)
     started_ray = not ray.is_initialized()
-    init_ray(target.config.resources, address)
+    init_ray(address)
     try:
         result = run_evaluation(target)
     finally:
@@ -229,7 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--output", default=None, help="where the rows and metrics go (default: RUN_DIR/eval)")
     p_plot = sub.add_parser("plot", help="redraw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl (a path or a URI)")
     p_plot.add_argument("run_dir")
-    for p in (p_run, p_demo, p_eval):
+    p_check = sub.add_parser("check", help="check a config as `run` would before it starts anything, and stop: "
+                                           "exit 0 (fine) or 2 (one line saying what is wrong)", epilog=configs,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_check.add_argument("config")
+    p_config = sub.add_parser("config", help="`config show CONFIG`: print the config with every default filled in")
+    p_config.add_argument("action", choices=["show"])
+    p_config.add_argument("config")
+    p_config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loop.rounds=2")
+    for p in (p_run, p_demo, p_eval, p_check):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loop.rounds=2")
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     for p in (p_run, p_demo):
@@ -237,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         how.add_argument("--resume", action="store_true",
                          help="continue the run in loop.output_dir from its newest checkpoint")
         how.add_argument("--overwrite", action="store_true", help="delete the run in loop.output_dir and start afresh")
-    for p in (p_run, p_demo, p_eval, p_plot):
+    for p in (p_run, p_demo, p_eval, p_plot, p_check, p_config):
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     sys.path.insert(0, "")  # as under `python -m`: modules in the working directory import (filters: ["mymod:check"])
@@ -273,6 +326,12 @@ def _command(args: argparse.Namespace) -> int:
         return demo(args.name, args.set, args.address, args.resume, args.overwrite)
     if args.command == "eval":
         evaluate(args.run_dir, args.checkpoint, args.output, args.set, args.address)
+        return 0
+    if args.command == "check":
+        check(args.config, args.set, args.address)
+        return 0
+    if args.command == "config":
+        show_config(args.config, args.set)
         return 0
     from iterft_ray.run.records import plot_metrics
 

@@ -235,7 +235,9 @@ class ResourcesConfig:
     generator_cpus: float = non_negative(1)
     generator_gpus: float = non_negative(0)
     filter_pool_size: int = positive(1)
-    filter_cpus: float = non_negative(0.5)
+    filter_cpus: float = non_negative(0, help="CPUs each filter actor asks Ray for; 0 so a trainer, a generator "
+                                      "and a filter fit two cores (a filter mostly waits on its checker's processes "
+                                      "or a reward model); give it CPUs when filters compute in the actor.")
     # Actors per reward model (a `reward_model` filter), each holding the model's weights; started
     # only when the filters name one. They ask for no custom resource: the cluster configs have no
     # reward-model node type, so they go wherever their CPUs and GPUs fit.
@@ -576,7 +578,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     if config.env is not None:
         _check_env(config, data)
     _check_warmup_file(config)
-    config.trainer = _check_trainer_args(config.trainer)
+    config.trainer = check_trainer_args(config.trainer)
     _check_packing(config)
     _check_filters(config.filters)
     if config.eval.filters is not None:
@@ -792,7 +794,7 @@ def _check_eval_reward_models(config: RunConfig) -> None:
                              "in filters")
 
 
-def _check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
+def check_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
     """`trainer:` holds IterativeSFTConfig fields; a misspelt or mistyped one is an error here, not deep in an actor.
 
     Values of plain bool / int / float / str fields (optional or not) are checked like the

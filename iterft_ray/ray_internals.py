@@ -127,3 +127,14 @@ def is_object_store_buffer(obj: Any) -> bool:
     copy only where they lie in one object-store object.
     """
     return type(obj).__module__ == "ray._raylet"
+
+
+def local_node_resources() -> dict[str, float]:
+    """What a local Ray started now would have: the machine's CPUs, GPUs and memory as Ray counts them
+    (`RAY_OVERRIDE_RESOURCES` included), for `iterft check` to test a run's fit without starting one.
+
+    Private: `ResourceAndLabelSpec`, the class `ray.init` resolves a new node's resources with.
+    """
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+    return ResourceAndLabelSpec().resolve(is_head=True, node_ip_address="127.0.0.1").to_resource_dict()

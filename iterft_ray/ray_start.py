@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 from pathlib import Path
 
 import ray
 
-from iterft_ray.actors.placement import actor_requests, total_request
-from iterft_ray.config import ResourcesConfig
 from iterft_ray.ray_internals import FREE_OBJECTS_SOON, dialed_address, inside_ray_job, listen_on_loopback_only
 
 
-def init_ray(resources: ResourcesConfig, address: str | None = None, reward_models: int = 0, env: bool = False) -> None:
-    """Connect to Ray, or start a local one that can hold every actor of `resources` (and of the
-    `reward_models` distinct reward models the filters name).
+def init_ray(address: str | None = None) -> None:
+    """Connect to Ray, or start a local one with what this machine has.
 
-    A local Ray counts one CPU per core; the actors of a config may ask for more (a
-    trainer, generators and filters each take a share), so the local Ray advertises
-    at least what they ask for instead of leaving one of them pending for ever.
+    The local Ray counts the machine's CPUs and memory as Ray itself does (`RAY_OVERRIDE_RESOURCES`, Ray's
+    own variable, can say otherwise), never the run's demand: a run that asks for more is refused by the
+    fit check (`placement.check_cluster_fits`) before any actor starts, as on a cluster.
     """
+    global _embedded
     if ray.is_initialized():
         return
     if address is not None or os.environ.get("RAY_ADDRESS"):
         check_listening(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
         ray.init(address=address, runtime_env=_runtime_env(cluster=True), logging_level=logging.WARNING)
         return
-    demand = total_request(actor_requests(resources, reward_models, env)).get("CPU", 0)
     listen_on_loopback_only()
     # Token auth on loopback is this project's own default setup, not news for the user at every start.
     token_note = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -38,10 +34,19 @@ def init_ray(resources: ResourcesConfig, address: str | None = None, reward_mode
     try:
         # No dashboard: its processes cost a run 2-3 s of start-up on 2 cores (`jobs/bench_startup.py`); a head
         # started with `ray start --head` has one, and `--address` runs there.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)), runtime_env=_runtime_env(cluster=False),
-                 logging_level=logging.WARNING, _system_config=FREE_OBJECTS_SOON, include_dashboard=False)
+        ray.init(address="local", runtime_env=_runtime_env(cluster=False), logging_level=logging.WARNING,
+                 _system_config=FREE_OBJECTS_SOON, include_dashboard=False)
     finally:
         token_note.setLevel(level)
+    _embedded = ray.get_runtime_context().gcs_address
+
+
+_embedded: str | None = None  # the GCS address of the local Ray this process started, if any
+
+
+def embedded() -> bool:
+    """Whether the connected Ray is one this process started (one node, no autoscaler)."""
+    return ray.is_initialized() and _embedded == ray.get_runtime_context().gcs_address
 
 
 # The actors load and save models with transformers, whose per-file bars ("Loading weights", "Writing model

@@ -22,13 +22,14 @@ from iterft_ray.actors.env_pool import EnvPool
 from iterft_ray.actors.failures import ActorRoster, Deadline, roster_of, round_timeout
 from iterft_ray.actors.filter_pool import FilterPool
 from iterft_ray.actors.generator_pool import GeneratorPool
-from iterft_ray.actors.placement import (actor_options, actor_requests, check_cluster_fits, format_resources,
+from iterft_ray.actors.placement import (actor_options, check_cluster_fits, format_resources, run_requests,
                                          not_started, placement_timeout, wait_started)
 from iterft_ray.actors.reward_pool import RewardModelPool, reward_models_of
 from iterft_ray.actors.trainer_actor import TrainerRank
 from iterft_ray.actors.trainer_group import TrainerGroup
 from iterft_ray.actors.warm import end_idle_actors
-from iterft_ray.config import EnvConfig, ModelConfig, ResourcesConfig, SamplingConfig, check_lora_serving
+from iterft_ray.config import (EnvConfig, ModelConfig, ResourcesConfig, SamplingConfig, check_lora_serving,
+                               check_model_sources, check_trainer_args)
 from iterft_ray.data.prompts import prompt_table
 from iterft_ray.data.rollouts import ScoredRollouts
 from iterft_ray.envs.runner import EnvRun
@@ -67,12 +68,16 @@ class RayIterativeSFTTrainer:
         self.resources = resources or ResourcesConfig()
         self.sampling = sampling or SamplingConfig()
         check_lora_serving(self.model.lora, self.sampling)
+        # Refused here, before Ray starts, as `iterft run` refuses them: not as a rank's remote traceback.
+        args = {**(args or {})}
+        output_dir = args.pop("output_dir", "runs/trainer")
+        self._trainer_args = {"output_dir": output_dir, "report_to": "none", **check_trainer_args(args)}
+        check_model_sources(self.model)
         filters = filters if filters is not None else []
         reward_models = reward_models_of(filters)  # a bad spec fails here, before Ray starts
-        init_ray(self.resources, reward_models=len(reward_models), env=env is not None)
-        self._requests = {q.role: q for q in actor_requests(self.resources, len(reward_models), env is not None)}
-        check_cluster_fits(list(self._requests.values()))
-        self._trainer_args = {"output_dir": "runs/trainer", "report_to": "none", **(args or {})}
+        requests = run_requests(self.model, self.sampling, self.resources, filters, env is not None)
+        init_ray()
+        self._requests = {q.role: q for q in check_cluster_fits(requests)}
         # Generators and filters are asked for first: creating the trainer waits for its
         # placement group, and on an autoscaling cluster their nodes can start meanwhile.
         self.env_pool = EnvPool(env, self.resources.num_env_workers, self._restartable("env actor")) if env else None
@@ -115,7 +120,8 @@ class RayIterativeSFTTrainer:
         """The trainer's ranks, their placement group placed by the `start` deadline (else PlacementError)."""
         try:
             return TrainerGroup(self.model, self._trainer_args, self.resources, checkpoint,
-                                placement_timeout_s=start.remaining())
+                                placement_timeout_s=start.remaining(),
+                                memory=self._requests["trainer rank"].bundle.get("memory", 0))
         except ray.exceptions.GetTimeoutError:
             bundle = format_resources(self._requests["trainer rank"].bundle)
             waiting = [f"trainer ranks 0..{self.resources.trainer_ranks - 1} (one placement group) asking for "

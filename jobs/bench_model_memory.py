@@ -245,6 +245,7 @@ def main() -> None:
     loop = IterativeLoop(run_config(model_dir, args.engine, args.lora_r, out_dir, args.kv_cache_bytes,
                                     args.max_model_len, trainer))
     rl = loop.rl
+    asked = {role: (q.count, q.bundle.get("memory", 0)) for role, q in rl._requests.items() if q.count}
     phased(rl, "step", sampler)
     phased(rl, "sync_weights", sampler)
     phased(loop, "save_checkpoint", sampler)
@@ -274,6 +275,10 @@ def main() -> None:
         largest = ", ".join(f"{name.split()[1].removeprefix('ray::')} {anon:.1f}+{shm:.1f}"
                             for name, anon, shm in procs)
         print(f"  {phase:34s} {used / GB:6.1f}   shm {shmem:4.1f}  {largest}")
+    estimate = sum(n * b for n, b in asked.values())
+    print("memory each actor asked Ray for (iterft_ray/actors/footprint.py's estimate, GB): "
+          + ", ".join(f"{n} {role} x {b / GB:.2f}" for role, (n, b) in asked.items())
+          + f"; {estimate / GB:.1f} GB in all, {estimate / sampler.peak:.2f}x the machine peak")
     grown = {k: (sampler.parts_at_peak[k] - sampler.idle_parts[k]) / GB for k in MEMINFO_PARTS}
     print("machine-wide growth from idle to the peak (/proc/meminfo, GB): "
           + ", ".join(f"{k} {v:+.2f}" for k, v in grown.items()))
@@ -286,7 +291,9 @@ def main() -> None:
                            "phase_peaks_gb": {k: v / GB for k, v in sampler.phase_peaks.items()},
                            "phase_detail": sampler.phase_detail, "meminfo_growth_gb": grown,
                            "held_peak_gb": sampler.held_peak / GB, "phase_at_held_peak": sampler.phase_at_held_peak,
-                           "procs_at_peak": sampler.procs_at_peak, "wall_s": wall, "rounds": rounds})
+                           "procs_at_peak": sampler.procs_at_peak, "wall_s": wall, "rounds": rounds,
+                           "asked_memory_gb": {role: b / GB for role, (_, b) in asked.items()},
+                           "estimate_over_peak": estimate / sampler.peak})
 
 
 def phased(obj, method: str, sampler: PeakSampler) -> None:

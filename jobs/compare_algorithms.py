@@ -35,9 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from iterft_ray.actors.placement import actor_requests, total_request  # noqa: E402
-from iterft_ray.config import BUILTIN_CONFIGS, load_config  # noqa: E402
-from iterft_ray.actors.reward_pool import reward_models_of  # noqa: E402
+from iterft_ray.config import BUILTIN_CONFIGS  # noqa: E402
 from iterft_ray.ray_start import init_ray  # noqa: E402
 
 # The demo's task. 3-digit addition was tried first: from the same warm-up (3000 examples) the demo's recipe climbed
@@ -181,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = {(name, seed): merged(base_config(out / "runs" / f"{_slug(name)}-seed{seed}", seed, args.eval_every,
                                                  args.budget), keys)
                for name, keys in chosen.items() for seed in args.seeds}
-    # One local Ray for every run, big enough for the one that asks most (a reward model's actor on top).
-    demands = [(total_request(actor_requests(c.resources, len(reward_models_of(c.filters)))).get("CPU", 0), i, c)
-               for i, c in enumerate(load_config(c) for c in configs.values())]
-    largest = max(demands)[2]
-    init_ray(largest.resources, reward_models=len(reward_models_of(largest.filters)))
+    init_ray()  # one local Ray for every run
     results: dict[str, list[dict]] = {}
     for (name, seed), config in configs.items():
         print(f"== {name}, seed {seed}", flush=True)

@@ -2,6 +2,7 @@
 each end the run with a message naming what went wrong, in bounded time, instead of a silent hang."""
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -141,10 +142,12 @@ def test_actors_that_cannot_be_placed_in_time_end_the_start_naming_them(local_ra
     print(message)
     assert message.startswith(
         "resources.start_timeout_s: after 3 s these actors have not started: trainer ranks 0..0 (one placement "
-        "group) asking for {CPU: 0.5} each; generator 0 (GeneratorActor, no process on any node yet, "
-        "PENDING_CREATION) asking for {CPU: 0.5}; filter actor 0 (FilterActor, no process on any node yet, "
-        "PENDING_CREATION) asking for {CPU: 0.5}. The run asks for {CPU: 1.5} in all"), message
-    assert "the cluster has {CPU: 4}, of which {CPU: 0} is free" in message, message
+        "group) asking for {CPU: 0.5, memory: 0.60 GB} each; generator 0 (GeneratorActor, no process on any node "
+        "yet, PENDING_CREATION) asking for {CPU: 0.5, memory: 0.60 GB}; filter actor 0 (FilterActor, no process on "
+        "any node yet, PENDING_CREATION) asking for {CPU: 0.5, memory: 0.15 GB}. The run asks for {CPU: 1.5, "
+        "memory: 1.35 GB} in all"), message
+    assert re.search(r"the cluster has \{CPU: 4, memory: [0-9.]+ GB\}, of which \{CPU: 0, memory: [0-9.]+ GB\} is "
+                     r"free", message), message
     # Nothing of the failed start is left holding resources.
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
@@ -173,7 +176,8 @@ def two_cpu_head():
 
 @pytest.mark.timeout(120)
 def test_a_run_that_needs_more_than_a_fixed_cluster_has_is_refused_before_any_actor_starts(two_cpu_head, tmp_path):
-    """The reported case: the tiny config against a 2-CPU head asks for 2.5 CPUs, so its filter could never start.
+    """The reported case: the tiny config with a filter actor of half a CPU against a 2-CPU head asks for 2.5
+    CPUs, so its filter could never start.
 
     Run right after the head starts, before its read-only autoscaler has reported the node: the start
     waits for that report instead of taking "no report yet" as an autoscaler (which waited, by chance).
@@ -181,6 +185,7 @@ def test_a_run_that_needs_more_than_a_fixed_cluster_has_is_refused_before_any_ac
     address, env = two_cpu_head["address"], two_cpu_head["env"]
     config = yaml.safe_load((REPO / "iterft_ray" / "configs" / "tiny.yaml").read_text())
     config["loop"]["output_dir"] = str(tmp_path / "run")
+    config["resources"]["filter_cpus"] = 0.5
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     run_env = dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
@@ -189,12 +194,13 @@ def test_a_run_that_needs_more_than_a_fixed_cluster_has_is_refused_before_any_ac
                          env=run_env, cwd=tmp_path, capture_output=True, text=True, timeout=90)
     print(run.stderr[-2000:], f"({time.monotonic() - start:.1f} s)")
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-4000:]
-    assert run.stderr.strip().splitlines()[-1] == (
-        "iterft: error: resources: the run asks for 1 trainer rank x {CPU: 1}, 1 generator x {CPU: 1}, "
-        "1 filter actor x {CPU: 0.5}: {CPU: 2.5} in all, but this cluster (1 node, no autoscaler) has {CPU: 2}, "
-        "so not every actor could ever start; lower the counts or per-actor resources (resources.trainer_ranks, "
-        "num_generators, filter_pool_size, *_cpus, *_gpus) or give the cluster more"
-    ), run.stderr[-3000:]
+    assert re.fullmatch(re.escape(
+        "iterft: error: resources: the run asks for 1 trainer rank x {CPU: 1, memory: 0.60 GB}, 1 generator x "
+        "{CPU: 1, memory: 0.60 GB}, 1 filter actor x {CPU: 0.5, memory: 0.15 GB}: {CPU: 2.5, memory: 1.35 GB} in "
+        "all, but this cluster (1 node, no autoscaler) has {CPU: 2, memory: ") + r"[0-9.]+" + re.escape(
+        " GB}, so not every actor could ever start; lower the counts or per-actor resources (resources.trainer_ranks, "
+        "num_generators, filter_pool_size, *_cpus, *_gpus) or give the cluster more"),
+        run.stderr.strip().splitlines()[-1]), run.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -202,9 +208,9 @@ def test_a_run_that_needs_more_than_a_fixed_cluster_has_is_refused_before_any_ac
 FRESH_RAY_CHECK = """
 import ray
 from iterft_ray.actors.placement import ActorRequest, PlacementError, check_cluster_fits
-from iterft_ray.config import ResourcesConfig
-from iterft_ray.ray_start import init_ray
-init_ray(ResourcesConfig())
+from iterft_ray.ray_internals import listen_on_loopback_only
+listen_on_loopback_only()
+ray.init(address="local", include_dashboard=False)  # as `ray start --head` would: not iterft's embedded Ray
 try:
     check_cluster_fits([ActorRequest("trainer rank", 1, {"CPU": 1.0, "GPU": 1.0})])
     print("waits")

@@ -210,7 +210,7 @@ def test_async_run_killed_three_times_at_random_moments_resumes_exactly(local_ra
     def config(run_dir):
         c = tiny_config(run_dir, rounds=7, async_mode=True, max_staleness=1, warmup_passes=0, eval_every=3)
         c["data"] = {"prompts_file": str(prompts)}
-        c["resources"]["num_generators"] = 2
+        c["resources"].update(num_generators=2, generator_cpus=0.5)  # the local Ray has 2 CPUs on a 2-core machine
         path = tmp_path / f"{run_dir.name}.yaml"
         path.write_text(yaml.safe_dump(c))
         return str(path)

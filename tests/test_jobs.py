@@ -98,7 +98,7 @@ def local_head_at():
     env = loopback_env()
     subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dashboard = free_port(), free_port()
-    args = ["--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
+    args = ["--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats",
             # Not the default 52365: the session's shared Ray (conftest.py) may hold it, and an agent that
             # cannot bind never registers ("No available agent to submit job").
@@ -112,22 +112,26 @@ def job_runs_dir():
     """A relative loop.output_dir of a job lands under ~/iterft-runs (README "Running on Ray"); removed after."""
     name = f"test-jobs-{uuid.uuid4().hex[:8]}"
     yield name, Path.home() / "iterft-runs" / name
-    shutil.rmtree(Path.home() / "iterft-runs" / name, ignore_errors=True)
+    for run in (name, f"{name}-demo"):
+        shutil.rmtree(Path.home() / "iterft-runs" / run, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_job(job_runs_dir, tmp_path):
-    """The README's job, with the README's relative output_dir: its files are where the job said, after the job
-    and the head (whose session directory held the job's working directory) are gone."""
+    """The README's job on a head of 2 CPUs (this machine's), with the README's relative output_dir: `tiny`
+    whole and `demo` for one round; the files are where the job said, after the job and the head (whose
+    session directory held the job's working directory) are gone."""
     relative, expected = job_runs_dir
     with local_head_at() as head:
-        logs = _submit(head, relative)
+        logs = _submit(head, "tiny", relative)
+        demo_logs = _submit(head, "demo", relative + "-demo", "loop.rounds=1", "eval.num_samples=1")
     written = re.search(r"run written to (\S+)", logs)
     assert written and Path(written.group(1)) == expected, logs
     assert "starting run " in logs and f" in {expected}" in logs, logs
     assert_run_files(expected, rounds=2)
+    assert "round   1" in demo_logs and (Path(f"{expected}-demo") / "checkpoints" / "round-0001").is_dir(), demo_logs
 
 
-def _submit(local_head: str, output_dir: str) -> str:
+def _submit(local_head: str, config: str, output_dir: str, *overrides: str) -> str:
     with pytest.raises(urllib.error.HTTPError) as refused:  # token authentication is on
         urllib.request.urlopen(f"{local_head}/api/jobs/", timeout=10)
     assert refused.value.code in (401, 403)
@@ -136,7 +140,8 @@ def _submit(local_head: str, output_dir: str) -> str:
         submit = subprocess.run(
             [RAY_CLI, "job", "submit", "--address", local_head, "--working-dir", str(ROOT),
              "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
-             sys.executable, "jobs/iterative_sft.py", "--config", "tiny", "--set", f"loop.output_dir={output_dir}"],
+             sys.executable, "jobs/iterative_sft.py", "--config", config, "--set", f"loop.output_dir={output_dir}",
+             *[a for o in overrides for a in ("--set", o)]],
             env=loopback_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
         )
         logs = submit.stdout + submit.stderr
@@ -144,16 +149,15 @@ def _submit(local_head: str, output_dir: str) -> str:
             break
         time.sleep(5)  # the agent registers within seconds of the head, later on a loaded machine
     assert submit.returncode == 0, logs
-    assert "succeeded" in logs.lower() and "round   2" in logs, logs
+    assert "succeeded" in logs.lower() and "round   1" in logs, logs
     return logs
 
 
 EMBEDDED = """
 import ray
 from ray._private.authentication import authentication_utils as auth_utils
-from iterft_ray.config import ResourcesConfig
 from iterft_ray.ray_start import init_ray
-init_ray(ResourcesConfig())
+init_ray()
 print(ray.get_runtime_context().gcs_address, auth_utils.is_token_auth_enabled())
 """
 

@@ -1,5 +1,6 @@
 """Every private Ray API the package uses, called against a real Ray: a Ray upgrade that moves one fails here."""
 
+import os
 import time
 
 import numpy as np
@@ -92,3 +93,13 @@ def test_a_dropped_object_frees_its_pages_for_the_next_put(local_ray):
     grown = _shmem() - before
     assert ray.get(second)[0] == 2
     assert grown < size // 2, f"the second put took {grown >> 20} MiB of new pages"
+
+
+def test_local_node_resources_are_what_a_local_ray_would_have():
+    import psutil
+
+    from iterft_ray.ray_internals import local_node_resources
+
+    node = local_node_resources()
+    assert node["CPU"] == os.cpu_count()
+    assert 0 < node["memory"] + node["object_store_memory"] <= psutil.virtual_memory().total

@@ -16,8 +16,12 @@ from typing import Any
 import ray
 
 from iterft_ray.actors.failures import ActorRoster, Deadline, RoundTimeoutError, _producer, describe_actor, wait_for
-from iterft_ray.config import ResourcesConfig
-from iterft_ray.ray_internals import autoscaler_maxima, autoscaler_node_types, readonly_node_type
+from iterft_ray.actors.footprint import actor_memory
+from iterft_ray.actors.reward_pool import reward_models_of
+from iterft_ray.config import ModelConfig, ResourcesConfig, SamplingConfig
+from iterft_ray.ray_internals import (autoscaler_maxima, autoscaler_node_types, local_node_resources,
+                                      readonly_node_type)
+from iterft_ray.ray_start import embedded
 
 
 class PlacementError(RuntimeError):
@@ -34,30 +38,44 @@ class ActorRequest:
     bundle: dict[str, float]
 
 
-def actor_requests(resources: ResourcesConfig, reward_models: int = 0, env: bool = False) -> list[ActorRequest]:
+def actor_requests(resources: ResourcesConfig, reward_models: int = 0, env: bool = False,
+                   memory: dict[str, float] | None = None) -> list[ActorRequest]:
     """What the whole run asks Ray for: trainer ranks, generators, filter actors, `resources.num_reward_models`
     reward-model actors for each of the filters' `reward_models` distinct reward models, and with `env`
-    (an `env:` section) `resources.num_env_workers` environment actors (the one place it is spelt out)."""
+    (an `env:` section) `resources.num_env_workers` environment actors (the one place it is spelt out).
+    `memory`: each role's bytes (`footprint.actor_memory`), asked for as Ray's `memory`."""
     r = resources
+    memory = memory or {}
 
-    def bundle(cpus: float, gpus: float, custom: str | None) -> dict[str, float]:
-        b = {"CPU": cpus, "GPU": gpus, **({custom: 1 if r.custom_resources else 0} if custom else {})}
+    def bundle(role: str, cpus: float, gpus: float, custom: str | None) -> dict[str, float]:
+        b = {"CPU": cpus, "GPU": gpus, "memory": round(memory.get(role, 0)),
+             **({custom: 1 if r.custom_resources else 0} if custom else {})}
         return {k: float(v) for k, v in b.items() if v}
 
     return [
-        ActorRequest("trainer rank", r.trainer_ranks, bundle(r.trainer_cpus, r.trainer_gpus, "trainer")),
-        ActorRequest("generator", r.num_generators, bundle(r.generator_cpus, r.generator_gpus, "generator")),
-        ActorRequest("filter actor", r.filter_pool_size, bundle(r.filter_cpus, 0, "filter")),
+        ActorRequest("trainer rank", r.trainer_ranks, bundle("trainer rank", r.trainer_cpus, r.trainer_gpus, "trainer")),
+        ActorRequest("generator", r.num_generators, bundle("generator", r.generator_cpus, r.generator_gpus,
+                                                            "generator")),
+        ActorRequest("filter actor", r.filter_pool_size, bundle("filter actor", r.filter_cpus, 0, "filter")),
         ActorRequest("reward model", r.num_reward_models * reward_models,
-                     bundle(r.reward_model_cpus, r.reward_model_gpus, None)),
-        ActorRequest("env actor", r.num_env_workers if env else 0, bundle(r.env_cpus, 0, "env")),
+                     bundle("reward model", r.reward_model_cpus, r.reward_model_gpus, None)),
+        ActorRequest("env actor", r.num_env_workers if env else 0, bundle("env actor", r.env_cpus, 0, "env")),
     ]
 
 
+def run_requests(model: ModelConfig, sampling: SamplingConfig, resources: ResourcesConfig, filters: list,
+                 env: bool = False) -> list[ActorRequest]:
+    """`actor_requests` of a run, each role with the memory its model takes (`footprint.actor_memory`)."""
+    reward_models = reward_models_of(filters)
+    memory = actor_memory(model, sampling, resources, [m.model for m in reward_models])
+    return actor_requests(resources, len(reward_models), env, memory)
+
+
 def actor_options(bundle: dict[str, float]) -> dict[str, Any]:
-    """`bundle` as `.options(...)` of an actor: num_cpus, num_gpus and the custom resources."""
-    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
-    return {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0), "resources": custom or None}
+    """`bundle` as `.options(...)` of an actor: num_cpus, num_gpus, memory and the custom resources."""
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
+    return {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0), "memory": bundle.get("memory"),
+            "resources": custom or None}
 
 
 def total_request(requests: list[ActorRequest]) -> dict[str, float]:
@@ -68,54 +86,82 @@ def total_request(requests: list[ActorRequest]) -> dict[str, float]:
     return total
 
 
-def check_cluster_fits(requests: list[ActorRequest]) -> None:
-    """Refuse, before any actor starts, a run that the cluster can never hold.
+def check_cluster_fits(requests: list[ActorRequest]) -> list[ActorRequest]:
+    """Refuse, before any actor starts, a run that the cluster can never hold; returns the requests as the actors
+    are to make them.
 
-    On a fixed cluster (no autoscaler, or Ray's read-only one) the whole request must fit
-    in the nodes' total resources and each actor on one node. An autoscaling cluster that
-    publishes its maxima in Ray's cluster config (read as Ray Train reads them) is held to
-    those; one that does not (the autoscaler of `ray up` keeps its node types to itself)
+    On a fixed cluster (no autoscaler, or Ray's read-only one) and on the local Ray the whole
+    request must fit in the nodes' total resources and each actor on one node. An autoscaling
+    cluster that publishes its maxima in Ray's cluster config (read as Ray Train reads them) is
+    held to those; one that does not (the autoscaler of `ray up` keeps its node types to itself)
     is not checked here, and `wait_started` bounds the wait for its nodes instead.
     Fragmentation (enough in total, but not in the right places) also shows only there.
+    Where an autoscaler may add nodes and publishes no memory for them, the requests go without
+    memory: its node types need not declare any, and an actor asking for memory would find none.
     """
     asked = total_request(requests)
-    maxima = autoscaler_maxima()
+    maxima = {} if embedded() else autoscaler_maxima()
     if maxima:
-        short = {k: v for k, v in asked.items() if v > maxima.get(k, 0) + 1e-9}
+        short = {k for k, v in asked.items() if (k != "memory" or k in maxima) and v > maxima.get(k, 0) + 1e-9}
         if short:
-            most = format_resources({k: maxima.get(k, 0) for k in asked})
-            raise PlacementError(_too_big(requests, asked, f"this cluster's autoscaler grows it to at most {most}"))
-        return
-    if _autoscales():
-        return
+            most = format_resources({k: maxima.get(k, 0) for k in asked if k != "memory" or k in maxima})
+            raise PlacementError(_too_big(requests, asked, f"this cluster's autoscaler grows it to at most {most}",
+                                          short))
+        return requests if "memory" in maxima else without_memory(requests)
+    if not embedded() and _autoscales():
+        return without_memory(requests)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    check_nodes_fit(requests, nodes, "the local Ray (this machine)" if embedded() else
+                    f"this cluster ({len(nodes)} node{'s' * (len(nodes) != 1)}, no autoscaler)")
+    return requests
+
+
+def without_memory(requests: list[ActorRequest]) -> list[ActorRequest]:
+    return [ActorRequest(q.role, q.count, {k: v for k, v in q.bundle.items() if k != "memory"}) for q in requests]
+
+
+def check_machine_fits(requests: list[ActorRequest]) -> None:
+    """`check_cluster_fits` for the local Ray that a run without a cluster would start, before it starts."""
+    check_nodes_fit(requests, [local_node_resources()], "the local Ray (this machine)")
+
+
+def check_nodes_fit(requests: list[ActorRequest], nodes: list[dict[str, float]], there: str) -> None:
+    """The whole request within the nodes' total, and each actor on one node (`there` names the nodes)."""
+    asked = total_request(requests)
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in asked}
-    there = f"this cluster ({len(nodes)} node{'s' * (len(nodes) != 1)}, no autoscaler) has {format_resources(have)}"
-    if any(v > have[k] + 1e-9 for k, v in asked.items()):
-        raise PlacementError(_too_big(requests, asked, there))
+    short = {k for k, v in asked.items() if v > have[k] + 1e-9}
+    if short:
+        raise PlacementError(_too_big(requests, asked, f"{there} has {format_resources(have)}", short))
     for q in requests:
         if q.count and not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in q.bundle.items()) for n in nodes):
             raise PlacementError(
                 f"resources: a {q.role} asks for {format_resources(q.bundle)}, and no node of this cluster has that "
                 f"much (nodes: {'; '.join(format_resources({k: n.get(k, 0.0) for k in q.bundle}) for n in nodes)}); "
-                f"{_keys_of(q.role)}"
+                f"{_keys_of(q)}"
             )
 
 
-def _too_big(requests: list[ActorRequest], asked: dict[str, float], there: str) -> str:
+def _too_big(requests: list[ActorRequest], asked: dict[str, float], there: str, short: set[str]) -> str:
     parts = ", ".join(f"{q.count} {q.role}{'s' * (q.count != 1)} x {format_resources(q.bundle)}"
                       for q in requests if q.count)
     rewards = ", num_reward_models" if any(q.role == "reward model" and q.count for q in requests) else ""
     rewards += ", num_env_workers" if any(q.role == "env actor" and q.count for q in requests) else ""
+    memory = MEMORY_HINT if "memory" in short else ""
     return (f"resources: the run asks for {parts}: {format_resources(asked)} in all, but {there}, so not every "
             f"actor could ever start; lower the counts or per-actor resources (resources.trainer_ranks, "
-            f"num_generators, filter_pool_size{rewards}, *_cpus, *_gpus) or give the cluster more")
+            f"num_generators, filter_pool_size{rewards}, *_cpus, *_gpus){memory} or give the cluster more")
 
 
-def _keys_of(role: str) -> str:
+# What lowers an actor's memory (`footprint.actor_memory`): said wherever memory is what does not fit.
+MEMORY_HINT = (", or the memory the model takes (a smaller model, model.lora, more resources.trainer_ranks, "
+               "sampling.batch_size, sampling.vllm.kv_cache_memory_bytes)")
+
+
+def _keys_of(q: ActorRequest) -> str:
     key = {"trainer rank": "trainer", "generator": "generator", "filter actor": "filter",
-           "reward model": "reward_model", "env actor": "env"}[role]
-    return f"lower resources.{key}_cpus / resources.{key}_gpus or add a bigger node"
+           "reward model": "reward_model", "env actor": "env"}[q.role]
+    memory = MEMORY_HINT.removeprefix(", or ") + ", " if "memory" in q.bundle else ""
+    return f"lower {memory}resources.{key}_cpus / resources.{key}_gpus or add a bigger node"
 
 
 # How long a start waits for the autoscaler's first report naming nodes: a fresh head publishes an empty
@@ -176,10 +222,12 @@ def placement_timeout(deadline: Deadline, waiting: list[str], requests: list[Act
 
 
 def format_resources(resources: dict[str, float]) -> str:
-    """`{CPU: 2, GPU: 1}`: whole numbers without a fraction."""
+    """`{CPU: 2, GPU: 1, memory: 1.25 GB}`: whole numbers without a fraction, memory in GB."""
 
-    def num(v: float) -> str:
+    def num(k: str, v: float) -> str:
+        if k == "memory":
+            return f"{v / 1e9:.2f} GB"
         return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
-    return "{" + ", ".join(f"{k}: {num(v)}" for k, v in sorted(resources.items())) + "}"
+    return "{" + ", ".join(f"{k}: {num(k, v)}" for k, v in sorted(resources.items())) + "}"
 

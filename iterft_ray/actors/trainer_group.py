@@ -19,6 +19,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from iterft_ray.actors.placement import actor_options, actor_requests
 from iterft_ray.actors.trainer_actor import TrainerActor, TrainerRank
 from iterft_ray.actors.warm import take_or_start, warm_actors
 from iterft_ray.config import ModelConfig, ResourcesConfig
@@ -60,11 +61,12 @@ class TrainerGroup:
     """The trainer's ranks (`resources.trainer_ranks` of them), each asking for `resources.trainer_*`."""
 
     def __init__(self, model: ModelConfig, trainer_args: dict[str, Any], resources: ResourcesConfig | None = None,
-                 checkpoint: StoragePath | str | None = None, placement_timeout_s: float | None = None):
-        """`placement_timeout_s`: how long to wait for the ranks' placement group (GetTimeoutError past it)."""
+                 checkpoint: StoragePath | str | None = None, placement_timeout_s: float | None = None,
+                 memory: float = 0):
+        """`placement_timeout_s`: how long to wait for the ranks' placement group (GetTimeoutError past it).
+        `memory`: the bytes each rank asks Ray for (`footprint.actor_memory`)."""
         res = resources or ResourcesConfig()
-        bundle = {"CPU": res.trainer_cpus, "GPU": res.trainer_gpus, "trainer": 1 if res.custom_resources else 0}
-        bundle = {k: v for k, v in bundle.items() if v}
+        bundle = next(q.bundle for q in actor_requests(res, memory={"trainer rank": memory}) if q.role == "trainer rank")
         self.model = model
         # One rank can be a warm one (`keep_actors_warm`), with its placement group; several always start anew.
         self._spec = ("trainer rank", bundle) if res.trainer_ranks == 1 else None
@@ -74,7 +76,7 @@ class TrainerGroup:
         try:
             if not self.ranks:
                 ray.get(self.placement_group.ready(), timeout=placement_timeout_s)
-                self._create_ranks(res)
+                self._create_ranks(res, bundle)
             envs = self._rank_environments(len(self.ranks))
             self.restored: dict[str, Any] = self.call(TrainerRank.setup, model, trainer_args, checkpoint=checkpoint,
                                                       per_rank={"env": envs})[0]
@@ -82,14 +84,12 @@ class TrainerGroup:
             self.shutdown()  # a rank that failed to start leaves no rank or placement group behind
             raise
 
-    def _create_ranks(self, res: ResourcesConfig) -> None:
+    def _create_ranks(self, res: ResourcesConfig, bundle: dict[str, float]) -> None:
         # Ray would give each rank only its own GPU; the group sets CUDA_VISIBLE_DEVICES itself.
         runtime_env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if res.trainer_gpus else None
         self.ranks = [
             TrainerActor.options(
-                num_cpus=res.trainer_cpus,
-                num_gpus=res.trainer_gpus,
-                resources={"trainer": 1} if res.custom_resources else None,
+                **actor_options(bundle),
                 runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(i, res.trainer_ranks)
