@@ -122,6 +122,9 @@ def run(config: str, overrides: list[str], address: str | None = None, resume: b
     if started_ray and address is None and not os.environ.get("RAY_ADDRESS"):
         check_fits_here(run_config)
     print(f"{'resuming' if start.checkpoint else 'starting'} run {start.run_id[:8]} in {start.out}", flush=True)
+    if start.dropped_from_training:
+        print(f"data.reasoning_gym: {start.dropped_from_training} questions are in the evaluation split too; "
+              f"training leaves them out ({start.prompts.num_rows} left)", flush=True)
     try:
         init_ray(address)
     except RayAddressError as e:

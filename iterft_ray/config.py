@@ -130,6 +130,32 @@ class ModelConfig:
 
 
 @dataclass
+class ReasoningGymConfig:
+    """A reasoning-gym data set (`data.reasoning_gym`, `eval.reasoning_gym`): one task, or a weighted mix of tasks
+    through reasoning-gym's `composite` data set. Entry i is generated from `Random(seed + i)`."""
+
+    task: str | None = helped(None, "A reasoning-gym task (`basic_arithmetic`, `chain_sum`, ...); or give tasks.")
+    tasks: dict[str, float] | None = helped(None, "A mix instead of one task: {NAME: weight, ...}.")
+    size: int = positive(1000, help="How many entries the data set has (entries 0 .. size - 1).")
+    seed: int = helped(0, "The data set's seed. Entry i of seed s is entry i - 1 of seed s + 1: give each split "
+                          "a seed at least `size` from the others' (training drops any question a split shares).")
+    options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "The task's own config fields (e.g. {max_terms: 2}); with tasks, {NAME: {...}} per task."})
+
+    def check(self, key: str) -> None:
+        """What the section's own fields can say wrong, named under `key` (`data.reasoning_gym`, ...); the task
+        names and options are reasoning-gym's to check (`iterft_ray.data.reasoning_gym.create`)."""
+        if (self.task is None) == (self.tasks is None):
+            raise ValueError(f"{key}: give task (one reasoning-gym task) or tasks ({{NAME: weight, ...}}), not both")
+        if self.tasks is not None and (not self.tasks or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in self.tasks.values())):
+            raise ValueError(f"{key}.tasks: expected {{NAME: positive weight, ...}}, got {self.tasks!r}")
+        if self.tasks is not None and not set(self.options) <= set(self.tasks):
+            raise ValueError(f"{key}.options: with tasks, options are {{NAME: {{...}}}} per task; "
+                             f"{sorted(set(self.options) - set(self.tasks))} are not in tasks")
+
+
+@dataclass
 class DataConfig:
     """Where prompts come from: a built-in task, a JSONL/Parquet file with a `prompt` column, or a dataset."""
 
@@ -148,6 +174,9 @@ class DataConfig:
     # Demonstrations to warm up on before round 1 (loop.warmup_passes passes): a JSONL file of
     # {"prompt", "completion"} lines; replaces a task's warm-up examples.
     warmup_file: str | None = None
+    reasoning_gym: ReasoningGymConfig | None = helped(None, "Prompts from a reasoning-gym data set (rows carry "
+                                                      "`answer`, `rg_task`, `rg_seed`, `rg_index`); the default "
+                                                      "filters become [reasoning_gym].")
 
     def __post_init__(self):
         if self.system_prompt is not None and not self.chat_template:
@@ -329,6 +358,9 @@ class EvalConfig:
 
     prompts_file: str | None = None
     dataset: dict[str, Any] | None = None
+    reasoning_gym: ReasoningGymConfig | None = helped(None, "Evaluation prompts from a reasoning-gym data set (its "
+                                                      "own seed); a question training also drew is dropped from "
+                                                      "training.")
     heldout_fraction: float | None = bounded(None, OPEN_UNIT)
     max_prompts: int = positive(512)
     filters: list[Any] | None = None
@@ -341,7 +373,8 @@ class EvalConfig:
     final_model: str = "last"
 
     def __post_init__(self):
-        given = [k for k in ("prompts_file", "dataset", "heldout_fraction") if getattr(self, k) is not None]
+        given = [k for k in ("prompts_file", "dataset", "reasoning_gym", "heldout_fraction")
+                 if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"{', '.join('eval.' + k for k in given)}: evaluation prompts come from one of them; "
                              "remove the others")
@@ -562,10 +595,11 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
 
     data = apply_preset(data) if isinstance(data, dict) else data
     config = build(RunConfig, data)
-    if config.data.prompts_file is not None and config.data.dataset is not None:
-        raise ValueError("data.prompts_file, data.dataset: prompts come from a file or from a dataset, not both; "
-                         "remove one")
-    source = "prompts_file" if config.data.prompts_file is not None else "dataset"
+    sources = [k for k in ("prompts_file", "dataset", "reasoning_gym") if getattr(config.data, k) is not None]
+    if len(sources) > 1:
+        raise ValueError(f"{', '.join('data.' + k for k in sources)}: prompts come from one of them; remove the "
+                         "others")
+    source = sources[0] if sources else "dataset"
     if getattr(config.data, source) is not None and config.data.task is not None:
         if "task" in data["data"]:
             raise ValueError(
@@ -573,10 +607,11 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
                 f"remove one (set data.task: null to use the {source.replace('prompts_', '')})"
             )
         config.data.task = None  # the default task gives way to a prompts file or a dataset
-    if config.data.task is None and config.data.prompts_file is None and config.data.dataset is None:
-        raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset)")
+    if config.data.task is None and not sources:
+        raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset, data.reasoning_gym)")
     if config.env is not None:
         _check_env(config, data)
+    _check_reasoning_gym(config, data)
     _check_warmup_file(config)
     config.trainer = check_trainer_args(config.trainer)
     _check_packing(config)
@@ -610,6 +645,20 @@ def _check_env(config: RunConfig, data: dict[str, Any]) -> None:
         raise ValueError(f"env.name: {e}") from None
     if "filters" not in data:
         config.filters = []
+
+
+def _check_reasoning_gym(config: RunConfig, data: dict[str, Any]) -> None:
+    """Each reasoning-gym section names tasks and options reasoning-gym takes (it builds the data set once here);
+    with data.reasoning_gym the filters default to [reasoning_gym], its own verifiers."""
+    from iterft_ray.data.reasoning_gym import create
+
+    for key, spec in (("data.reasoning_gym", config.data.reasoning_gym), ("eval.reasoning_gym",
+                                                                          config.eval.reasoning_gym)):
+        if spec is not None:
+            spec.check(key)
+            create(spec, key)
+    if config.data.reasoning_gym is not None and "filters" not in data:
+        config.filters = [{"name": "reasoning_gym"}]
 
 
 def _is_seq2seq(name: str) -> bool | None:

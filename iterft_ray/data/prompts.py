@@ -44,13 +44,17 @@ class Shard:
 def load_prompts(data: DataConfig) -> tuple[pa.Table | PromptSource, pa.Table | None, Task | None]:
     """(train prompts, held-out prompts or None, task or None) for a run's data config.
 
-    A task's prompts are a table; a file's or dataset's are a `PromptSource`, opened
+    A task's prompts and a reasoning-gym data set's are a table; a file's or dataset's are a `PromptSource`, opened
     (schema and first rows checked) but not read.
     """
     if data.prompts_file is not None:
         return PromptFile(data.prompts_file, data.prompt_column), None, None
     if data.dataset is not None:
         return PromptDataset(data.dataset, data.prompt_column), None, None
+    if data.reasoning_gym is not None:
+        from iterft_ray.data.reasoning_gym import prompt_table
+
+        return prompt_table(data.reasoning_gym, "data.reasoning_gym"), None, None
     task = get_task(data.task, **data.task_options)
     return pa.Table.from_pylist(task.train_prompts), pa.Table.from_pylist(task.heldout_prompts), task
 

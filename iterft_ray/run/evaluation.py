@@ -114,7 +114,7 @@ def held_out_rule(config: RunConfig) -> HeldOut | None:
 
 
 def load_eval_prompts(config: RunConfig, task: Task | None, prompts: pa.Table | PromptSource) -> pa.Table | None:
-    """The evaluation prompts: eval.prompts_file or eval.dataset read whole, the held-out part of the training
+    """The evaluation prompts: eval.prompts_file, eval.dataset or eval.reasoning_gym read whole, the held-out part of the training
     `prompts` (eval.heldout_fraction), else the task's held-out split (None when there is none). Errors name
     the eval key."""
     ev = config.eval
@@ -129,6 +129,10 @@ def load_eval_prompts(config: RunConfig, task: Task | None, prompts: pa.Table | 
             source = PromptFile(ev.prompts_file, column)
         elif ev.dataset is not None:
             source = PromptDataset(ev.dataset, column)
+        elif ev.reasoning_gym is not None:
+            from iterft_ray.data.reasoning_gym import prompt_table
+
+            return prompt_table(ev.reasoning_gym, "eval.reasoning_gym").slice(0, ev.max_prompts)
         else:
             return pa.Table.from_pylist(task.heldout_prompts) if task is not None and task.heldout_prompts else None
         table = pa.concat_tables([source.read_shard(i) for i in range(len(source.shards))]).slice(0, ev.max_prompts)

@@ -83,6 +83,8 @@ class RunStart:
     # What the warm-up trains on: data.warmup_file's demonstrations, else the task's examples.
     warmup_examples: list[dict[str, str]] = field(default_factory=list)
     unfinished: str | None = None  # the leftovers of a run with no checkpoint that this fresh start replaces
+    # Training questions left out because an evaluation split has them too (data.reasoning_gym).
+    dropped_from_training: int = 0
 
     @property
     def complete(self) -> bool:
@@ -119,8 +121,16 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
         raise ValueError("--resume, --overwrite: resume continues the run in loop.output_dir, overwrite deletes it; "
                          "give one")
     prompts, _, task = _load_prompts(config)
-    _warn_repeated_prompts(config, prompts.num_rows)
     heldout = load_eval_prompts(config, task, prompts)
+    dropped = 0
+    if config.data.reasoning_gym is not None:
+        from iterft_ray.data.reasoning_gym import disjoint
+
+        prompts, dropped = disjoint(prompts, [heldout])
+        if prompts.num_rows == 0:
+            raise ValueError("data.reasoning_gym: every question is also in the evaluation split; give the splits "
+                             "seeds at least data.reasoning_gym.size apart, or a larger size")
+    _warn_repeated_prompts(config, prompts.num_rows)
     if heldout is None and config.eval.filters is not None:
         raise ValueError("eval.filters: there are no evaluation prompts to grade; give eval.prompts_file or "
                          "eval.dataset (a data.task brings its held-out split)")
@@ -133,7 +143,7 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     warmup = (load_warmup_file(config.data.warmup_file) if config.data.warmup_file is not None
               else task.warmup_examples if task is not None else [])
     start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite,
-                     chat_tokenizer=chat_tokenizer, warmup_examples=warmup)
+                     chat_tokenizer=chat_tokenizer, warmup_examples=warmup, dropped_from_training=dropped)
     if resume:
         _check_resume(config, start)
     elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
@@ -150,8 +160,9 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
 def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table | None, Task | None]:
     """The run's prompts, with the settings that cannot apply to them refused by name."""
     data, passes = config.data, config.loop.warmup_passes
-    if data.prompts_file is not None or data.dataset is not None:
-        key = "data.prompts_file" if data.prompts_file is not None else "data.dataset"
+    given = [k for k in ("prompts_file", "dataset", "reasoning_gym") if getattr(data, k) is not None]
+    if given:
+        key = f"data.{given[0]}"
         if data.task_options:
             raise ValueError(f"data.task_options: options of a task, but prompts come from {key}; remove them")
         if passes and data.warmup_file is None:
@@ -163,7 +174,7 @@ def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table 
         try:
             prompts, heldout, task = load_prompts(data)
         except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
+            raise ValueError(e if str(e).startswith(key) else f"{key}: {e}") from None
         if "messages" in prompts.column_names and not data.chat_template:
             raise ValueError(f"{key}: {prompts.name} has a 'messages' column, which needs the "
                              "tokenizer's chat template; set data.chat_template: true")
@@ -183,7 +194,8 @@ def _warn_repeated_prompts(config: RunConfig, num_prompts: int) -> None:
     prompts twice (and trains on them twice); said once at start, not found later in generations.parquet."""
     per_round = config.loop.prompts_per_round
     if per_round > num_prompts:
-        source = next(f"data.{k}" for k in ("prompts_file", "dataset", "task") if getattr(config.data, k) is not None)
+        source = next(f"data.{k}" for k in ("prompts_file", "dataset", "reasoning_gym", "task")
+                      if getattr(config.data, k) is not None)
         warnings.warn(f"loop.prompts_per_round: {per_round} prompts a round, but {source} has {num_prompts}: each "
                       f"round repeats prompts; lower loop.prompts_per_round to at most {num_prompts} for each once",
                       ConfigWarning, stacklevel=3)

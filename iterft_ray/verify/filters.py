@@ -34,6 +34,7 @@ from typing import Any, Callable, Protocol, Union, runtime_checkable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from iterft_ray.data.reasoning_gym import reasoning_gym_filter
 from iterft_ray.data.tasks import get_task
 from iterft_ray.verify.reward_model import RewardModel, reward_model
 from iterft_ray.verify.verdict import Verdict
@@ -225,6 +226,7 @@ _BUILTINS: dict[str, Callable[..., RowFilter | Selector]] = {
     "length_bounds": length_bounds,
     "math_answer": math_answer,
     "python_tests": python_tests,
+    "reasoning_gym": reasoning_gym_filter,
     "reward_model": reward_model,
     "deduplicate": deduplicate,
     "best_of_k": best_of_k,

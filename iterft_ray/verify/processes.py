@@ -123,15 +123,18 @@ class FilterProcesses:
         name = self.names[row.filter_index]
         if not ok:
             return self._reject(row, f"{name}: {value}")
+        gate = None
         if isinstance(value, Verdict):
             if row.answer is None and value.answer is not None:
                 row.answer = str(value.answer)
-            value = value.value
+            value, gate = value.value, value.passed
         if isinstance(value, bool):
             if not value:
                 return self._reject(row, None)
         elif isinstance(value, numbers.Real):
             row.total = (row.total or 0.0) + float(value)
+            if gate is False:
+                return self._reject(row, None)
         else:
             return self._reject(row, f"{name}: returned {value!r}, expected a bool or a number")
         row.filter_index += 1

@@ -16,3 +16,6 @@ class Verdict:
 
     value: bool | float
     answer: str | None = None
+    # With a number: whether the row passes too (a score that also gates, as the reasoning_gym filter's
+    # `min_score`); None: the number only adds to the score.
+    passed: bool | None = None
