@@ -346,6 +346,25 @@ class LoopConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """The validation split (`eval.validation`): what the rollback gate, the best checkpoint and
+    `eval.final_model: best` select on, so that the test split's numbers are not selected on. One source."""
+
+    prompts_file: str | None = helped(None, "A JSONL / Parquet prompts file, as data.prompts_file.")
+    dataset: dict[str, Any] | None = helped(None, "A dataset, as data.dataset: {path, name, split, ...}.")
+    fraction: float | None = bounded(None, OPEN_UNIT, help="This share of the training prompts, set aside by a "
+                                     "seeded rule apart from eval.heldout_fraction's; never trained on.")
+    reasoning_gym: ReasoningGymConfig | None = helped(None, "A reasoning-gym data set, as data.reasoning_gym, with "
+                                                      "a seed of its own.")
+
+    def __post_init__(self):
+        given = [k for k in ("prompts_file", "dataset", "fraction", "reasoning_gym") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"eval.validation: expected one of prompts_file, dataset, fraction, reasoning_gym; "
+                             f"got {given or 'none'}")
+
+
+@dataclass
 class EvalConfig:
     """Evaluation every loop.eval_every rounds, before round 1 and after the last: held-out prompts graded by verifiers.
 
@@ -365,12 +384,16 @@ class EvalConfig:
     max_prompts: int = positive(512)
     filters: list[Any] | None = None
     num_samples: int = non_negative(4)
-    # The metric that makes a checkpoint the best one (a new best is checkpointed when it is evaluated).
-    best_metric: str = "eval_greedy"
-    # Restore the best checkpoint when best_metric falls more than this below its best (None: never).
-    rollback_drop: float | None = non_negative(None)
-    # What final/ holds at the end of the run: the "last" weights or the "best" checkpoint's.
-    final_model: str = "last"
+    validation: ValidationConfig | None = helped(None, "The split selection reads (val_* metrics); without it (nor "
+                                                 "a task's num_validation) no best is tracked.")
+    best_metric: str = helped("val_greedy", "The validation metric that makes a checkpoint the best one (a new best "
+                                            "is checkpointed when it is evaluated): val_greedy, val_score_mean, "
+                                            "val_pass@k, val_maj@n.")
+    rollback_drop: float | None = non_negative(None, help="Restore the best checkpoint when best_metric falls more "
+                                                          "than this below its best (None: never). Needs a "
+                                                          "validation split.")
+    final_model: str = helped("last", "What final/ holds at the end: the 'last' weights or the 'best' "
+                                      "checkpoint's (needs a validation split).")
 
     def __post_init__(self):
         given = [k for k in ("prompts_file", "dataset", "reasoning_gym", "heldout_fraction")
@@ -380,10 +403,11 @@ class EvalConfig:
                              "remove the others")
         if self.final_model not in ("last", "best"):
             raise ValueError(f"eval.final_model: expected 'last' or 'best', got {self.final_model!r}")
-        known = ["eval_greedy", "eval_score_mean"] + [f"eval_pass@{k}" for k in range(1, self.num_samples + 1)]
-        known += [f"eval_maj@{self.num_samples}"] if self.num_samples else []
+        known = ["val_greedy", "val_score_mean"] + [f"val_pass@{k}" for k in range(1, self.num_samples + 1)]
+        known += [f"val_maj@{self.num_samples}"] if self.num_samples else []
         if self.best_metric not in known:
-            raise ValueError(f"eval.best_metric: expected one of {known} (eval.num_samples is {self.num_samples}), "
+            raise ValueError(f"eval.best_metric: expected one of {known} (eval.num_samples is {self.num_samples}): "
+                             f"selection reads the validation split (eval.validation), never the test split; "
                              f"got {self.best_metric!r}")
 
 
@@ -652,8 +676,10 @@ def _check_reasoning_gym(config: RunConfig, data: dict[str, Any]) -> None:
     with data.reasoning_gym the filters default to [reasoning_gym], its own verifiers."""
     from iterft_ray.data.reasoning_gym import create
 
-    for key, spec in (("data.reasoning_gym", config.data.reasoning_gym), ("eval.reasoning_gym",
-                                                                          config.eval.reasoning_gym)):
+    validation = config.eval.validation.reasoning_gym if config.eval.validation is not None else None
+    for key, spec in (("data.reasoning_gym", config.data.reasoning_gym),
+                      ("eval.reasoning_gym", config.eval.reasoning_gym),
+                      ("eval.validation.reasoning_gym", validation)):
         if spec is not None:
             spec.check(key)
             create(spec, key)
@@ -764,7 +790,7 @@ def _check_trackers(trainer: dict[str, Any]) -> None:
 def resolve_input_paths(data: Any, base: Path) -> Any:
     """Make the relative input paths of a config file's data absolute against `base`, the file's directory.
 
-    `data.prompts_file`, `data.warmup_file` and `eval.prompts_file` always; `model.name_or_path`,
+    `data.prompts_file`, `data.warmup_file`, `eval.prompts_file` and `eval.validation.prompts_file` always; `model.name_or_path`,
     `model.tokenizer`, `data.dataset.path` and a `reward_model` filter's `model` when they name something
     beside the file (else they are a hub id or a built-in name). `loop.output_dir` stays relative to the working directory, as built-in
     configs and TrainingArguments have it.
@@ -792,8 +818,12 @@ def resolve_input_paths(data: Any, base: Path) -> Any:
             if isinstance(path, str) and path and not Path(path).expanduser().is_absolute():
                 if path.startswith(("./", "../")) or (base / path).exists():
                     spec["model"] = str((base / path).resolve())
-    for name in ("data", "eval"):
-        dataset = data[name].get("dataset") if isinstance(data.get(name), dict) else None
+    evaluation = data.get("eval") if isinstance(data.get("eval"), dict) else {}
+    validation = evaluation.get("validation") if isinstance(evaluation.get("validation"), dict) else {}
+    if isinstance(validation.get("prompts_file"), str) and validation["prompts_file"]:
+        validation["prompts_file"] = str((base / Path(validation["prompts_file"]).expanduser()).resolve())
+    for section in (data.get("data"), evaluation, validation):
+        dataset = section.get("dataset") if isinstance(section, dict) else None
         if isinstance(dataset, dict) and isinstance(dataset.get("path"), str) and dataset["path"]:
             path = dataset["path"]
             if not Path(path).expanduser().is_absolute() and (path.startswith(("./", "../")) or (base / path).exists()):

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from iterft_ray.cli import main
+from iterft_ray.config import load_config
 from iterft_ray.run.evaluation import eval_metrics, pass_at_k
 from iterft_ray.run.loop import IterativeLoop
 from iterft_ray.run.records import plotted_metrics
@@ -131,9 +132,13 @@ def test_a_run_on_a_prompts_file_evaluates_every_round_and_iterft_eval_reproduce
     assert (run / "final" / "model.safetensors").is_file()
 
 
+def _validation(tmp_path: Path) -> dict:
+    return {"prompts_file": str(_write_jsonl(tmp_path / "validation.jsonl", 2000, 4))}
+
+
 def test_a_drop_past_eval_rollback_drop_restores_the_best_checkpoint(tmp_path, ray_up, capsys):
     config = _config(tmp_path, eval={"filters": ["toy_filters:only_version_zero"], "num_samples": 0,
-                                     "rollback_drop": 0.5, "final_model": "best"})
+                                     "rollback_drop": 0.5, "final_model": "best", "validation": _validation(tmp_path)})
     loop = IterativeLoop(config)
     try:
         untrained = loop.rl.trainer.checksum()
@@ -145,8 +150,10 @@ def test_a_drop_past_eval_rollback_drop_restores_the_best_checkpoint(tmp_path, r
         loop.shutdown()
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[0]["eval_greedy"] == 1.0 and [m["eval_greedy"] for m in metrics[1:]] == [0.0, 0.0]
+    assert metrics[0]["val_greedy"] == 1.0 and [m["val_greedy"] for m in metrics[1:]] == [0.0, 0.0]
+    assert [m["eval_greedy"] for m in metrics] == [1.0, 0.0, 0.0]  # the test split, beside it
     assert [m.get("rolled_back_to") for m in metrics[1:]] == [0, 0]
+    assert (run / "eval" / "validation" / "0001.parquet").is_file() and (run / "eval" / "0001.parquet").is_file()
     assert "rolling back to" in capsys.readouterr().out
     best = load_file(str(run / "checkpoints" / "round-0000" / "model.safetensors"))
     final = load_file(str(run / "final" / "model.safetensors"))
@@ -156,11 +163,53 @@ def test_a_drop_past_eval_rollback_drop_restores_the_best_checkpoint(tmp_path, r
     assert loop.final_evaluation["eval_greedy"] == 1.0  # final/ holds the best weights, evaluated at 1.0
 
 
+def test_selection_reads_the_validation_split_only(tmp_path, ray_up):
+    """The test split falls (1.0 -> 0.0) while the validation split holds: no rollback, the best stays where the
+    validation metric put it."""
+    config = _config(tmp_path, eval={"filters": ["toy_filters:test_split_only_version_zero"], "num_samples": 0,
+                                     "rollback_drop": 0.5, "final_model": "best", "validation": _validation(tmp_path)})
+    loop = IterativeLoop(config)
+    try:
+        stats = loop.run()
+    finally:
+        loop.shutdown()
+    assert [s["eval_greedy"] for s in stats] == [0.0, 0.0] and [s["val_greedy"] for s in stats] == [1.0, 1.0]
+    assert loop.rollbacks == 0 and all("rolled_back_to" not in s for s in stats)
+    assert loop.best["round"] == 0 and loop.best["value"] == 1.0 and "eval_greedy" in loop.best["eval"]
+
+
+def test_selection_without_a_validation_split_is_refused_at_load(tmp_path):
+    from iterft_ray.run.run_dir import check_start
+
+    for eval_keys, named in (({"rollback_drop": 0.1}, "eval.rollback_drop"),
+                             ({"final_model": "best"}, "eval.final_model: best")):
+        with pytest.raises(ValueError, match=rf"^eval.validation: {named} select on a validation split"):
+            check_start(load_config(_config(tmp_path, eval=eval_keys)))
+    with pytest.raises(ValueError, match=r"^eval.best_metric: expected one of .*never the test split"):
+        load_config(_config(tmp_path, eval={"best_metric": "eval_greedy"}))
+    with pytest.raises(ValueError, match=r"^eval.validation: expected one of prompts_file, dataset, fraction"):
+        load_config(_config(tmp_path, eval={"validation": {}}))
+
+
+def test_a_validation_fraction_is_a_band_of_its_own_that_rounds_skip(tmp_path):
+    from iterft_ray.run.evaluation import held_out_rule
+    from iterft_ray.run.run_dir import check_start
+
+    config = load_config(_config(tmp_path, data={"prompts_file": str(_write_jsonl(tmp_path / "big.jsonl", 0, 400))},
+                                 eval={"prompts_file": None, "heldout_fraction": 0.2, "validation": {"fraction": 0.2}}))
+    start = check_start(config)
+    test, validation = set(start.heldout["prompt_id"].to_pylist()), set(start.validation["prompt_id"].to_pylist())
+    assert not test & validation and 40 < len(test) < 120 and 40 < len(validation) < 120
+    rule = held_out_rule(config)
+    trained = [pid for pid, out in zip(range(400), rule.mask(list(range(400)))) if not out]
+    assert not set(trained) & (test | validation) and len(trained) + len(test) + len(validation) == 400
+
+
 def test_eval_config_errors_name_the_key(tmp_path):
     from iterft_ray.config import load_config
 
-    with pytest.raises(ValueError, match=r"eval.best_metric: expected one of .*eval_pass@2"):
-        load_config(_config(tmp_path, eval={"num_samples": 2, "best_metric": "eval_pass@5"}))
+    with pytest.raises(ValueError, match=r"eval.best_metric: expected one of .*val_pass@2"):
+        load_config(_config(tmp_path, eval={"num_samples": 2, "best_metric": "val_pass@5"}))
     with pytest.raises(ValueError, match="eval.final_model"):
         load_config(_config(tmp_path, eval={"final_model": "first"}))
     with pytest.raises(ValueError, match=r"eval.rollback_drop: expected a number >= 0"):

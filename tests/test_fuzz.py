@@ -389,7 +389,7 @@ def valid_value(key: str, tp) -> st.SearchStrategy:
     elif key == "eval.final_model":
         base = st.sampled_from(["last", "best"])
     elif key == "eval.best_metric":
-        base = st.just("eval_greedy")
+        base = st.just("val_greedy")
     elif origin is dict:
         base = st.dictionaries(st.text(max_size=4), st.integers(0, 9), max_size=2)
     elif origin is list:

@@ -79,6 +79,11 @@ def test_defaults_and_exclusive_sources(tmp_path):
         load_config(both)
     start = check_start(load_config(_config(tmp_path, seed=999)))  # eval seed 1000: 39 of its 40 shifted by one
     assert start.dropped_from_training >= 7 and start.prompts.num_rows == 40 - start.dropped_from_training
+    with_validation = _config(tmp_path, seed=999)
+    with_validation["eval"]["validation"] = {"reasoning_gym": {**TASK, "size": 8, "seed": 1010}}
+    start = check_start(load_config(with_validation))  # seed 1010: training's entries 11..18 too
+    validation = set(start.validation.column("prompt").to_pylist())
+    assert start.dropped_from_training >= 14 and not validation & set(start.prompts.column("prompt").to_pylist())
 
 
 def test_a_run_on_reasoning_gym_is_graded_by_score_answer(tmp_path, ray_up, capsys):

@@ -41,6 +41,12 @@ def only_version_zero(prompt, completion, meta):
     return meta["weight_version"] == 0
 
 
+def test_split_only_version_zero(prompt, completion, meta):
+    """`only_version_zero` for the test split's prompts (ids below 2000); a validation prompt (2000 on) always
+    passes: the test accuracy falls, the validation accuracy does not."""
+    return meta["prompt_id"] >= 2000 or meta["weight_version"] == 0
+
+
 class CrashingSelector:
     """A user's selector whose process dies on every call (as a segfaulting reward model would)."""
 

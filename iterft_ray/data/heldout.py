@@ -18,14 +18,17 @@ from iterft_ray.data.prompts import PromptSource
 
 @dataclass(frozen=True)
 class HeldOut:
-    """The rule: `fraction` of the prompts, chosen by `seed`."""
+    """The rule: the prompts whose hash of (`seed`, prompt_id), a number in [0, 1), is in [`start`, `fraction`).
+    The test split (eval.heldout_fraction) takes [0, f); a validation split (eval.validation.fraction) the band
+    after it; the rounds skip all of [0, both)."""
 
     fraction: float
     seed: int
+    start: float = 0.0
 
     def mask(self, prompt_ids: list) -> list[bool]:
         """Which of these prompts are held out."""
-        return [_unit(f"{self.seed}/{pid!r}") < self.fraction for pid in prompt_ids]
+        return [self.start <= _unit(f"{self.seed}/{pid!r}") < self.fraction for pid in prompt_ids]
 
     def training_part(self, table: pa.Table) -> pa.Table:
         return table.filter(pa.array([not h for h in self.mask(table["prompt_id"].to_pylist())]))

@@ -86,15 +86,18 @@ def _mean(values: list) -> float:
 
 
 @ray.remote(num_cpus=0)
-def _reduce_evaluation(path: StoragePath, num_samples: int, greedy_count: int, *tables: pa.Table) -> dict[str, float]:
-    """Label the scored tables greedy / sampled, write them to `path` whole, return their metrics."""
+def _reduce_evaluation(path: StoragePath, num_samples: int, split: str, greedy_count: int,
+                       *tables: pa.Table) -> dict[str, float]:
+    """Label the scored tables greedy / sampled, write them to `path` whole, return their metrics (`val_*` for
+    the validation split)."""
     labelled = [t.append_column("eval_mode", pa.array(["greedy" if i < greedy_count else "sampled"] * t.num_rows))
                 for i, t in enumerate(tables)]
     table = pa.concat_tables(labelled, promote_options="default")
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     path.write_bytes(buffer.getvalue())
-    return eval_metrics(table, num_samples)
+    metrics = eval_metrics(table, num_samples)
+    return metrics if split == "eval" else {f"{split}_{k.removeprefix('eval_')}": v for k, v in metrics.items()}
 
 
 def evaluation_filters(config: RunConfig) -> list[Any]:
@@ -108,52 +111,86 @@ def evaluation_filters(config: RunConfig) -> list[Any]:
 
 
 def held_out_rule(config: RunConfig) -> HeldOut | None:
-    """The rule that sets eval.heldout_fraction of the training prompts aside (None without one)."""
-    fraction = config.eval.heldout_fraction
-    return None if fraction is None else HeldOut(fraction, config.loop.seed)
+    """The rule that sets the training prompts the rounds skip aside: eval.heldout_fraction's and
+    eval.validation.fraction's together (None without either)."""
+    test, validation = config.eval.heldout_fraction, _validation_fraction(config)
+    if test is None and validation is None:
+        return None
+    return HeldOut((test or 0.0) + (validation or 0.0), config.loop.seed)
+
+
+def _validation_fraction(config: RunConfig) -> float | None:
+    return config.eval.validation.fraction if config.eval.validation is not None else None
 
 
 def load_eval_prompts(config: RunConfig, task: Task | None, prompts: pa.Table | PromptSource) -> pa.Table | None:
-    """The evaluation prompts: eval.prompts_file, eval.dataset or eval.reasoning_gym read whole, the held-out part of the training
-    `prompts` (eval.heldout_fraction), else the task's held-out split (None when there is none). Errors name
-    the eval key."""
+    """The evaluation (test) prompts: eval.prompts_file, eval.dataset or eval.reasoning_gym read whole, the
+    held-out part of the training `prompts` (eval.heldout_fraction), else the task's held-out split (None when
+    there is none). Errors name the eval key."""
     ev = config.eval
-    column = config.data.prompt_column
     if ev.heldout_fraction is not None:
-        table = held_out_prompts(prompts, held_out_rule(config), ev.max_prompts)
+        table = held_out_prompts(prompts, HeldOut(ev.heldout_fraction, config.loop.seed), ev.max_prompts)
         if table.num_rows == 0:
             raise ValueError(f"eval.heldout_fraction: {ev.heldout_fraction} sets none of the prompts aside; raise it")
         return table
-    try:
-        if ev.prompts_file is not None:
-            source = PromptFile(ev.prompts_file, column)
-        elif ev.dataset is not None:
-            source = PromptDataset(ev.dataset, column)
-        elif ev.reasoning_gym is not None:
-            from iterft_ray.data.reasoning_gym import prompt_table
-
-            return prompt_table(ev.reasoning_gym, "eval.reasoning_gym").slice(0, ev.max_prompts)
-        else:
-            return pa.Table.from_pylist(task.heldout_prompts) if task is not None and task.heldout_prompts else None
-        table = pa.concat_tables([source.read_shard(i) for i in range(len(source.shards))]).slice(0, ev.max_prompts)
-    except (ValueError, FileNotFoundError) as e:
-        key = "eval.prompts_file" if ev.prompts_file is not None else "eval.dataset"
-        raise ValueError(f"{key}: {e}") from None
-    if table.num_rows == 0:
-        raise ValueError(f"{'eval.prompts_file' if ev.prompts_file else 'eval.dataset'}: holds no prompts")
+    table = _read_split("eval", ev, config.data.prompt_column, ev.max_prompts)
+    if table is None and task is not None and task.heldout_prompts:
+        return pa.Table.from_pylist(task.heldout_prompts)
     return table
 
 
-def eval_path(out: StoragePath, round_index: int) -> StoragePath:
-    """Where a run's evaluation after `round_index` rounds writes its rows: eval/NNNN.parquet."""
-    return out / "eval" / f"{round_index:04d}.parquet"
+def load_validation_prompts(config: RunConfig, task: Task | None,
+                            prompts: pa.Table | PromptSource) -> pa.Table | None:
+    """The validation prompts, which selection reads (`val_*`): eval.validation's source, else the task's
+    validation split (addition's `num_validation`), else None. Errors name the key."""
+    validation = config.eval.validation
+    if validation is None:
+        return pa.Table.from_pylist(task.validation_prompts) if task is not None and task.validation_prompts else None
+    if validation.fraction is not None:
+        start = config.eval.heldout_fraction or 0.0
+        rule = HeldOut(start + validation.fraction, config.loop.seed, start=start)
+        table = held_out_prompts(prompts, rule, config.eval.max_prompts)
+        if table.num_rows == 0:
+            raise ValueError(f"eval.validation.fraction: {validation.fraction} sets none of the prompts aside; "
+                             "raise it")
+        return table
+    return _read_split("eval.validation", validation, config.data.prompt_column, config.eval.max_prompts)
+
+
+def _read_split(key: str, spec: Any, column: str, limit: int) -> pa.Table | None:
+    """A split's prompts from `spec`'s prompts_file, dataset or reasoning_gym, read whole (at most `limit`);
+    None when it names none. Errors name `key`."""
+    if spec.reasoning_gym is not None:
+        from iterft_ray.data.reasoning_gym import prompt_table
+
+        return prompt_table(spec.reasoning_gym, f"{key}.reasoning_gym").slice(0, limit)
+    name = "prompts_file" if spec.prompts_file is not None else "dataset" if spec.dataset is not None else None
+    if name is None:
+        return None
+    try:
+        source = PromptFile(spec.prompts_file, column) if name == "prompts_file" else PromptDataset(spec.dataset, column)
+        table = pa.concat_tables([source.read_shard(i) for i in range(len(source.shards))]).slice(0, limit)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{key}.{name}: {e}") from None
+    if table.num_rows == 0:
+        raise ValueError(f"{key}.{name}: holds no prompts")
+    return table
+
+
+def eval_path(out: StoragePath, round_index: int, split: str = "eval") -> StoragePath:
+    """Where a run's evaluation after `round_index` rounds writes its rows: eval/NNNN.parquet (the test split),
+    eval/validation/NNNN.parquet (`split` "val")."""
+    where = out / "eval" / "validation" if split == "val" else out / "eval"
+    return where / f"{round_index:04d}.parquet"
 
 
 class Evaluation:
-    """One run's evaluation: its prompts, filters and sample count, run with the trainer's current weights."""
+    """One run's evaluation of a split: its prompts, filters and sample count, run with the trainer's current
+    weights; its metrics are `eval_*` (the test split) or `val_*` (`split` "val", the validation split)."""
 
-    def __init__(self, prompts: pa.Table, filters: list[Any], num_samples: int, seed: int):
+    def __init__(self, prompts: pa.Table, filters: list[Any], num_samples: int, seed: int, split: str = "eval"):
         self.prompts, self.filters, self.num_samples, self.seed = prompts, filters, num_samples, seed
+        self.split = split
 
     def start(self, rl, path: StoragePath, round_index: int) -> ray.ObjectRef:
         """Sample and score the evaluation after `round_index` rounds (its seeds) with `rl`'s current weights;
@@ -164,4 +201,4 @@ class Evaluation:
                             self.filters).tables if self.num_samples else []
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         return _reduce_evaluation.options(scheduling_strategy=here).remote(
-            path, self.num_samples, len(greedy.tables), *greedy.tables, *sampled)
+            path, self.num_samples, self.split, len(greedy.tables), *greedy.tables, *sampled)

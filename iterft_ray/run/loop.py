@@ -77,6 +77,13 @@ class IterativeLoop:
             if self.chat_tokenizer is not None:
                 heldout = with_chat_template(heldout, self.chat_tokenizer, c.data.system_prompt)
             self.evaluation = Evaluation(heldout, evaluation_filters(c), c.eval.num_samples, c.loop.seed)
+        # The validation split: what the rollback gate, the best checkpoint and final_model: best read (val_*).
+        self.validation: Evaluation | None = None
+        if start.validation is not None:
+            validation = start.validation
+            if self.chat_tokenizer is not None:
+                validation = with_chat_template(validation, self.chat_tokenizer, c.data.system_prompt)
+            self.validation = Evaluation(validation, evaluation_filters(c), c.eval.num_samples, c.loop.seed, "val")
         self._ledger_filters = describe_filters(c.filters)
         self.out, self.run_id = start.out, start.run_id
         self.rl = RayIterativeSFTTrainer(
@@ -128,9 +135,9 @@ class IterativeLoop:
             if self.config.recipe.train_from == "base":  # before any checkpoint: one of round 0 implies this one
                 self.rl.save(base_weights_dir(self.out))
             self.warmed_up = True
-            if self.evaluation is not None:
+            if self.evaluation is not None or self.validation is not None:
                 evaluated = self.evaluate()
-                self.initial_heldout_accuracy = evaluated["eval_greedy"]
+                self.initial_heldout_accuracy = evaluated.get("eval_greedy")
                 self.recorder.record({"round": 0, **evaluated})
                 print(f"evaluation before round 1: {_evaluation_line(evaluated)}", flush=True)
                 if self._judge(evaluated)[0]:
@@ -164,7 +171,7 @@ class IterativeLoop:
         self.round_index += 1
         self._rounds_at_version.setdefault(self.rl.version, self.round_index)
         last = self.round_index == c.loop.rounds
-        due = self.evaluation is not None and (self._due(c.loop.eval_every) or last)
+        due = (self.evaluation is not None or self.validation is not None) and (self._due(c.loop.eval_every) or last)
         evaluated = self.evaluate(deadline) if due else {}
         self._wait([written, ledger], f"round {r + 1} write", deadline, fetch=True)
         stats = {**self._round_stats(r, summary, train, t), **evaluated}
@@ -334,20 +341,25 @@ class IterativeLoop:
 
         Bounded by `deadline` (the round's), else by a `loop.round_timeout_s` of its own.
         """
-        if self.evaluation is None:
+        splits = [e for e in (self.evaluation, self.validation) if e is not None]
+        if not splits:
             raise ValueError("evaluate: this run has no evaluation prompts (eval.prompts_file, eval.dataset or a "
                              "data.task with a held-out split)")
-        ref = self.evaluation.start(self.rl, eval_path(self.out, self.round_index), self.round_index)
+        refs = [e.start(self.rl, eval_path(self.out, self.round_index, e.split), self.round_index) for e in splits]
         desc = f"round {self.round_index} evaluate" if self.round_index else "evaluate before round 1"
-        metrics = self._wait([ref], desc, deadline or self._round_deadline(), fetch=True)[0]
-        return {**metrics, "heldout_accuracy": metrics["eval_greedy"]}
+        metrics = {k: v for m in self._wait(refs, desc, deadline or self._round_deadline(), fetch=True)
+                   for k, v in m.items()}
+        return {**metrics, **({"heldout_accuracy": metrics["eval_greedy"]} if "eval_greedy" in metrics else {})}
 
     def _judge(self, evaluated: dict[str, float]) -> tuple[bool, bool]:
-        """(a new best, a rollback due) for an evaluation just made; a new best is remembered here."""
+        """(a new best, a rollback due) for an evaluation just made; a new best is remembered here. Only the
+        validation split's metric counts: without one no best is tracked."""
         if not evaluated:
             return False, False
-        value = evaluated[self.config.eval.best_metric]
         self.current_evaluation = evaluated
+        if self.validation is None:
+            return False, False
+        value = evaluated[self.config.eval.best_metric]
         if self.best is None or value > self.best["value"]:
             self.best = {"round": self.round_index, "value": value, "eval": evaluated}
             return True, False
@@ -505,15 +517,23 @@ def _one_line(text: str | None, limit: int = 300) -> str | None:
 
 
 def _evaluation_line(s: dict[str, Any]) -> str:
-    """An evaluation in one line: greedy accuracy, the largest k's pass@k and maj@n, in percent."""
-    parts = [f"greedy {s['eval_greedy']:.1%}"]
-    ks = [int(key.removeprefix("eval_pass@")) for key in s if key.startswith("eval_pass@")]
-    if ks:
-        parts.append(f"pass@{max(ks)} {s[f'eval_pass@{max(ks)}']:.1%}")
-    parts += [f"{key.removeprefix('eval_')} {value:.1%}" for key, value in s.items() if key.startswith("eval_maj@")]
-    if s.get("eval_filter_errors"):
-        parts.append(f"(filter errors {s['eval_filter_errors']}, first: {_one_line(s['eval_first_filter_error'])})")
-    return " ".join(parts)
+    """An evaluation in one line: per split (test `eval_*`, validation `val_*`), greedy accuracy, the largest k's
+    pass@k and maj@n, in percent, and its filter errors."""
+    lines = []
+    for split, name in (("eval", ""), ("val", "validation ")):
+        if f"{split}_greedy" not in s:
+            continue
+        parts = [f"{name}greedy {s[f'{split}_greedy']:.1%}"]
+        ks = [int(key.removeprefix(f"{split}_pass@")) for key in s if key.startswith(f"{split}_pass@")]
+        if ks:
+            parts.append(f"pass@{max(ks)} {s[f'{split}_pass@{max(ks)}']:.1%}")
+        parts += [f"{key.removeprefix(split + '_')} {value:.1%}" for key, value in s.items()
+                  if key.startswith(f"{split}_maj@")]
+        if s.get(f"{split}_filter_errors"):
+            parts.append(f"(filter errors {s[f'{split}_filter_errors']}, first: "
+                         f"{_one_line(s[f'{split}_first_filter_error'])})")
+        lines.append(" ".join(parts))
+    return " | ".join(lines)
 
 
 def _summary_line(s: dict[str, Any]) -> str:
@@ -524,7 +544,7 @@ def _summary_line(s: dict[str, Any]) -> str:
         f"loss {loss} | v{s['weight_version']} | gen {s['generate_time']:.1f}s "
         f"filter {s['filter_time']:.1f}s train {s['train_time']:.1f}s sync {s['sync_time']:.1f}s"
     )
-    if "eval_greedy" in s:
+    if "eval_greedy" in s or "val_greedy" in s:
         line += f" | eval {_evaluation_line(s)}"
     if "waves" in s:
         line += f" | waves {s['waves']}"

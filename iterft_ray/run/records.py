@@ -24,10 +24,10 @@ from iterft_ray.storage import StoragePath
 
 # Metrics drawn in plot.png, one panel each, when the run has them.
 # "eval_pass@*" is one panel with every pass@k; heldout_accuracy (eval_greedy's old name) only for older runs.
-PLOTTED = ("accept_rate", "reward_mean", "loss", "eval_greedy", "heldout_accuracy", "eval_pass@*", "filter_errors",
+PLOTTED = ("accept_rate", "reward_mean", "loss", "eval_greedy", "val_greedy", "heldout_accuracy", "eval_pass@*", "filter_errors",
            "num_target_tokens", "round_time")
 # Shares plotted in percent, as the console prints them.
-PERCENT = ("accept_rate", "eval_greedy", "heldout_accuracy", "eval_pass@*")
+PERCENT = ("accept_rate", "eval_greedy", "val_greedy", "heldout_accuracy", "eval_pass@*")
 PANEL_INCHES, PLOT_DPI = 1.8, 80
 
 

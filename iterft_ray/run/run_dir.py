@@ -26,7 +26,7 @@ from iterft_ray.data.prompts import PromptSource, load_prompts
 from iterft_ray.data.tasks import Task
 from iterft_ray.ray_internals import inside_ray_job
 from iterft_ray.run.environment import describe_environment
-from iterft_ray.run.evaluation import load_eval_prompts
+from iterft_ray.run.evaluation import load_eval_prompts, load_validation_prompts
 from iterft_ray.data.warmup import load_warmup_file
 from iterft_ray.storage import StoragePath
 from iterft_ray.train.checkpoint import META, is_checkpoint
@@ -85,6 +85,7 @@ class RunStart:
     unfinished: str | None = None  # the leftovers of a run with no checkpoint that this fresh start replaces
     # Training questions left out because an evaluation split has them too (data.reasoning_gym).
     dropped_from_training: int = 0
+    validation: pa.Table | None = None  # the prompts selection reads (eval.validation, a task's validation split)
 
     @property
     def complete(self) -> bool:
@@ -122,14 +123,16 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
                          "give one")
     prompts, _, task = _load_prompts(config)
     heldout = load_eval_prompts(config, task, prompts)
+    validation = load_validation_prompts(config, task, prompts)
+    _check_selection(config, validation)
     dropped = 0
     if config.data.reasoning_gym is not None:
         from iterft_ray.data.reasoning_gym import disjoint
 
-        prompts, dropped = disjoint(prompts, [heldout])
+        prompts, dropped = disjoint(prompts, [heldout, validation])
         if prompts.num_rows == 0:
-            raise ValueError("data.reasoning_gym: every question is also in the evaluation split; give the splits "
-                             "seeds at least data.reasoning_gym.size apart, or a larger size")
+            raise ValueError("data.reasoning_gym: every question is also in an evaluation or validation split; give "
+                             "the splits seeds at least data.reasoning_gym.size apart, or a larger size")
     _warn_repeated_prompts(config, prompts.num_rows)
     if heldout is None and config.eval.filters is not None:
         raise ValueError("eval.filters: there are no evaluation prompts to grade; give eval.prompts_file or "
@@ -143,7 +146,8 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
     warmup = (load_warmup_file(config.data.warmup_file) if config.data.warmup_file is not None
               else task.warmup_examples if task is not None else [])
     start = RunStart(out, uuid.uuid4().hex, prompts, heldout, task, config.loop.rounds, overwrite=overwrite,
-                     chat_tokenizer=chat_tokenizer, warmup_examples=warmup, dropped_from_training=dropped)
+                     chat_tokenizer=chat_tokenizer, warmup_examples=warmup, dropped_from_training=dropped,
+                     validation=validation)
     if resume:
         _check_resume(config, start)
     elif not overwrite and any((out / name).exists() for name in RUN_RESULTS):
@@ -155,6 +159,19 @@ def check_start(config: RunConfig, resume: bool = False, overwrite: bool = False
             "choose another loop.output_dir, or start again with --overwrite (deletes that run's files)"
         )
     return start
+
+
+def _check_selection(config: RunConfig, validation: pa.Table | None) -> None:
+    """The rollback gate and `eval.final_model: best` choose by the validation split, never by the test split
+    the run reports: without a validation split, asking for either is an error naming eval.validation."""
+    if validation is not None:
+        return
+    asked = [key for key, on in (("eval.rollback_drop", config.eval.rollback_drop is not None),
+                                 ("eval.final_model: best", config.eval.final_model == "best")) if on]
+    if asked:
+        raise ValueError(f"eval.validation: {' and '.join(asked)} select on a validation split, and this run has "
+                         "none; give eval.validation {prompts_file | dataset | fraction | reasoning_gym} (or "
+                         "data.task_options.num_validation for a built-in task)")
 
 
 def _load_prompts(config: RunConfig) -> tuple[pa.Table | PromptSource, pa.Table | None, Task | None]:

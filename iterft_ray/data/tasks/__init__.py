@@ -7,7 +7,7 @@ Each task module provides `build_splits(**options)` and `check(completion, answe
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from iterft_ray.data.tasks import addition, multiplication
@@ -30,6 +30,8 @@ class Task:
     heldout_prompts: list[dict]
     warmup_examples: list[dict]
     check: Callable[[str, str], bool]
+    # Prompts to select on (the rollback gate, the best checkpoint), apart from the held-out ones reported.
+    validation_prompts: list[dict] = field(default_factory=list)
 
 
 def get_task(name: str, **options) -> Task:
@@ -47,5 +49,5 @@ def get_task(name: str, **options) -> Task:
         raise ValueError(
             f"task {name!r}: {e}; expected options {inspect.signature(module.build_splits)}"
         ) from None
-    train, heldout, warmup = module.build_splits(**options)
-    return Task(name, train, heldout, warmup, module.check)
+    train, heldout, warmup, *validation = module.build_splits(**options)  # validation: the tasks that have one
+    return Task(name, train, heldout, warmup, module.check, *validation)

@@ -24,29 +24,39 @@ def build_splits(
     num_train: int = 512,
     num_heldout: int = 200,
     num_warmup: int = 256,
+    num_validation: int = 0,
     seed: int = 0,
     reverse_answer: bool = False,
     pad_operands: bool = False,
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """Train prompts, held-out prompts and warm-up examples for sums of two numbers.
+) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """Train prompts, held-out prompts, warm-up examples and validation prompts for sums of two numbers.
 
     Operands have up to `digits` digits (0 to 10**digits - 1), so easy one-digit sums are
-    mixed in. All (a, b) pairs are distinct across the three splits, drawn from
-    `random.Random(seed)`; a ValueError says so when there are not enough pairs.
+    mixed in. All (a, b) pairs are distinct across the four splits, drawn from
+    `random.Random(seed)`; a ValueError says so when there are not enough pairs. The
+    validation pairs are drawn after the others, so asking for them changes no other split.
     """
-    if digits < 1 or min(num_train, num_heldout, num_warmup) < 0:
+    if digits < 1 or min(num_train, num_heldout, num_warmup, num_validation) < 0:
         raise ValueError(
             f"addition: expected digits >= 1 and sizes >= 0, got digits={digits}, "
-            f"num_train={num_train}, num_heldout={num_heldout}, num_warmup={num_warmup}"
+            f"num_train={num_train}, num_heldout={num_heldout}, num_warmup={num_warmup}, "
+            f"num_validation={num_validation}"
         )
     numbers = 10**digits
     needed = num_heldout + num_train + num_warmup
-    if needed > numbers**2:
+    if needed + num_validation > numbers**2:
         raise ValueError(
             f"addition: digits={digits} gives {numbers**2} distinct (a, b) pairs, fewer than "
-            f"num_train + num_heldout + num_warmup = {needed}"
+            f"num_train + num_heldout + num_warmup + num_validation = {needed + num_validation}"
         )
-    drawn = random.Random(seed).sample(range(numbers**2), needed)
+    rng = random.Random(seed)
+    drawn = rng.sample(range(numbers**2), needed)
+    taken, validation = set(drawn), []
+    while len(validation) < num_validation:
+        pick = rng.randrange(numbers**2)
+        if pick not in taken:
+            taken.add(pick)
+            validation.append(divmod(pick, numbers))
     pairs = [divmod(i, numbers) for i in drawn]
     heldout = pairs[:num_heldout]
     train = pairs[num_heldout : num_heldout + num_train]
@@ -57,7 +67,9 @@ def build_splits(
     train_prompts = [_prompt_row(i, question(a, b), answer(a, b)) for i, (a, b) in enumerate(train)]
     heldout_prompts = [_prompt_row(num_train + i, question(a, b), answer(a, b)) for i, (a, b) in enumerate(heldout)]
     warmup_examples = [{"prompt": question(a, b), "completion": answer(a, b)} for a, b in warmup]
-    return train_prompts, heldout_prompts, warmup_examples
+    validation_prompts = [_prompt_row(num_train + num_heldout + i, question(a, b), answer(a, b))
+                          for i, (a, b) in enumerate(validation)]
+    return train_prompts, heldout_prompts, warmup_examples, validation_prompts
 
 
 def _answer(total: int, width: int, reverse: bool) -> str:
