@@ -328,7 +328,9 @@ class LoopConfig:
     """The rounds: how many, how big, what is recorded."""
 
     rounds: int = positive(10)
-    prompts_per_round: int = positive(256)
+    prompts_per_round: int | str = helped(256, "Prompts each round samples, or 'all': one pass over every prompt not "
+                                               "held out, in the validation split or set aside (ReST-EM's and "
+                                               "STaR's iteration).")
     async_mode: bool = False
     max_staleness: int = positive(1)
     eval_every: int = positive(1)
@@ -343,6 +345,11 @@ class LoopConfig:
     # A round (generate, filter, train, sync, held-out check; not the checkpoint save) not
     # done in this many seconds stops the run, naming the actors it still waits for.
     round_timeout_s: float = positive(3600.0)
+
+    def __post_init__(self):
+        per_round = self.prompts_per_round
+        if per_round != "all" and (isinstance(per_round, bool) or not isinstance(per_round, int) or per_round < 1):
+            raise ValueError(f"loop.prompts_per_round: expected a positive int or 'all', got {per_round!r}")
 
 
 @dataclass
@@ -430,6 +437,13 @@ class RecipeConfig:
     epochs: int = positive(1)
     rationalize: bool = False
     hint_template: str = "{prompt}"
+    hinted_samples: int | None = positive(None, help="Samples of each failed prompt's hinted pass (STaR: 1); "
+                                                     "None: sampling.num_samples.")
+    steps_first: int | None = positive(None, help="Updates the first round trains for (STaR: 40), passing over "
+                                                  "its training set as often as that takes; None: recipe.epochs "
+                                                  "passes.")
+    steps_growth: float = positive(1.0, help="Each round trains this many times the updates of the one before "
+                                             "(STaR: 1.2), with steps_first.")
 
     def __post_init__(self):
         if self.train_from not in ("current", "base"):
@@ -537,7 +551,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        tp = next(t for t in options if t is not type(None))
+        kinds = [t for t in options if t is not type(None)]
+        if len(kinds) > 1:  # `int | str`: the first that takes the value
+            for kind in kinds:
+                try:
+                    return _coerce(kind, value, key)
+                except TypeError:
+                    continue
+            raise TypeError(f"{key}: expected {' or '.join(getattr(t, '__name__', str(t)) for t in kinds)}, "
+                            f"got {type(value).__name__} {value!r}")
+        tp = kinds[0]
         origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
@@ -615,7 +638,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         source = resolve_config(source)
         with open(source, encoding="utf-8") as f:
             data = resolve_input_paths(yaml.safe_load(f), Path(source).parent)
-    from iterft_ray.presets import apply_preset
+    from iterft_ray.presets import apply_preset, rft_filters
 
     data = apply_preset(data) if isinstance(data, dict) else data
     config = build(RunConfig, data)
@@ -634,12 +657,14 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     if config.data.task is None and not sources:
         raise ValueError("data.task, data.prompts_file: give one of them (or data.dataset, data.reasoning_gym)")
     if config.env is not None:
-        _check_env(config, data)
-    _check_reasoning_gym(config, data)
+        _check_env(config)
+    _check_reasoning_gym(config)
     _check_warmup_file(config)
     config.trainer = check_trainer_args(config.trainer)
     _check_packing(config)
     _check_filters(config.filters)
+    if config.algorithm == "rft" and config.env is None:
+        config.filters = rft_filters(config.filters)
     if config.eval.filters is not None:
         _check_filters(config.eval.filters, "eval.filters")
         _check_eval_reward_models(config)
@@ -649,9 +674,9 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     return config
 
 
-def _check_env(config: RunConfig, data: dict[str, Any]) -> None:
+def _check_env(config: RunConfig) -> None:
     """`env:` needs a chat template and a causal model, and no hinted pass; its name must resolve to an
-    environment. With `env:` the filters default to none (the environment's reward decides)."""
+    environment. (With `env:` the filters default to none: `presets.default_filters`.)"""
     from iterft_ray.envs.protocol import resolve_env
 
     if not config.data.chat_template:
@@ -667,13 +692,11 @@ def _check_env(config: RunConfig, data: dict[str, Any]) -> None:
         resolve_env(config.env.name)
     except Exception as e:  # a user's environment module may raise anything while importing
         raise ValueError(f"env.name: {e}") from None
-    if "filters" not in data:
-        config.filters = []
 
 
-def _check_reasoning_gym(config: RunConfig, data: dict[str, Any]) -> None:
-    """Each reasoning-gym section names tasks and options reasoning-gym takes (it builds the data set once here);
-    with data.reasoning_gym the filters default to [reasoning_gym], its own verifiers."""
+def _check_reasoning_gym(config: RunConfig) -> None:
+    """Each reasoning-gym section names tasks and options reasoning-gym takes (it builds the data set once here;
+    with data.reasoning_gym the filters default to [reasoning_gym], its own verifiers: `presets.default_filters`)."""
     from iterft_ray.data.reasoning_gym import create
 
     validation = config.eval.validation.reasoning_gym if config.eval.validation is not None else None
@@ -683,8 +706,6 @@ def _check_reasoning_gym(config: RunConfig, data: dict[str, Any]) -> None:
         if spec is not None:
             spec.check(key)
             create(spec, key)
-    if config.data.reasoning_gym is not None and "filters" not in data:
-        config.filters = [{"name": "reasoning_gym"}]
 
 
 def _is_seq2seq(name: str) -> bool | None:
@@ -841,7 +862,7 @@ def _check_filters(filters: list[Any], key: str = "filters") -> None:
     A row filter declared to return a number only adds to the score: with no selector after it,
     every row it scores stays accepted, which is warned about.
     """
-    from iterft_ray.verify.filters import Selector, resolve_filter, returns_number
+    from iterft_ray.verify.filters import resolve_filter, returns_number, selects_by_score
     from iterft_ray.verify.reward_model import RewardModel
 
     resolved = []
@@ -850,7 +871,7 @@ def _check_filters(filters: list[Any], key: str = "filters") -> None:
             resolved.append(resolve_filter(spec))
         except Exception as e:  # a user's filter module may raise anything while importing
             raise ValueError(f"{key}[{i}]: {e}") from e
-    selected = [isinstance(f, Selector) for f in resolved]
+    selected = [selects_by_score(f) for f in resolved]
     for i, f in enumerate(resolved):
         numeric = returns_number(f) or isinstance(f, RewardModel)
         if key == "filters" and numeric and not any(selected[i + 1:]):

@@ -212,17 +212,19 @@ class RayIterativeSFTTrainer:
 
     def step(self, rollouts: ScoredRollouts | list[ray.ObjectRef] | None = None, deadline: Deadline | None = None,
              *, restart_from: StoragePath | str | None = None, epochs: int = 1, train_turns: str = "all",
-             **kwargs: Any) -> dict:
+             updates: int | None = None, **kwargs: Any) -> dict:
         """Train: on the accepted rows of scored rollouts, or with `IterativeSFTTrainer.step`'s arguments.
 
         Training on rollouts stops at `deadline` with `RoundTimeoutError` naming the ranks still
-        at work; it makes `epochs` passes, after restarting from the weights saved in `restart_from`
-        if given (`TrainerRank.step_rollouts`). The statistics carry the weight `version` the step made.
+        at work; it makes `epochs` passes (or exactly `updates` updates), after restarting from the weights
+        saved in `restart_from` if given (`TrainerRank.step_rollouts`). The statistics carry the weight
+        `version` the step made.
         """
         if rollouts is not None:
             if kwargs:
                 raise ValueError("rollouts: give rollouts or step() arguments, not both")
-            refs = self.step_async(rollouts, restart_from=restart_from, epochs=epochs, train_turns=train_turns)
+            refs = self.step_async(rollouts, restart_from=restart_from, epochs=epochs, train_turns=train_turns,
+                                   updates=updates)
             try:
                 return self.trainer.gather(refs, None if deadline is None else deadline.remaining())[0]
             except ray.exceptions.GetTimeoutError:
@@ -232,12 +234,12 @@ class RayIterativeSFTTrainer:
 
     def step_async(self, rollouts: ScoredRollouts | list[ray.ObjectRef], *,
                    restart_from: StoragePath | str | None = None, epochs: int = 1,
-                   train_turns: str = "all") -> list[ray.ObjectRef]:
+                   train_turns: str = "all", updates: int | None = None) -> list[ray.ObjectRef]:
         """Start training on scored rollouts, passed by reference to every rank; returns one reference
         per rank (`trainer.gather(refs)[0]` is the statistics, and raises any rank's failure)."""
         tables = rollouts.tables if isinstance(rollouts, ScoredRollouts) else list(rollouts)
         return self.trainer.call_async(TrainerRank.step_rollouts, *tables, restart_from=restart_from, epochs=epochs,
-                                       train_turns=train_turns)
+                                       train_turns=train_turns, updates=updates)
 
     def sync_weights(self, version: int | None = None, deadline: Deadline | None = None) -> int:
         """Publish the trainer's weights once and have every generator load them (by `deadline`); returns the

@@ -298,7 +298,8 @@ def test_a_run_directory_is_one_run(local_ray, tmp_path, capsys):
 def test_demo_resume_on_a_finished_run_says_complete(local_ray, tmp_path, capsys):
     small = [f"--set=loop.output_dir={tmp_path / 'demo'}", "--set=loop.rounds=1", "--set=loop.warmup_passes=0",
              "--set=loop.prompts_per_round=8", "--set=sampling.num_samples=2",
-             "--set=data.task_options={digits: 2, reverse_answer: true, num_train: 32, num_heldout: 4, num_warmup: 0}"]
+             "--set=data.task_options={digits: 2, reverse_answer: true, num_train: 32, num_heldout: 4, num_warmup: 0, "
+             "num_validation: 4}"]
     main(["demo", *small])  # falls short of the demo's bar after one round; the run is complete all the same
     capsys.readouterr()
     assert main(["demo", "--resume", *small]) == 0

@@ -32,6 +32,8 @@ def test_the_driver_fetches_no_rollout_over_rounds(driver_alone_on_head, tmp_pat
         "trainer": {"learning_rate": 1e-3, "per_device_train_batch_size": 64},
         "loop": {"rounds": 3, "prompts_per_round": 64, "async_mode": True, "eval_every": 3, "save_every": 3,
                  "output_dir": str(tmp_path / "run")},
+        # A filter actor that asks for a CPU cannot land on the head (no CPUs): it runs beside the rollouts.
+        "resources": {"filter_cpus": 0.5},
     }
     loop = IterativeLoop(cfg)
     try:

@@ -183,7 +183,7 @@ def test_selection_without_a_validation_split_is_refused_at_load(tmp_path):
 
     for eval_keys, named in (({"rollback_drop": 0.1}, "eval.rollback_drop"),
                              ({"final_model": "best"}, "eval.final_model: best")):
-        with pytest.raises(ValueError, match=rf"^eval.validation: {named} select on a validation split"):
+        with pytest.raises(ValueError, match=rf"^eval.validation: {named} selects on a validation split"):
             check_start(load_config(_config(tmp_path, eval=eval_keys)))
     with pytest.raises(ValueError, match=r"^eval.best_metric: expected one of .*never the test split"):
         load_config(_config(tmp_path, eval={"best_metric": "eval_greedy"}))

@@ -222,11 +222,13 @@ def test_async_run_killed_three_times_at_random_moments_resumes_exactly(local_ra
 
     rng, seen, broken_config = random.Random(0), None, config(broken)
     for kill in range(3):
-        driver = subprocess.Popen([*cmd, broken_config, *(["--resume"] if kill else [])], env=env,
-                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = tmp_path / f"driver-{kill}.log"
+        with log.open("w") as output:
+            driver = subprocess.Popen([*cmd, broken_config, *(["--resume"] if kill else [])], env=env,
+                                      start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while latest_checkpoint(broken) is None or latest_checkpoint(broken).name == seen:
-            assert driver.poll() is None and time.time() < deadline
+            assert driver.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         time.sleep(rng.uniform(0, 1.5))  # mid-round, mid-sampling or mid-checkpoint: wherever it lands
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started

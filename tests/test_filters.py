@@ -460,3 +460,25 @@ def test_a_filter_actor_scores_rows_at_once_and_kills_a_spinning_filter(tmp_path
 
 def returns_pid(prompt, completion, meta):
     return float(os.getpid())
+
+
+def test_best_of_k_with_a_seed_breaks_ties_by_sample_not_by_row_order():
+    import random
+
+    from iterft_ray.verify.filters import best_of_k
+
+    rows = [{"prompt_id": p, "sample_id": f"r0-p{p}-s{s}", "score": 1.0, "accepted": True}
+            for p in range(4) for s in range(6)]
+    chosen = []
+    for order in range(3):
+        shuffled = rows[:]
+        random.Random(order).shuffle(shuffled)
+        table = pa.Table.from_pylist(shuffled)
+        mask = best_of_k(2, seed=7).select(table).to_pylist()
+        chosen.append({r["sample_id"] for r, keep in zip(shuffled, mask) if keep})
+    assert chosen[0] == chosen[1] == chosen[2] and len(chosen[0]) == 8
+    first = best_of_k(2).select(pa.Table.from_pylist(rows)).to_pylist()
+    assert {r["sample_id"] for r, keep in zip(rows, first) if keep} == {f"r0-p{p}-s{s}" for p in range(4)
+                                                                         for s in (0, 1)}  # no seed: earlier rows
+    assert best_of_k(2, seed=8).select(pa.Table.from_pylist(rows)).to_pylist() != \
+        best_of_k(2, seed=7).select(pa.Table.from_pylist(rows)).to_pylist()

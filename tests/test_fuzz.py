@@ -348,9 +348,10 @@ UNKNOWN_KEYS = st.one_of(
 
 
 def _unwrap(tp):
+    """(the type, optional); a union of several types (`int | str`) is their tuple."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
+        return args[0] if len(args) == 1 else tuple(args), type(None) in typing.get_args(tp)
     return tp, False
 
 
@@ -360,6 +361,8 @@ def valid_value(key: str, tp) -> st.SearchStrategy:
     origin = typing.get_origin(tp)
     if key == "data.prompts_file":
         base = st.just("prompts.jsonl")
+    elif key == "loop.prompts_per_round":
+        base = st.one_of(st.integers(1, 1000), st.just("all"))
     elif key == "data.dataset":
         base = st.just({"path": "prompts_dir", "split": "train"})
     elif key == "data.task":
@@ -527,6 +530,8 @@ def well_typed(obj, where: str = "") -> None:
         elif tp is float:
             assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key
         elif tp in (bool, str):
+            assert isinstance(value, tp), key
+        elif isinstance(tp, tuple):
             assert isinstance(value, tp), key
 
 

@@ -72,7 +72,7 @@ def test_a_bad_task_or_option_is_refused_at_load_naming_the_key(tmp_path, data, 
 
 def test_defaults_and_exclusive_sources(tmp_path):
     config = load_config(_config(tmp_path))
-    assert config.filters == [{"name": "reasoning_gym"}] and config.data.task is None
+    assert config.filters == [{"name": "reasoning_gym"}, {"name": "deduplicate"}] and config.data.task is None  # rft
     both = _config(tmp_path)
     both["data"]["prompts_file"] = str(tmp_path / "p.jsonl")
     with pytest.raises(ValueError, match=r"^data.prompts_file, data.reasoning_gym: prompts come from one"):

@@ -118,3 +118,57 @@ def test_presets_set_their_keys_and_any_can_be_overridden(tmp_path):
     with pytest.raises(ValueError, match=r"^recipe.train_on: expected"):
         load_config({**base, "recipe": {"train_on": "everything"}})
     assert set(PRESETS) == {"rft", "raft", "rest_em", "star"}
+
+
+def test_rest_em_samples_the_whole_prompt_set_each_iteration_and_caps_samples_per_prompt(tmp_path):
+    """algorithm: rest_em: loop.prompts_per_round all (each round one pass over every training prompt), from the
+    base, at most 10 samples a prompt (best_of_k 10)."""
+    c = config(tmp_path, {}, rounds=2, algorithm="rest_em")
+    del c["loop"]["prompts_per_round"], c["recipe"]
+    loaded = load_config(c)
+    assert loaded.loop.prompts_per_round == "all" and loaded.recipe.train_from == "base"
+    assert loaded.filters[-1] == {"name": "best_of_k", "k": 10}
+    loop = IterativeLoop(c)
+    try:
+        loop.run()
+    finally:
+        loop.shutdown()
+    for n in (1, 2):
+        ids = pq.read_table(tmp_path / "run" / "rounds" / f"{n:04d}" / "generations.parquet")["prompt_id"].to_pylist()
+        assert sorted(set(ids)) == list(range(64)) and len(ids) == 64 * 3  # every training prompt, once each
+
+
+def test_star_trains_growing_steps_and_retries_each_failed_prompt_once_with_a_hint(tmp_path):
+    c = config(tmp_path, {"steps_first": 2, "steps_growth": 2.0}, rounds=2, algorithm="star")
+    loaded = load_config(c)
+    assert (loaded.recipe.hinted_samples, loaded.recipe.rationalize) == (1, True)
+    assert (load_config({**c, "recipe": {}}).recipe.steps_first, load_config({**c, "recipe": {}}).recipe.steps_growth) \
+        == (40, 1.2)
+    loop = IterativeLoop(c)
+    try:
+        stats = loop.run()
+    finally:
+        loop.shutdown()
+    assert [s["updates"] for s in stats] == [2, 4]  # 2, then 2 x 2.0, whatever the rows
+    for n in (1, 2):
+        rows = pq.read_table(tmp_path / "run" / "rounds" / f"{n:04d}" / "generations.parquet").to_pylist()
+        failed = {r["prompt_id"] for r in rows if not r["hinted"]} - {r["prompt_id"] for r in rows if r["accepted"]}
+        hinted = [r["prompt_id"] for r in rows if r["hinted"]]
+        assert failed and sorted(hinted) == sorted(failed)  # one hinted sample per failed prompt
+
+
+def test_rft_trains_no_two_identical_completions_of_a_prompt(tmp_path):
+    c = config(tmp_path, {}, rounds=1)
+    c["sampling"] = {"num_samples": 8, "max_new_tokens": 2, "temperature": 0.05}  # nearly greedy: repeats
+    assert load_config(c).filters == ["toy_filters:odd_prompts", {"name": "deduplicate"}]
+    loop = IterativeLoop(c)
+    try:
+        loop.run()
+    finally:
+        loop.shutdown()
+    run = tmp_path / "run"
+    generated = pq.read_table(run / "rounds" / "0001" / "generations.parquet").to_pylist()
+    passed = [(r["prompt_id"], r["completion"]) for r in generated if r["prompt_id"] % 2]
+    assert len(set(passed)) < len(passed)  # the samples repeat...
+    accepted = [(r["prompt_id"], r["completion"]) for r in _ledger(run, 1).to_pylist()]
+    assert accepted and len(set(accepted)) == len(accepted) and set(accepted) == set(passed)  # ...the trained do not

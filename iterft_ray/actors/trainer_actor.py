@@ -145,9 +145,10 @@ class TrainerRank:
         return self._train(examples[self.rank :: self.world_size])
 
     def step_rollouts(self, *rollouts: pa.Table, restart_from: StoragePath | str | None = None,
-                      epochs: int = 1, train_turns: str = "all") -> dict:
-        """Train `epochs` passes on the accepted rows of scored rollout batches: the sampled tokens, prompt masked
-        (and, in trajectories, observations; `train_turns: last` keeps only the final turn: `rollout_labels`).
+                      epochs: int = 1, train_turns: str = "all", updates: int | None = None) -> dict:
+        """Train `epochs` passes (or exactly `updates` updates, passing over the rows as often as that takes) on
+        the accepted rows of scored rollout batches: the sampled tokens, prompt masked (and, in trajectories,
+        observations; `train_turns: last` keeps only the final turn: `rollout_labels`).
 
         With `restart_from` (recipe.train_from: base) the trainer first restarts from the weights saved there;
         a round with nothing to train on keeps the weights it has (and its version), restarting nothing.
@@ -166,12 +167,22 @@ class TrainerRank:
         examples = examples_from_tensors(
             input_ids, None, labels, is_encoder_decoder, self.trainer.max_length, self.trainer.truncation_mode
         )
-        return {**self._train(examples, epochs), "train_rows": len(rows)}
+        return {**self._train(examples, epochs, updates), "train_rows": len(rows)}
 
-    def _train(self, examples: list, epochs: int = 1) -> dict:
-        """Train `epochs` passes over this rank's examples (each pass shuffled anew); the statistics, of all
-        passes together, carry the weight `version` the step made."""
-        stats = merge_step_stats([self.trainer.train_examples(examples) for _ in range(epochs)])
+    def _train(self, examples: list, epochs: int = 1, updates: int | None = None) -> dict:
+        """Train `epochs` passes over this rank's examples (each pass shuffled anew), or passes until `updates`
+        updates are done (the last pass cut short); the statistics, of all passes together, carry the weight
+        `version` the step made."""
+        if updates is None:
+            passes = [self.trainer.train_examples(examples) for _ in range(epochs)]
+        else:
+            passes, left = [], updates
+            while left > 0:
+                passes.append(self.trainer.train_examples(examples, max_updates=left))
+                if not passes[-1]["updates"]:
+                    break  # nothing to train on: no pass would make an update
+                left -= passes[-1]["updates"]
+        stats = merge_step_stats(passes)
         if stats["updates"]:
             self.weight_version += 1
         stats["version"] = self.weight_version

@@ -75,6 +75,18 @@ class PromptCursor:
         self.cursor += passed
         return pa.concat_tables(parts).combine_chunks()
 
+    def next_pass(self) -> pa.Table:
+        """One pass over the source (`loop.prompts_per_round: all`): the next `num_rows` rows of the sequence, less
+        the held-out and set-aside ones."""
+        start = self.cursor
+        table = self.rows(start, self.num_rows)
+        if self.set_aside is not None:
+            table = self.set_aside.training_part(table, start, self.num_rows)
+        if self.held_out is not None:
+            table = self.held_out.training_part(table)
+        self.cursor += self.num_rows
+        return table.combine_chunks()
+
     @property
     def position(self) -> dict[str, int]:
         """Where the next rows start, as {epoch, rows}."""

@@ -159,7 +159,9 @@ class IterativeLoop:
             summary["first_filter_error"] = _one_line(summary["first_filter_error"])
             self._stop_on_filter_errors(r, summary, generations, written)
         recipe = c.recipe
+        updates = None if recipe.steps_first is None else round(recipe.steps_first * recipe.steps_growth ** r)
         train = self.rl.step(training_set(recipe, self.out, r + 1, scored), deadline=deadline, epochs=recipe.epochs,
+                             updates=updates,
                              restart_from=base_weights_dir(self.out) if recipe.train_from == "base" else None,
                              train_turns=c.env.train_turns if c.env else "all")
         t["trained"] = time.perf_counter()
@@ -236,7 +238,8 @@ class IterativeLoop:
         if "prompt_position" in state:
             self.prompts.seek(state["prompt_position"])
         else:  # checkpoints from before streamed prompts: every round took the next prompts_per_round
-            self.prompts.cursor = self.round_index * self.config.loop.prompts_per_round
+            per_round = self.config.loop.prompts_per_round
+            self.prompts.cursor = self.round_index * (self.prompts.num_rows if per_round == "all" else per_round)
         self.recorder.truncate(self.round_index)
 
     def warm_up(self) -> dict[str, Any] | None:
@@ -297,14 +300,18 @@ class IterativeLoop:
 
     def _generate(self, r: int) -> list[ray.ObjectRef]:
         """Sample round r on the weights at hand, from the next prompts of the source (rounds come in order)."""
-        prompts = self.prompts.next_rows(self.config.loop.prompts_per_round)
+        per_round = self.config.loop.prompts_per_round
+        prompts = self.prompts.next_pass() if per_round == "all" else self.prompts.next_rows(per_round)
         if self.chat_tokenizer is not None:
             prompts = with_chat_template(prompts, self.chat_tokenizer, self.config.data.system_prompt)
         return self._sample_wave(r, prompts, 0)
 
-    def _sample_wave(self, r: int, prompts: pa.Table, wave: int) -> list[ray.ObjectRef]:
-        """Sample prompt rows for round r's `wave`-th sampling call on the weights at hand (its own seeds)."""
-        return self.rl.generate(prompts, seed=wave_seed(self.config.loop.seed + self.rollbacks, wave), round_index=r)
+    def _sample_wave(self, r: int, prompts: pa.Table, wave: int, num_samples: int | None = None) -> list[ray.ObjectRef]:
+        """Sample prompt rows for round r's `wave`-th sampling call on the weights at hand (its own seeds), each
+        `num_samples` times (None: sampling.num_samples)."""
+        counts = {} if num_samples is None else {"num_samples": num_samples}
+        return self.rl.generate(prompts, seed=wave_seed(self.config.loop.seed + self.rollbacks, wave), round_index=r,
+                                **counts)
 
     def _sample_rest(self, r: int, scored: ScoredRollouts, summaries: list[dict],
                      deadline: Deadline) -> tuple[ScoredRollouts, dict[str, Any]]:
@@ -313,7 +320,7 @@ class IterativeLoop:
         c = self.config
         sampler = RoundSampler(
             c.sampling, c.recipe,
-            sample=lambda prompts, wave: self._sample_wave(r, prompts, wave),
+            sample=lambda prompts, wave, num_samples=None: self._sample_wave(r, prompts, wave, num_samples),
             score=self.rl.filter,
             fetch=lambda refs, desc: self._wait(refs, desc, deadline, fetch=True),
             chat=None if self.chat_tokenizer is None else

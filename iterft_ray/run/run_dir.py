@@ -169,7 +169,8 @@ def _check_selection(config: RunConfig, validation: pa.Table | None) -> None:
     asked = [key for key, on in (("eval.rollback_drop", config.eval.rollback_drop is not None),
                                  ("eval.final_model: best", config.eval.final_model == "best")) if on]
     if asked:
-        raise ValueError(f"eval.validation: {' and '.join(asked)} select on a validation split, and this run has "
+        raise ValueError(f"eval.validation: {' and '.join(asked)} select{'s' * (len(asked) == 1)} on a validation "
+                         f"split, and this run has "
                          "none; give eval.validation {prompts_file | dataset | fraction | reasoning_gym} (or "
                          "data.task_options.num_validation for a built-in task)")
 
@@ -210,7 +211,7 @@ def _warn_repeated_prompts(config: RunConfig, num_prompts: int) -> None:
     """More prompts a round than the source has: the stream wraps within the round, so a round samples some
     prompts twice (and trains on them twice); said once at start, not found later in generations.parquet."""
     per_round = config.loop.prompts_per_round
-    if per_round > num_prompts:
+    if per_round != "all" and per_round > num_prompts:
         source = next(f"data.{k}" for k in ("prompts_file", "dataset", "reasoning_gym", "task")
                       if getattr(config.data, k) is not None)
         warnings.warn(f"loop.prompts_per_round: {per_round} prompts a round, but {source} has {num_prompts}: each "

@@ -9,8 +9,8 @@ has its own seed (`iterft_ray.engines.seeding.wave_seed`) and numbers its sample
 one's (`first_sample`), so no sample repeats and a resumed round samples the same ones again.
 
 STaR's rationalization (`recipe.rationalize`): a prompt with no accepted sample after the waves is
-sampled once more (`num_samples` times) from `recipe.hint_template` filled with its `prompt` and
-`answer`; its rows record and train on the plain prompt (`prompt`, `prompt_ids`) with `hinted`
+sampled once more (`recipe.hinted_samples` times, else `num_samples`) from `recipe.hint_template` filled
+with its `prompt` and `answer`; its rows record and train on the plain prompt (`prompt`, `prompt_ids`) with `hinted`
 true. With `data.chat_template` the hint goes into the raw prompt, before the template.
 
 A wave can accept more than a prompt still needs: past the k-th accepted sample of a prompt (over
@@ -61,8 +61,9 @@ class RoundSamples:
 class RoundSampler:
     """Samples a round's later waves and hinted pass through the loop's callables.
 
-    `sample(prompts, wave)` starts a sampling call on the weights at hand (its seed from `wave`) and
-    returns rollout references; `score(refs)` queues them in the filters; `fetch(refs, desc)` waits
+    `sample(prompts, wave[, num_samples])` starts a sampling call on the weights at hand (its seed from
+    `wave`; `num_samples` samples a prompt, else sampling.num_samples) and returns rollout references;
+    `score(refs)` queues them in the filters; `fetch(refs, desc)` waits
     for small values by the round's deadline; `chat(prompts)` applies data.chat_template (None: none).
     """
 
@@ -106,7 +107,8 @@ class RoundSampler:
             if failed:
                 prompts = prompts if prompts is not None else self._round_prompts(tables, round_number)
                 hint = self._hinted_prompts(_rows_of(prompts, failed), [counts[p][0] for p in failed])
-                new, new_summaries = self._sample_and_score(hint, waves, f"round {round_number} hinted pass")
+                new, new_summaries = self._sample_and_score(hint, waves, f"round {round_number} hinted pass",
+                                                            self.recipe.hinted_samples)
                 tables += new
                 summaries += new_summaries
         if self.in_waves:
@@ -121,8 +123,10 @@ class RoundSampler:
             hinted_accepted=sum(s["accepted"] for s in hinted),
         )
 
-    def _sample_and_score(self, prompts: pa.Table, wave: int, desc: str) -> tuple[list[ray.ObjectRef], list[dict]]:
-        scored = self.score(self.sample(prompts, wave))
+    def _sample_and_score(self, prompts: pa.Table, wave: int, desc: str,
+                          num_samples: int | None = None) -> tuple[list[ray.ObjectRef], list[dict]]:
+        scored = self.score(self.sample(prompts, wave) if num_samples is None else
+                            self.sample(prompts, wave, num_samples))
         return scored.tables, self.fetch(scored.summaries, desc)
 
     def _round_prompts(self, tables: list[ray.ObjectRef], round_number: int) -> pa.Table:

@@ -308,8 +308,9 @@ class IterativeSFTTrainer(Trainer):
     def _vocab_size(self) -> int:
         return self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings
 
-    def train_examples(self, examples: list[Example]) -> dict[str, float]:
-        """Run the updates for already-built examples and return the call's statistics.
+    def train_examples(self, examples: list[Example], max_updates: int | None = None) -> dict[str, float]:
+        """Run the updates for already-built examples (at most `max_updates` of them) and return the call's
+        statistics.
 
         The loss of an update is the sum of token losses over all its micro-batches
         (and all ranks) divided by that update's number of target tokens, so
@@ -328,6 +329,7 @@ class IterativeSFTTrainer(Trainer):
         # Every rank must run the same number of updates: the largest shard sets it.
         num_updates = int(all_reduce_max(torch.tensor(float(len(plan)))).item())
         plan += [[]] * (num_updates - len(plan))
+        plan = plan if max_updates is None else plan[:max_updates]
 
         # Counts are taken on the CPU and the loss summed on the device, so the loop
         # does not wait for the accelerator until the statistics at the end.

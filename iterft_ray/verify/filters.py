@@ -20,6 +20,7 @@ by pickle. The verifiers `math_answer` and `python_tests` live in `iterft_ray.ve
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import math
@@ -153,13 +154,25 @@ class _Deduplicate:
 @dataclass(frozen=True)
 class _BestOfK:
     k: int
+    seed: int | None = None
 
     def select(self, table: pa.Table) -> pa.BooleanArray:
         by_prompt = defaultdict(list)
         for row in _accepted_rows(table):
             by_prompt[row[1]].append(row)
-        keep = [i for rows in by_prompt.values() for i in _best_first(rows)[: self.k]]
+        if self.seed is None:
+            keep = [i for rows in by_prompt.values() for i in _best_first(rows)[: self.k]]
+        else:  # ties by a hash of (seed, sample_id): the same rows win after a resume, whatever the row order
+            ids = table["sample_id"].to_pylist()
+            tie = {i: _unit_hash(f"{self.seed}/{ids[i]}") for rows in by_prompt.values() for i, _, _ in rows}
+            keep = [i for rows in by_prompt.values()
+                    for i, _, _ in sorted(rows, key=lambda row: (-row[2], tie[row[0]]))[: self.k]]
         return _mask(table.num_rows, keep)
+
+
+def _unit_hash(key: str) -> int:
+    """A number from `key`, the same on every machine and Python (not `hash()`)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
 @dataclass(frozen=True)
@@ -190,14 +203,18 @@ def deduplicate() -> Selector:
     return _Deduplicate()
 
 
-def best_of_k(k: int = 1) -> Selector:
+def best_of_k(k: int = 1, seed: int | None = None) -> Selector:
     """Selector (RAFT): per prompt, keep the k accepted rows with the highest score.
 
-    Ties go to the earlier row; a prompt with fewer than k accepted rows keeps them all.
+    Ties go to the earlier row, or, with `seed`, by a hash of the seed and the row's `sample_id` (RAFT's
+    preset gives `loop.seed`: no preference for the first samples, and the same choice after a resume);
+    a prompt with fewer than k accepted rows keeps them all.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"filter 'best_of_k': expected an integer k >= 1, got {k!r}")
-    return _BestOfK(k)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"filter 'best_of_k': expected an integer seed, got {seed!r}")
+    return _BestOfK(k, seed)
 
 
 def top_fraction(fraction: float) -> Selector:
@@ -274,6 +291,12 @@ def resolve_filter(spec: RowFilter | Selector | RewardModel | str | dict) -> Row
         f"unknown filter {name!r}; expected one of {sorted(_BUILTINS)} "
         "or an import string 'package.module:attribute'"
     )
+
+
+def selects_by_score(spec: Any) -> bool:
+    """Whether a resolved filter is a selector that keeps rows by their score (best_of_k, top_fraction,
+    score_threshold, a user's): `deduplicate` keeps rows by their text, so a score alone still accepts them."""
+    return isinstance(spec, Selector) and not isinstance(spec, _Deduplicate)
 
 
 def returns_number(row_filter: RowFilter | Selector) -> bool:
