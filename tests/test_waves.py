@@ -92,6 +92,7 @@ def test_star_trains_on_hinted_samples_of_the_prompts_it_failed(local_ray, tmp_p
     out = tmp_path / "star"
     c = config(out, "hint_or_odd", rounds=1, prompts_per_round=8)
     c["algorithm"] = "star"
+    c["recipe"] = {"steps_first": None}  # one pass over the rows, so the tokens trained are the ledger's
     loop = IterativeLoop(c)
     try:
         assert loop.config.recipe.rationalize and loop.config.recipe.hint_template == "(answer: {answer}) {prompt}"
