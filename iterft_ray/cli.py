@@ -196,10 +196,17 @@ def evaluate(run_dir: str, checkpoint: str | None, output: str | None, overrides
 
     import ray
 
+    from pathlib import Path
+
+    from iterft_ray.config import builtin_configs
     from iterft_ray.ray_start import init_ray
     from iterft_ray.run.eval_command import eval_target, evaluate as run_evaluation, is_run_dir
 
     try:
+        if Path(run_dir).suffix not in (".yaml", ".yml") and "://" not in run_dir and not Path(run_dir).exists() \
+                and run_dir not in builtin_configs():
+            raise ValueError(f"RUN_DIR: {run_dir} does not exist; expected a run's loop.output_dir, or a config "
+                             f"(a YAML file or a built-in: {', '.join(builtin_configs())}) to evaluate its base model")
         if is_run_dir(run_dir):
             if overrides:
                 raise ValueError("--set: a run is evaluated with its own config; --set applies to a config only")

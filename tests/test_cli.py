@@ -135,6 +135,8 @@ def test_missing_config_and_missing_run_to_plot_are_one_line(tmp_path, capsys, n
     assert error_line(capsys).startswith("config: ")
     assert main(["plot", str(tmp_path / "nothere")]) == 2
     assert error_line(capsys) == f"{tmp_path / 'nothere'}: does not exist; expected the loop.output_dir of a run"
+    assert main(["eval", str(tmp_path / "nothere")]) == 2
+    assert error_line(capsys).startswith(f"RUN_DIR: {tmp_path / 'nothere'} does not exist; expected a run's")
 
 
 def test_debug_shows_the_traceback(tmp_path, no_ray):
@@ -285,7 +287,10 @@ def test_a_run_directory_is_one_run(local_ray, tmp_path, capsys):
 
     # --overwrite deletes the old run's files (only those) and starts a new run.
     (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
     assert main(["run", config, "--overwrite"]) == 0
+    deleted = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("--overwrite: deleted"))
+    assert f"the run in {out} (run " in deleted and "config.yaml" in deleted and "checkpoints" in deleted, deleted
     assert metric_rounds(out) == [0, 1]
     assert not (out / "rounds" / "0002").exists() and not (out / "checkpoints" / "round-0002").exists()
     record = json.loads((out / "run.json").read_text())

@@ -263,7 +263,8 @@ class IterativeLoop:
         self.rl.sync_weights()
         self._rounds_at_version[self.rl.version] = 0
         self.recorder.track(0, stats, {}, prefix="warmup/")
-        print(f"warm-up: {passes} passes, {stats['global_step']} updates, loss {stats['loss']:.3f}", flush=True)
+        print(f"warm-up: {passes} pass{'es' * (passes != 1)}, {stats['global_step']} updates, "
+              f"loss {stats['loss']:.3f}", flush=True)
         return stats
 
     # ---------------------------------------------------------------- pieces

@@ -97,8 +97,12 @@ class RunStart:
 
         run.json gains this start's machine (`describe_environment`); a resume keeps the earlier starts'."""
         if self.overwrite or self.unfinished:
-            for name in RUN_FILES:
+            gone = [name for name in RUN_FILES if (self.out / name).exists()]
+            described = _describe_run(self.out)
+            for name in gone:
                 (self.out / name).delete()
+            if self.overwrite and gone:
+                print(f"--overwrite: deleted the run in {self.out}{described}: {', '.join(gone)}", flush=True)
         if self.unfinished:
             print(f"{self.out}: replacing a run that stopped before its first checkpoint{self.unfinished}", flush=True)
         self.out.mkdir()
