@@ -11,7 +11,7 @@ from iterft_ray.data.curriculum import PassRecord
 from iterft_ray.data.prompt_stream import TablePrompts
 from iterft_ray.data.prompts import PromptDataError
 from iterft_ray.engines.hf import HFEngine
-from iterft_ray.run.loop import IterativeLoop
+from iterft_ray.run.loop import IterativeLoop, _summary_line
 from iterft_ray.run.waves import RoundSampler, check_rationalize
 
 # The module's trainers reuse its earlier trainers' actors (tests/conftest.py).
@@ -134,7 +134,8 @@ def test_waves_stop_once_k_are_accepted_within_the_budget(local_ray, tmp_path):
     assert sorted(s.rsplit("-s", 1)[1] for s in capped) == ["0", "0", "3", "3"]  # s1, s2 kept; s3 capped
     assert len(set(table["sample_id"].to_pylist())) == table.num_rows == stats[0]["samples"] == 2 * (2 + 4 + 6)
     assert len(set(zip(table["prompt_id"].to_pylist(), table["sampling_seed"].to_pylist()))) == 2 * 3 + 2 * 2 + 2
-    assert stats[0]["waves"] == 3 and stats[0]["accepted"] == 8
+    assert stats[0]["waves"] == 3 and stats[0]["accepted"] == 8 and stats[0]["passed_before_cap"] == 10
+    assert "| waves 3 (2 passed past until_accepted, not accepted)" in _summary_line(stats[0])
     assert not any(table["hinted"].to_pylist())  # no rationalize: no hinted row
     assert pq.read_table(out / "accepted" / "round-0001.parquet").num_rows == 8
 

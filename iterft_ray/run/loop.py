@@ -329,7 +329,8 @@ class IterativeLoop:
         samples = sampler.complete(r + 1, scored, summaries)
         self.pass_record.update(r + 1, samples.counts)
         self._sampling_stats = {
-            **({"waves": samples.waves} if sampler.in_waves else {}),
+            **({"waves": samples.waves, "passed_before_cap": sum(a for _, a in samples.counts.values())}
+               if sampler.in_waves else {}),
             **({"hinted": samples.hinted, "hinted_accepted": samples.hinted_accepted} if c.recipe.rationalize else {}),
             **({"set_aside": len(self.pass_record.set_aside), "brought_back": self.pass_record.brought_back}
                if self.pass_record.active else {}),
@@ -554,8 +555,9 @@ def _summary_line(s: dict[str, Any]) -> str:
     )
     if "eval_greedy" in s or "val_greedy" in s:
         line += f" | eval {_evaluation_line(s)}"
-    if "waves" in s:
-        line += f" | waves {s['waves']}"
+    if "waves" in s:  # rows past sampling.until_accepted passed the filters but count as not accepted
+        over = s["passed_before_cap"] - s["accepted"] + s.get("hinted_accepted", 0)
+        line += f" | waves {s['waves']}" + (f" ({over} passed past until_accepted, not accepted)" if over > 0 else "")
     if "hinted" in s:
         line += f" | hinted {s['hinted_accepted']}/{s['hinted']}"
     if "set_aside" in s:
