@@ -157,3 +157,25 @@ def test_iterft_config_show_prints_every_default_and_loads_again(tmp_path):
     assert data["sampling"]["vllm"]["enable_prefix_caching"] is True
     (tmp_path / "shown.yaml").write_text(shown.stdout)
     assert load_config(tmp_path / "shown.yaml").to_dict() == data
+
+
+STARTS_AND_STOPS = """
+import ray
+from iterft_ray.config import ResourcesConfig
+from iterft_ray.ray_trainer import RayIterativeSFTTrainer
+for _ in range(2):
+    trainer = RayIterativeSFTTrainer("tiny-llama", {"max_length": 32}, resources=ResourcesConfig())
+    trainer.shutdown()
+    ray.shutdown()
+print("done")
+"""
+
+
+def test_starting_and_stopping_the_system_again_and_again_leaves_no_crash_stack():
+    """Ray's C++ core once printed a `TerminateHandler` ... `CoreWorker::~CoreWorker` stack at exit: the Python
+    API started and stopped twice in one process must exit quietly."""
+    done = subprocess.run([sys.executable, "-c", STARTS_AND_STOPS], env=_embedded_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("done"), done.stderr[-3000:]
+    for mark in ("TerminateHandler", "CoreWorker::~CoreWorker", "*** SIG", "Traceback"):
+        assert mark not in done.stderr, done.stderr[-3000:]
