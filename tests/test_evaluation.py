@@ -114,7 +114,7 @@ def test_a_run_on_a_prompts_file_evaluates_every_round_and_iterft_eval_reproduce
     assert ledger.num_rows == sum(m["accepted"] for m in metrics[1:])
     assert {"round", "weight_version", "generator_id", "sampling_seed", "filters", "score", "trained",
             "prompt_ids", "completion_ids"} <= set(ledger.column_names)
-    assert json.loads(ledger[0]["filters"]) == [{"name": "length_bounds", "min_chars": 1}]
+    assert json.loads(ledger[0]["filters"]) == [{"name": "length_bounds", "min_chars": 1}, {"name": "deduplicate"}]
     for r in (1, 2):
         generations = pq.read_table(run / "rounds" / f"{r:04d}" / "generations.parquet").to_pylist()
         expected = {g["sample_id"] for g in generations if g["accepted"] and g["completion_ids"]}
