@@ -45,7 +45,7 @@ def test_the_tiny_run_shows_its_own_lines_only(tmp_path):
     assert _library_lines(console) == [], console
     lines = [line for line in console.splitlines() if line.strip()]
     assert lines[0].startswith("starting run ") and lines[0].endswith(f" in {tmp_path / 'run'}"), console
-    assert any(line.startswith("warm-up: 1 passes") for line in lines), console
+    assert any(line.startswith("warm-up: 1 pass,") for line in lines), console
     assert any(line.startswith("evaluation before round 1: greedy ") for line in lines), console
     rounds = [line for line in lines if line.startswith("round ")]
     assert [line.split("|")[0].split()[1] for line in rounds] == ["1", "2"], console
