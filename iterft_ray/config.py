@@ -7,6 +7,7 @@ user can find the line to fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -968,6 +969,7 @@ def check_model_sources(model: ModelConfig) -> None:
         _check_hub_id(key, value, expected)
 
 
+@functools.lru_cache(maxsize=None)  # asked again by RayIterativeSFTTrainer after the CLI's start check: one probe
 def _check_hub_id(key: str, repo_id: str, expected: str) -> None:
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError

@@ -69,7 +69,7 @@ def prompt_table(spec: ReasoningGymConfig, key: str) -> pa.Table:
     """The data set's entries as prompt rows: `prompt` (the question), `answer`, where the entry came from
     (`rg_task`, `rg_seed`, `rg_index`, `rg_size`, `rg_options`) and `prompt_id` (the index)."""
     dataset = create(spec, key)
-    task, _ = _dataset_arguments(spec)
+    task = spec.task if spec.task is not None else COMPOSITE
     options = json.dumps(spec.options if spec.task is not None else {"tasks": spec.tasks, "options": spec.options},
                          sort_keys=True)
     rows = []

@@ -61,14 +61,14 @@ class RoundSamples:
 class RoundSampler:
     """Samples a round's later waves and hinted pass through the loop's callables.
 
-    `sample(prompts, wave[, num_samples])` starts a sampling call on the weights at hand (its seed from
-    `wave`; `num_samples` samples a prompt, else sampling.num_samples) and returns rollout references;
+    `sample(prompts, wave, num_samples)` starts a sampling call on the weights at hand (its seed from
+    `wave`; `num_samples` samples a prompt, None: sampling.num_samples) and returns rollout references;
     `score(refs)` queues them in the filters; `fetch(refs, desc)` waits
     for small values by the round's deadline; `chat(prompts)` applies data.chat_template (None: none).
     """
 
     def __init__(self, sampling: SamplingConfig, recipe: RecipeConfig,
-                 sample: Callable[[pa.Table, int], list[ray.ObjectRef]],
+                 sample: Callable[[pa.Table, int, int | None], list[ray.ObjectRef]],
                  score: Callable[[list[ray.ObjectRef]], ScoredRollouts],
                  fetch: Callable[[list[ray.ObjectRef], str], list[Any]],
                  chat: Callable[[pa.Table], pa.Table] | None = None):
@@ -125,8 +125,7 @@ class RoundSampler:
 
     def _sample_and_score(self, prompts: pa.Table, wave: int, desc: str,
                           num_samples: int | None = None) -> tuple[list[ray.ObjectRef], list[dict]]:
-        scored = self.score(self.sample(prompts, wave) if num_samples is None else
-                            self.sample(prompts, wave, num_samples))
+        scored = self.score(self.sample(prompts, wave, num_samples))
         return scored.tables, self.fetch(scored.summaries, desc)
 
     def _round_prompts(self, tables: list[ray.ObjectRef], round_number: int) -> pa.Table:
